@@ -1,0 +1,1 @@
+"""agentd agent SDK."""

@@ -1,0 +1,1 @@
+"""agentd bus: the ZeroMQ broker, its wire envelope and the client."""
