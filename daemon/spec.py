@@ -1,0 +1,109 @@
+"""The validated spec: what the config means, with every default applied.
+
+Config files are parsed into loose shapes (config.py); this module holds the
+strict result that everything downstream consumes. The supervision tree and
+the process runtime never look at TOML, only at these frozen structures, so a
+reload can compare old and new specs field by field.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+Strategy = Literal["one_for_one", "one_for_all", "rest_for_one"]
+RestartType = Literal["permanent", "transient", "temporary"]
+
+#: Names an agent may not take: the broker, the daemon's bus identity, ctl.
+RESERVED_NAMES = frozenset({"bus", "agentd", "ctl"})
+
+
+class Limits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Per-agent resource limits; 0 means unlimited."""
+
+    memory_mb: int = 0
+    nofile: int = 0
+    cpu_seconds: int = 0
+
+
+class AgentSpec(msgspec.Struct, frozen=True):
+    """One agent instance as the runtime starts it (a pool member is one of these)."""
+
+    name: str  # instance name: "worker@2" for a pool member, else the agent name
+    pool: str | None  # the pool's name for a member, else None
+    argv: tuple[str, ...]
+    bus_agent: bool  # an SDK agent: started = READY on the bus
+    restart: RestartType = "permanent"
+    shutdown: float | None = 5.0  # None = brutal_kill
+    stop_signal: int = 15
+    env: tuple[tuple[str, str], ...] = ()
+    cwd: str | None = None
+    user: str | None = None
+    group: str | None = None
+    subscribe: tuple[str, ...] = ()
+    heartbeat: float = 10.0
+    start_seconds: float = 1.0
+    ack: bool = False
+    restart_delay: float = 0.0
+    limits: Limits = Limits()
+
+
+class SupervisorSpec(msgspec.Struct, frozen=True):
+    """A supervisor: its strategy, intensity and ordered children (instance names)."""
+
+    name: str
+    strategy: Strategy = "one_for_one"
+    max_restarts: int = 3
+    max_seconds: float = 5.0
+    restart: RestartType = "permanent"
+    children: tuple[str, ...] = ()
+
+
+class DaemonSpec(msgspec.Struct, frozen=True):
+    """Daemon-wide settings with `{runtime_dir}` already substituted."""
+
+    runtime_dir: str
+    log_dir: str
+    control: str
+    bus: str
+    shutdown_timeout: float = 30.0
+    log_max_bytes: int = 10 * 1024 * 1024
+    log_backups: int = 3
+    memory_check_interval: float = 2.0
+    keys_dir: str | None = None
+    max_frame: int = 1024 * 1024
+
+
+class PoolSpec(msgspec.Struct, frozen=True):
+    """A pool as configured: scale changes `replicas`, the template stays."""
+
+    name: str
+    replicas: int
+    supervisor: str
+
+
+class Spec(msgspec.Struct, frozen=True):
+    """The whole validated configuration."""
+
+    daemon: DaemonSpec
+    root: str  # name of the root supervisor ("root")
+    supervisors: dict[str, SupervisorSpec]
+    agents: dict[str, AgentSpec]  # by instance name
+    pools: dict[str, PoolSpec]
+    files: tuple[str, ...] = ()  # the files it was read from, main first
+
+    def parent_of(self, name: str) -> str | None:
+        """The supervisor that has `name` among its children, if any."""
+        for sup in self.supervisors.values():
+            if name in sup.children:
+                return sup.name
+        return None
+
+
+ROOT = "root"
+
+
+def pool_member(pool: str, index: int) -> str:
+    """Instance name of a pool member: NAME@INDEX, as in the contract."""
+    return f"{pool}@{index}"

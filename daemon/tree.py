@@ -1,0 +1,559 @@
+"""The supervision tree as a pure state machine (no I/O, injected clock).
+
+Inputs are method calls — `start`, `started`, `exited`, `timer`, `stop_child`,
+`start_child`, `restart_child`, `shutdown`, `add_child`, `remove_child` —
+each taking `now` and returning the actions the runtime must carry out
+(`Start`, `Stop`, `SetTimer`) plus facts for the event log (`Note`) and the
+tree-level outcomes (`TreeReady`, `TreeFailed`, `TreeStopped`). The runtime
+executes actions and feeds results back in; nothing here touches a process.
+
+Every supervisor works one operation at a time, like OTP's supervisor
+process does: it first drains its queue of pending stops (always queued in
+reverse start order), then *reconciles* — starts the first child, in start
+order, that should be up and is not. That single rule yields one_for_one
+(restart just the failed child), one_for_all (stop the others in reverse,
+then start all in order) and rest_for_one (the same for the failed child and
+those after it), and lets ctl commands and concurrent failures compose.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Literal
+
+import msgspec
+
+from .spec import RestartType, Strategy, SupervisorSpec
+
+ChildState = Literal["stopped", "starting", "running", "stopping", "backoff", "failed"]
+Phase = Literal["idle", "starting", "running", "stopping", "failing", "failed"]
+
+_UP = frozenset({"starting", "running", "backoff"})
+
+
+# --- outputs -----------------------------------------------------------------
+
+
+class Start(msgspec.Struct, frozen=True, tag=True):
+    """Spawn agent `name` and report `started` (ready) or `exited`."""
+
+    name: str
+    incarnation: int
+
+
+class Stop(msgspec.Struct, frozen=True, tag=True):
+    """Stop agent `name` (stop signal, grace, SIGKILL) and report `exited`."""
+
+    name: str
+
+
+class SetTimer(msgspec.Struct, frozen=True, tag=True):
+    """Call `timer(key)` after `delay` seconds."""
+
+    key: str
+    delay: float
+
+
+class Note(msgspec.Struct, frozen=True, tag=True):
+    """A fact for the event log: agent.restarting, supervisor.gave_up, ..."""
+
+    event: str
+    name: str
+    detail: dict[str, object] = {}
+
+
+class TreeReady(msgspec.Struct, frozen=True, tag=True):
+    """Every child of the root has started."""
+
+
+class TreeFailed(msgspec.Struct, frozen=True, tag=True):
+    """The root supervisor gave up; every child is already stopped."""
+
+    reason: str
+
+
+class TreeStopped(msgspec.Struct, frozen=True, tag=True):
+    """An orderly shutdown finished; every child is stopped."""
+
+
+Action = Start | Stop | SetTimer | Note | TreeReady | TreeFailed | TreeStopped
+
+
+# --- state -------------------------------------------------------------------
+
+
+@dataclass
+class Child:
+    """One child of a supervisor: an agent instance or a nested supervisor."""
+
+    name: str
+    parent: str
+    is_supervisor: bool
+    restart: RestartType = "permanent"
+    restart_delay: float = 0.0
+    state: ChildState = "stopped"
+    want: bool = True  # should be up; false once a temporary child ends, etc.
+    held: bool = False  # stopped by ctl: stays down until ctl start
+    removing: bool = False  # reload removed it: forget it once stopped
+    incarnation: int = -1  # bumped on every start; 0 is the first run
+    restarting: bool = False  # the next start is a restart after a failure
+    delayed: bool = False  # restart_delay already waited for this restart
+    timer_gen: int = 0
+    restarts: int = 0
+
+
+@dataclass
+class Supervisor:
+    """A supervisor's own state: its spec, restart history and work queue."""
+
+    spec: SupervisorSpec
+    phase: Phase = "idle"
+    history: deque[float] = field(default_factory=deque)
+    pending_stops: list[str] = field(default_factory=list)
+    inflight: tuple[str, str] | None = None  # ("start"|"stop"|"delay", child)
+    failure: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def children(self) -> tuple[str, ...]:
+        return self.spec.children
+
+
+class TreeError(Exception):
+    """A command that does not fit the tree (unknown name, bad state)."""
+
+
+class Tree:
+    """The supervision state machine for one root supervisor and its subtree."""
+
+    def __init__(
+        self,
+        supervisors: dict[str, SupervisorSpec],
+        agents: dict[str, tuple[RestartType, float]],
+        root: str = "root",
+    ) -> None:
+        """`agents` maps instance name to (restart type, restart_delay)."""
+        self.root = root
+        self.sups: dict[str, Supervisor] = {}
+        self.children: dict[str, Child] = {}
+        self._out: list[Action] = []
+        self._shutting_down = False
+        self._root_done = False
+        self._now = 0.0
+        for spec in supervisors.values():
+            self.sups[spec.name] = Supervisor(spec)
+        for spec in supervisors.values():
+            for name in spec.children:
+                self._make_child(spec.name, name, supervisors, agents)
+
+    def _make_child(
+        self,
+        parent: str,
+        name: str,
+        supervisors: dict[str, SupervisorSpec],
+        agents: dict[str, tuple[RestartType, float]],
+    ) -> None:
+        if name in supervisors:
+            self.children[name] = Child(name, parent, True, restart=supervisors[name].restart)
+        else:
+            restart, delay = agents[name]
+            self.children[name] = Child(name, parent, False, restart, delay)
+
+    # --- queries ---------------------------------------------------------------
+
+    def state(self, name: str) -> ChildState:
+        return self._child(name).state
+
+    def agents(self) -> list[str]:
+        """Agent instance names in start order (depth first)."""
+        out: list[str] = []
+
+        def walk(sup: str) -> None:
+            for name in self.sups[sup].children:
+                if self.children[name].is_supervisor:
+                    walk(name)
+                else:
+                    out.append(name)
+
+        walk(self.root)
+        return out
+
+    def supervisor_of(self, name: str) -> str:
+        return self._child(name).parent
+
+    def _child(self, name: str) -> Child:
+        try:
+            return self.children[name]
+        except KeyError:
+            raise TreeError(f"unknown child `{name}`") from None
+
+    # --- inputs ------------------------------------------------------------------
+
+    def start(self, now: float) -> list[Action]:
+        """Start the whole tree, children in order."""
+        self._tick(now)
+        self._start_supervisor(self.sups[self.root])
+        return self._flush()
+
+    def started(self, name: str, now: float, incarnation: int | None = None) -> list[Action]:
+        """Agent `name` is ready (READY on the bus, or up for start_seconds)."""
+        self._tick(now)
+        child = self.children.get(name)
+        if child is None or child.state != "starting":
+            return self._flush()
+        if incarnation is not None and incarnation != child.incarnation:
+            return self._flush()
+        self._on_started(child)
+        return self._flush()
+
+    def exited(
+        self,
+        name: str,
+        now: float,
+        *,
+        abnormal: bool,
+        reason: str = "exit",
+        incarnation: int | None = None,
+    ) -> list[Action]:
+        """Agent `name`'s process is gone (crash, exit, or the stop we asked for)."""
+        self._tick(now)
+        child = self.children.get(name)
+        if child is None or child.is_supervisor or child.state in ("stopped", "failed"):
+            return self._flush()
+        if incarnation is not None and incarnation != child.incarnation:
+            return self._flush()
+        self._on_exited(child, abnormal, reason)
+        return self._flush()
+
+    def timer(self, key: str, now: float) -> list[Action]:
+        """A timer set with SetTimer fired."""
+        self._tick(now)
+        name, _, gen = key.rpartition("#")
+        child = self.children.get(name)
+        if child is not None and child.state == "backoff" and str(child.timer_gen) == gen:
+            child.state = "stopped"
+            child.delayed = True
+            sup = self.sups[child.parent]
+            if sup.inflight == ("delay", name):
+                sup.inflight = None
+            self._advance(sup)
+        return self._flush()
+
+    def stop_child(self, name: str, now: float) -> list[Action]:
+        """ctl stop: stop `name` and keep it down until start_child."""
+        self._tick(now)
+        child = self._child(name)
+        child.held = True
+        child.want = False
+        self._queue_stops(self.sups[child.parent], [name])
+        self._advance(self.sups[child.parent])
+        return self._flush()
+
+    def start_child(self, name: str, now: float) -> list[Action]:
+        """ctl start: let `name` run again (also revives a finished temporary child)."""
+        self._tick(now)
+        child = self._child(name)
+        child.held = False
+        child.want = True
+        child.restarting = False
+        self._advance(self.sups[child.parent])
+        return self._flush()
+
+    def restart_child(self, name: str, now: float) -> list[Action]:
+        """ctl restart / reload change: stop then start, not counted as a failure."""
+        self._tick(now)
+        child = self._child(name)
+        child.held = False
+        child.want = True
+        self._queue_stops(self.sups[child.parent], [name])
+        self._advance(self.sups[child.parent])
+        return self._flush()
+
+    def shutdown(self, now: float) -> list[Action]:
+        """Stop the whole tree in reverse start order, depth first."""
+        self._tick(now)
+        self._shutting_down = True
+        root = self.sups[self.root]
+        if root.phase in ("idle", "failed"):
+            self._root_done = True
+            self._out.append(TreeStopped())
+            return self._flush()
+        if root.phase != "failing":
+            root.phase = "stopping"
+        self._queue_stops(root, [c for c in reversed(root.children) if self._is_up(c)])
+        self._advance(root)
+        return self._flush()
+
+    def add_child(
+        self,
+        parent: str,
+        name: str,
+        now: float,
+        *,
+        agents: dict[str, tuple[RestartType, float]],
+        supervisors: dict[str, SupervisorSpec] | None = None,
+        index: int | None = None,
+    ) -> list[Action]:
+        """Reload/scale: add a child — an agent, or a supervisor and its subtree.
+
+        `agents` has (restart, restart_delay) for every agent added;
+        `supervisors` has the spec of every supervisor added (the child itself
+        if it is one, and any nested below it).
+        """
+        self._tick(now)
+        if name in self.children:
+            raise TreeError(f"`{name}` already exists")
+        supervisors = supervisors or {}
+        sup = self.sups[parent]
+        children = list(sup.children)
+        children.insert(len(children) if index is None else index, name)
+        sup.spec = msgspec.structs.replace(sup.spec, children=tuple(children))
+        for spec in supervisors.values():
+            self.sups[spec.name] = Supervisor(spec)
+        self._make_child(parent, name, supervisors, agents)
+        for spec in supervisors.values():
+            for inner in spec.children:
+                self._make_child(spec.name, inner, supervisors, agents)
+        self._advance(sup)
+        return self._flush()
+
+    def remove_child(self, name: str, now: float) -> list[Action]:
+        """Reload/scale: stop `name` (and its subtree) and forget it."""
+        self._tick(now)
+        child = self._child(name)
+        child.removing = True
+        child.want = False
+        sup = self.sups[child.parent]
+        self._queue_stops(sup, [name])
+        self._advance(sup)
+        return self._flush()
+
+    def update_supervisor(self, spec: SupervisorSpec) -> None:
+        """Reload: new strategy/intensity apply from now on (children unchanged)."""
+        sup = self.sups[spec.name]
+        sup.spec = msgspec.structs.replace(spec, children=sup.spec.children)
+
+    # --- the engine ----------------------------------------------------------------
+
+    def _flush(self) -> list[Action]:
+        out, self._out = self._out, []
+        return out
+
+    def _tick(self, now: float) -> None:
+        self._now = now
+
+    def _is_up(self, name: str) -> bool:
+        return self.children[name].state in _UP or self.children[name].state == "stopping"
+
+    def _queue_stops(self, sup: Supervisor, names: list[str]) -> None:
+        """Queue stops, keeping the queue in reverse start order."""
+        order = {n: i for i, n in enumerate(sup.children)}
+        merged = set(sup.pending_stops) | set(names)
+        sup.pending_stops = sorted(merged, key=lambda n: -order.get(n, -1))
+        if sup.inflight and sup.inflight[0] in ("start", "delay") and sup.inflight[1] in merged:
+            # Never wait for a start we are about to undo (it may never finish).
+            sup.inflight = None
+
+    def _start_supervisor(self, sup: Supervisor) -> None:
+        sup.phase = "starting"
+        sup.history.clear()
+        sup.pending_stops = []
+        sup.inflight = None
+        sup.failure = ""
+        for name in sup.children:
+            child = self.children[name]
+            if not child.held:
+                child.want = True
+        self._advance(sup)
+
+    def _advance(self, sup: Supervisor) -> None:
+        """Do the next operation of `sup`, if it is not busy."""
+        while sup.inflight is None:
+            if sup.pending_stops:
+                name = sup.pending_stops.pop(0)
+                self._begin_stop(sup, self.children[name])
+                continue
+            if sup.phase in ("stopping", "failing"):
+                if not any(self._is_up(c) for c in sup.children):
+                    self._finish_stopping(sup)
+                return
+            if sup.phase not in ("starting", "running"):
+                return
+            nxt = next(
+                (
+                    self.children[c]
+                    for c in sup.children
+                    if self.children[c].want and self.children[c].state in ("stopped", "failed")
+                ),
+                None,
+            )
+            if nxt is None:
+                if sup.phase == "starting":
+                    sup.phase = "running"
+                    self._supervisor_started(sup)
+                return
+            self._begin_start(sup, nxt)
+
+    def _begin_stop(self, sup: Supervisor, child: Child) -> None:
+        if child.state == "backoff":
+            child.state = "stopped"
+            child.timer_gen += 1
+            if sup.inflight == ("delay", child.name):
+                sup.inflight = None
+            self._after_stopped(sup, child)
+            return
+        if child.state not in ("starting", "running"):
+            if child.state != "stopping":
+                self._after_stopped(sup, child)
+            return
+        child.state = "stopping"
+        sup.inflight = ("stop", child.name)
+        if child.is_supervisor:
+            inner = self.sups[child.name]
+            inner.phase = "stopping"
+            self._queue_stops(inner, [c for c in reversed(inner.children) if self._is_up(c)])
+            self._advance(inner)
+        else:
+            self._out.append(Stop(child.name))
+
+    def _begin_start(self, sup: Supervisor, child: Child) -> None:
+        if child.restarting and child.restart_delay > 0 and not child.delayed:
+            child.state = "backoff"
+            child.timer_gen += 1
+            sup.inflight = ("delay", child.name)
+            self._out.append(SetTimer(f"{child.name}#{child.timer_gen}", child.restart_delay))
+            return
+        if child.incarnation >= 0:
+            child.restarts += 1
+        child.incarnation += 1
+        child.delayed = False
+        child.state = "starting"
+        sup.inflight = ("start", child.name)
+        if child.restarting:
+            self._out.append(Note("agent.restarting", child.name, {"restarts": child.restarts}))
+        child.restarting = False
+        if child.is_supervisor:
+            self._start_supervisor(self.sups[child.name])
+        else:
+            self._out.append(Start(child.name, child.incarnation))
+
+    def _on_started(self, child: Child) -> None:
+        child.state = "running"
+        sup = self.sups[child.parent]
+        if sup.inflight == ("start", child.name):
+            sup.inflight = None
+        self._advance(sup)
+
+    def _after_stopped(self, sup: Supervisor, child: Child) -> None:
+        """A child we stopped is down: forget it if it was removed."""
+        if child.removing:
+            sup.spec = msgspec.structs.replace(
+                sup.spec, children=tuple(c for c in sup.children if c != child.name)
+            )
+            self._forget(child.name)
+
+    def _forget(self, name: str) -> None:
+        child = self.children.pop(name)
+        if child.is_supervisor:
+            for inner in self.sups.pop(name).children:
+                self._forget(inner)
+
+    def _on_exited(self, child: Child, abnormal: bool, reason: str) -> None:
+        """Handle an agent's (or nested supervisor's) end."""
+        sup = self.sups[child.parent]
+        was = child.state
+        child.state = "failed" if abnormal else "stopped"
+        if was == "stopping":
+            child.state = "stopped"
+            if sup.inflight == ("stop", child.name):
+                sup.inflight = None
+            self._after_stopped(sup, child)
+            self._advance(sup)
+            return
+        if child.name in sup.pending_stops:
+            # It died while queued to be stopped: the stop is done, not a new failure.
+            sup.pending_stops.remove(child.name)
+            self._after_stopped(sup, child)
+            self._advance(sup)
+            return
+        if sup.inflight in (("start", child.name), ("stop", child.name)):
+            sup.inflight = None
+        if was == "starting" and sup.phase == "starting":
+            # As in OTP's init: a child that cannot start fails its supervisor's start.
+            self._give_up(sup, f"child {child.name} failed to start ({reason})")
+            return
+        if sup.phase not in ("starting", "running"):
+            self._advance(sup)
+            return
+        restart = child.restart == "permanent" or (child.restart == "transient" and abnormal)
+        if not restart:
+            child.want = False
+            self._advance(sup)
+            return
+        if self._intensity_exceeded(sup):
+            self._give_up(sup, f"reached max restart intensity ({child.name}: {reason})")
+            return
+        child.restarting = True
+        affected = self._affected(sup, child.name)
+        for name in affected:
+            sibling = self.children[name]
+            if sibling.restart == "temporary":
+                sibling.want = False
+            elif not sibling.held:
+                sibling.restarting = True
+        self._queue_stops(sup, [n for n in affected if self._is_up(n)])
+        self._advance(sup)
+
+    def _affected(self, sup: Supervisor, failed: str) -> list[str]:
+        """Siblings the strategy stops along with the failed child."""
+        strategy: Strategy = sup.spec.strategy
+        if strategy == "one_for_one":
+            return []
+        children = list(sup.children)
+        if strategy == "one_for_all":
+            return [c for c in children if c != failed]
+        return children[children.index(failed) + 1 :]
+
+    def _intensity_exceeded(self, sup: Supervisor) -> bool:
+        """Record a restart; true if it makes more than max_restarts in max_seconds."""
+        now = self._now
+        sup.history.append(now)
+        while sup.history and now - sup.history[0] >= sup.spec.max_seconds:
+            sup.history.popleft()
+        return len(sup.history) > sup.spec.max_restarts
+
+    def _give_up(self, sup: Supervisor, reason: str) -> None:
+        sup.phase = "failing"
+        sup.failure = reason
+        self._out.append(Note("supervisor.gave_up", sup.name, {"reason": reason}))
+        self._queue_stops(sup, [c for c in reversed(sup.children) if self._is_up(c)])
+        self._advance(sup)
+
+    def _finish_stopping(self, sup: Supervisor) -> None:
+        """`sup` has no child up: tell its parent (or the runtime, for the root)."""
+        failing = sup.phase == "failing"
+        sup.phase = "failed" if failing else "idle"
+        if sup.name == self.root:
+            if self._root_done:
+                return
+            self._root_done = True
+            if failing and not self._shutting_down:
+                self._out.append(TreeFailed(sup.failure))
+            else:
+                self._out.append(TreeStopped())
+            return
+        me = self.children[sup.name]
+        if failing:
+            self._on_exited(me, True, "gave_up")
+        else:
+            self._on_exited(me, False, "stopped")
+
+    def _supervisor_started(self, sup: Supervisor) -> None:
+        if sup.name == self.root:
+            self._out.append(TreeReady())
+            return
+        self._on_started(self.children[sup.name])

@@ -1,0 +1,350 @@
+"""Unit and property tests for the pure supervision state machine."""
+
+from __future__ import annotations
+
+import pytest
+from agentd.daemon.tree import SetTimer, Start, Stop, TreeFailed, TreeReady, TreeStopped
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.treesim import Sim, sup
+
+ABC = ["a", "b", "c", "d"]
+
+
+def test_ordered_start_and_ready() -> None:
+    sim = Sim.make([sup("root", ABC)]).start()
+    assert sim.ops("start") == ABC
+    assert sim.outcome == [TreeReady()]
+
+
+def test_start_waits_for_ready_before_next_child() -> None:
+    sim = Sim.make([sup("root", ["a", "b"])], auto_ready=False)
+    actions = sim.tree.start(0.0)
+    assert actions == [Start("a", 0)]
+    assert sim.tree.started("a", 0.0, 0) == [Start("b", 0)]
+    assert sim.tree.started("b", 0.0, 0) == [TreeReady()]
+
+
+@pytest.mark.parametrize(
+    ("strategy", "stopped", "started"),
+    [
+        ("one_for_one", [], ["b"]),
+        ("one_for_all", ["d", "c", "a"], ["a", "b", "c", "d"]),
+        ("rest_for_one", ["d", "c"], ["b", "c", "d"]),
+    ],
+)
+def test_strategies(strategy: str, stopped: list[str], started: list[str]) -> None:
+    sim = Sim.make([sup("root", ABC, strategy)]).start()
+    sim.clear()
+    sim.crash("b")
+    assert sim.ops("stop") == stopped
+    assert sim.ops("start") == started
+    assert all(sim.tree.state(n) == "running" for n in ABC)
+
+
+@pytest.mark.parametrize("strategy", ["one_for_one", "one_for_all", "rest_for_one"])
+@pytest.mark.parametrize(
+    ("restart", "abnormal", "restarted"),
+    [
+        ("permanent", False, True),
+        ("permanent", True, True),
+        ("transient", False, False),
+        ("transient", True, True),
+        ("temporary", False, False),
+        ("temporary", True, False),
+    ],
+)
+def test_restart_types(strategy: str, restart: str, abnormal: bool, restarted: bool) -> None:
+    sim = Sim.make([sup("root", ["x", "y", "z"], strategy)], {"y": restart}).start()
+    sim.clear()
+    sim.crash("y", abnormal=abnormal)
+    assert ("y" in sim.ops("start")) is restarted
+    if not restarted:
+        # A child that is not restarted does not trigger the strategy either.
+        assert sim.ops("stop") == []
+        assert sim.tree.state("y") == ("failed" if abnormal else "stopped")
+
+
+def test_temporary_sibling_not_restarted_by_one_for_all() -> None:
+    sim = Sim.make([sup("root", ["a", "t", "c"], "one_for_all")], {"t": "temporary"}).start()
+    sim.clear()
+    sim.crash("c")
+    assert sim.ops("stop") == ["t", "a"]
+    assert sim.ops("start") == ["a", "c"]
+    assert sim.tree.state("t") == "stopped"
+
+
+def test_transient_sibling_restarted_by_one_for_all() -> None:
+    sim = Sim.make([sup("root", ["a", "t", "c"], "one_for_all")], {"t": "transient"}).start()
+    sim.clear()
+    sim.crash("c")
+    assert sim.ops("start") == ["a", "t", "c"]
+
+
+def test_intensity_gives_up_and_stops_in_reverse() -> None:
+    sim = Sim.make([sup("root", ABC, max_restarts=2, max_seconds=10)]).start()
+    for _ in range(2):
+        sim.now += 1
+        sim.crash("b")
+    assert sim.outcome == [TreeReady()]
+    sim.clear()
+    sim.now += 1
+    sim.crash("b")
+    assert sim.ops("stop") == ["d", "c", "a"]
+    assert isinstance(sim.outcome[-1], TreeFailed)
+    assert "intensity" in sim.outcome[-1].reason
+    assert [n.event for n in sim.notes] == ["agent.restarting"] * 2 + ["supervisor.gave_up"]
+
+
+def test_intensity_window_slides() -> None:
+    sim = Sim.make([sup("root", ["a"], max_restarts=1, max_seconds=5)]).start()
+    for _ in range(5):
+        sim.now += 6  # each restart is alone in its window
+        sim.crash("a")
+    assert sim.outcome == [TreeReady()]
+    assert sim.tree.children["a"].restarts == 5
+
+
+def test_max_restarts_zero_gives_up_at_first_failure() -> None:
+    sim = Sim.make([sup("root", ["a"], max_restarts=0)]).start()
+    sim.crash("a")
+    assert isinstance(sim.outcome[-1], TreeFailed)
+
+
+def test_nested_supervisor_gives_up_and_parent_restarts_it() -> None:
+    sim = Sim.make(
+        [
+            sup("root", ["front", "workers", "back"], "one_for_one", max_restarts=5),
+            sup("workers", ["w1", "w2"], "one_for_all", max_restarts=1, max_seconds=10),
+        ]
+    ).start()
+    assert sim.ops("start") == ["front", "w1", "w2", "back"]
+    sim.crash("w1")
+    sim.clear()
+    sim.crash("w2")  # second restart in the window: workers gives up
+    assert sim.ops("stop") == ["w1"]
+    assert sim.ops("start") == ["w1", "w2"]  # the parent restarted the subtree
+    assert [n.event for n in sim.notes][-2:] == ["supervisor.gave_up", "agent.restarting"]
+    assert sim.notes[-1].name == "workers"
+    assert sim.tree.state("workers") == "running"
+    assert sim.tree.sups["workers"].history == type(sim.tree.sups["workers"].history)()
+    assert sim.tree.state("front") == sim.tree.state("back") == "running"
+
+
+def test_nested_rest_for_one_restarts_later_siblings_of_supervisor() -> None:
+    sim = Sim.make(
+        [
+            sup("root", ["a", "inner", "z"], "rest_for_one", max_restarts=5),
+            sup("inner", ["i1"], max_restarts=0),
+        ]
+    ).start()
+    sim.clear()
+    sim.crash("i1")
+    assert sim.ops("stop") == ["z"]
+    assert sim.ops("start") == ["i1", "z"]
+
+
+def test_start_failure_fails_the_tree() -> None:
+    sim = Sim.make([sup("root", ["a", "b", "c"])], auto_ready=False)
+    sim.apply(sim.tree.start(0.0))
+    sim.apply(sim.tree.started("a", 0.0))
+    sim.clear()
+    sim.apply(sim.tree.exited("b", 0.0, abnormal=True, reason="start_failed"))
+    assert sim.ops("stop") == ["a"]
+    assert isinstance(sim.outcome[-1], TreeFailed)
+    assert "failed to start" in sim.outcome[-1].reason
+
+
+def test_shutdown_stops_in_reverse_depth_first() -> None:
+    sim = Sim.make([sup("root", ["a", "s", "d"]), sup("s", ["b", "c"])]).start()
+    sim.clear()
+    sim.apply(sim.tree.shutdown(1.0))
+    assert sim.ops("stop") == ["d", "c", "b", "a"]
+    assert sim.outcome[-1] == TreeStopped()
+
+
+def test_shutdown_is_sequential() -> None:
+    sim = Sim.make([sup("root", ["a", "b"])]).start()
+    first = sim.tree.shutdown(1.0)
+    assert first == [Stop("b")]
+    assert sim.tree.exited("b", 1.0, abnormal=False) == [Stop("a")]
+    assert sim.tree.exited("a", 1.0, abnormal=False) == [TreeStopped()]
+
+
+def test_shutdown_aborts_a_start_that_never_finishes() -> None:
+    sim = Sim.make([sup("root", ["a", "b"])], auto_ready=False)
+    sim.apply(sim.tree.start(0.0))
+    sim.apply(sim.tree.started("a", 0.0))
+    assert sim.tree.shutdown(1.0) == [Stop("b")]
+
+
+def test_ctl_stop_keeps_child_down_without_counting() -> None:
+    sim = Sim.make([sup("root", ["a", "b"], max_restarts=0)]).start()
+    sim.clear()
+    sim.apply(sim.tree.stop_child("a", 1.0))
+    assert sim.ops("stop") == ["a"]
+    assert sim.tree.state("a") == "stopped"
+    assert sim.ops("start") == []
+    assert not sim.outcome[1:]  # max_restarts=0 and still no give-up
+    sim.apply(sim.tree.start_child("a", 2.0))
+    assert sim.ops("start") == ["a"]
+    assert sim.tree.state("a") == "running"
+
+
+def test_ctl_restart_does_not_count_toward_intensity() -> None:
+    sim = Sim.make([sup("root", ["a"], max_restarts=0)]).start()
+    sim.clear()
+    for i in range(3):
+        sim.apply(sim.tree.restart_child("a", float(i)))
+    assert sim.ops("start") == ["a"] * 3
+    assert sim.outcome == [TreeReady()]
+
+
+def test_restart_delay_waits_before_restart() -> None:
+    sim = Sim.make([sup("root", ["a"])], {"a": ("permanent", 2.0)}).start()
+    sim.clear()
+    sim.crash("a")
+    assert sim.tree.state("a") == "backoff"
+    assert sim.ops("start") == []
+    sim.advance(1.0)
+    assert sim.ops("start") == []
+    sim.advance(1.5)
+    assert sim.ops("start") == ["a"]
+
+
+def test_stop_during_backoff_cancels_the_timer() -> None:
+    sim = Sim.make([sup("root", ["a"])], {"a": ("permanent", 2.0)}).start()
+    sim.crash("a")
+    sim.apply(sim.tree.stop_child("a", 0.5))
+    sim.advance(5.0)
+    assert sim.tree.state("a") == "stopped"
+    assert sim.ops("start") == ["a"]  # only the first start
+
+
+def test_stale_exit_of_old_incarnation_is_ignored() -> None:
+    sim = Sim.make([sup("root", ["a"])]).start()
+    sim.crash("a")
+    before = list(sim.log)
+    sim.apply(sim.tree.exited("a", 1.0, abnormal=True, incarnation=0))
+    assert sim.log == before
+
+
+def test_add_and_remove_children() -> None:
+    sim = Sim.make([sup("root", ["a", "b"])]).start()
+    sim.clear()
+    sim.apply(sim.tree.add_child("root", "c", 1.0, agents={"c": ("permanent", 0.0)}))
+    assert sim.ops("start") == ["c"]
+    sim.apply(
+        sim.tree.add_child(
+            "root",
+            "s",
+            1.0,
+            agents={"s1": ("permanent", 0.0)},
+            supervisors={"s": sup("s", ["s1"])},
+        )
+    )
+    assert sim.ops("start") == ["c", "s1"]
+    sim.apply(sim.tree.remove_child("s", 2.0))
+    sim.apply(sim.tree.remove_child("a", 2.0))
+    assert sim.ops("stop") == ["s1", "a"]
+    assert "a" not in sim.tree.children and "s1" not in sim.tree.children
+    assert sim.tree.agents() == ["b", "c"]
+
+
+def test_set_timer_key_is_unique_per_backoff() -> None:
+    sim = Sim.make([sup("root", ["a"])], {"a": ("permanent", 1.0)}).start()
+    keys = []
+    for _ in range(2):
+        actions = sim.tree.exited("a", sim.now, abnormal=True)
+        keys += [a.key for a in actions if isinstance(a, SetTimer)]
+        sim.apply(actions)
+        sim.advance(1.0)
+    assert len(set(keys)) == 2
+    assert sim.ops("start") == ["a", "a", "a"]
+
+
+# --- properties --------------------------------------------------------------
+
+events = st.lists(
+    st.tuples(
+        st.sampled_from(["crash", "exit0", "stop", "start", "restart", "tick"]),
+        st.integers(0, 5),
+        st.floats(0, 3),
+    ),
+    max_size=40,
+)
+strategies = st.sampled_from(["one_for_one", "one_for_all", "rest_for_one"])
+restarts = st.lists(
+    st.sampled_from(["permanent", "transient", "temporary"]), min_size=6, max_size=6
+)
+
+
+def _drive(strategy, types, max_restarts, script):
+    names = [f"c{i}" for i in range(6)]
+    sim = Sim.make(
+        [sup("root", names, strategy, max_restarts=max_restarts, max_seconds=5)],
+        dict(zip(names, types, strict=True)),
+    ).start()
+    restart_times: list[float] = []
+    for op, idx, dt in script:
+        if sim.outcome and not isinstance(sim.outcome[-1], TreeReady):
+            break
+        name = names[idx]
+        sim.now += dt
+        running = sim.tree.state(name) == "running"
+        before = len(sim.ops("start"))
+        if op in ("crash", "exit0") and running:
+            sim.crash(name, abnormal=op == "crash")
+            restarted = len(sim.ops("start")) > before or sim.tree.state(name) == "backoff"
+            if restarted:
+                restart_times.append(sim.now)
+        elif op == "stop":
+            sim.apply(sim.tree.stop_child(name, sim.now))
+        elif op == "start":
+            sim.apply(sim.tree.start_child(name, sim.now))
+        elif op == "restart":
+            sim.apply(sim.tree.restart_child(name, sim.now))
+    return sim, names, restart_times
+
+
+@settings(max_examples=300, deadline=None)
+@given(strategies, restarts, st.integers(0, 4), events)
+def test_never_exceeds_intensity_without_giving_up(strategy, types, max_restarts, script) -> None:
+    sim, _names, times = _drive(strategy, types, max_restarts, script)
+    failed = any(isinstance(o, TreeFailed) for o in sim.outcome)
+    # Every accepted restart leaves at most max_restarts in any max_seconds window.
+    for t in times:
+        in_window = [u for u in times if t - 5 < u <= t]
+        assert len(in_window) <= max_restarts or failed
+    if failed:
+        assert not sim.running  # giving up stops every child
+
+
+@settings(max_examples=300, deadline=None)
+@given(strategies, restarts, st.integers(0, 4), events)
+def test_temporary_child_is_never_restarted(strategy, types, max_restarts, script) -> None:
+    sim, names, _ = _drive(strategy, types, max_restarts, script)
+    temporary = {n for n, t in zip(names, types, strict=True) if t == "temporary"}
+    starts = sim.ops("start")
+    # A temporary child starts once, plus once per explicit ctl start/restart.
+    explicit = {n: 1 for n in names}
+    for op, idx, _ in script:
+        if op in ("start", "restart"):
+            explicit[names[idx]] += 1
+    for name in temporary:
+        assert starts.count(name) <= explicit[name]
+
+
+@settings(max_examples=300, deadline=None)
+@given(strategies, restarts, st.integers(0, 4), events)
+def test_shutdown_stops_in_reverse_start_order(strategy, types, max_restarts, script) -> None:
+    sim, names, _ = _drive(strategy, types, max_restarts, script)
+    if sim.outcome and not isinstance(sim.outcome[-1], TreeReady):
+        return
+    up = [n for n in names if sim.tree.state(n) in ("running", "starting")]
+    sim.clear()
+    sim.apply(sim.tree.shutdown(sim.now + 1))
+    assert sim.ops("stop") == list(reversed(up))
+    assert sim.outcome[-1] == TreeStopped()
+    assert not sim.running
