@@ -1,0 +1,69 @@
+"""The `agentd` command line: run, check, ctl, keys.
+
+Imports are deferred into each command: `agentd ctl status` must not pay for
+the daemon's modules (asyncio, psutil, structlog), which keeps it fast.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from . import __version__
+
+CONFIG_HELP = "Config file (default: $AGENTD_CONFIG, ./agentd.toml, /etc/agentd/agentd.toml)."
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="agentd")
+def main() -> None:
+    """agentd: supervise agent processes under an OTP-style tree, joined by a ZeroMQ bus."""
+
+
+@main.command()
+@click.option("--config", "config_path", metavar="PATH", help=CONFIG_HELP)
+@click.option(
+    "--log-format",
+    type=click.Choice(["auto", "json", "console"]),
+    default="auto",
+    show_default=True,
+    help="auto: console on a terminal, JSON lines otherwise.",
+)
+def run(config_path: str | None, log_format: str) -> None:
+    """Run the daemon in the foreground (what systemd starts)."""
+    from .config import ConfigError, find_config, load
+    from .log import configure
+
+    configure(log_format)  # type: ignore[arg-type]
+    try:
+        path = find_config(config_path)
+        spec = load(path)
+    except ConfigError as exc:
+        for issue in exc.issues:
+            click.echo(str(issue), err=True)
+        sys.exit(1)
+    from .service import run_daemon
+
+    sys.exit(run_daemon(spec, str(path)))
+
+
+@main.command()
+@click.option("--config", "config_path", metavar="PATH", help=CONFIG_HELP)
+def check(config_path: str | None) -> None:
+    """Validate the config: print every error as FILE:LINE: message; exit 0 or 1."""
+    from .config import ConfigError, find_config, load
+
+    try:
+        path = find_config(config_path)
+        spec = load(path)
+    except ConfigError as exc:
+        for issue in exc.issues:
+            click.echo(str(issue), err=True)
+        sys.exit(1)
+    supervisors = len(spec.supervisors)
+    click.echo(f"{path}: ok ({len(spec.agents)} agents, {supervisors} supervisors)")
+
+
+if __name__ == "__main__":
+    main()

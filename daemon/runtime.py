@@ -1,0 +1,379 @@
+"""The process runtime: carries out Start/Stop for agents and reports what happened.
+
+It owns the OS side of each agent — the Popen, a pidfd watched by the event
+loop (no polling), the stdout/stderr pipes, the stop escalation timers and
+the memory sampler — and reports back through two callbacks: `on_started`
+(ready: READY on the bus or `start_seconds` up) and `on_exited` (with an
+`ExitInfo` naming the reason). It makes no supervision decisions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+import psutil
+
+from . import spawn
+from .capture import LogFile, StreamReader
+from .events import EventLog
+from .spec import AgentSpec, DaemonSpec
+
+
+class ExitInfo(msgspec.Struct, frozen=True):
+    """How an agent ended; `reason` is one of the contract's exit reasons."""
+
+    code: int | None
+    signal: int | None
+    reason: str  # exit | signal | hung | memory | stopped | start_failed
+    stderr_tail: list[str] = []
+
+    @property
+    def abnormal(self) -> bool:
+        if self.reason == "stopped":
+            return False
+        return not (self.reason == "exit" and self.code == 0)
+
+
+@dataclass
+class Proc:
+    """One running incarnation of an agent."""
+
+    name: str
+    incarnation: int
+    popen: subprocess.Popen[bytes] | None
+    pid: int
+    pidfd: int = -1
+    started_at: float = field(default_factory=time.time)
+    ready: bool = False
+    stopping: bool = False
+    kill_reason: str | None = None
+    start_error: str | None = None
+    readers: list[StreamReader] = field(default_factory=list)
+    timers: list[asyncio.TimerHandle] = field(default_factory=list)
+    ps: psutil.Process | None = None
+
+    def cancel_timers(self) -> None:
+        for timer in self.timers:
+            timer.cancel()
+        self.timers.clear()
+
+
+StartedCallback = Callable[[str, int], None]
+ExitedCallback = Callable[[str, int, ExitInfo], None]
+
+
+class Guard:
+    """The companion process that kills agent groups if the daemon dies (guard.py)."""
+
+    def __init__(self) -> None:
+        script = Path(__file__).with_name("guard.py")
+        self.popen = subprocess.Popen(
+            [os.environ.get("AGENTD_PYTHON", _python()), "-S", str(script)],
+            stdin=subprocess.PIPE,
+            start_new_session=True,
+            close_fds=True,
+        )
+        assert self.popen.stdin is not None
+        self._fd = self.popen.stdin.fileno()
+
+    def add(self, pgid: int) -> None:
+        self._write(f"+{pgid}\n")
+
+    def remove(self, pgid: int) -> None:
+        self._write(f"-{pgid}\n")
+
+    def _write(self, line: str) -> None:
+        try:
+            os.write(self._fd, line.encode())
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        """Normal exit: EOF lets the guard go (every group is already gone)."""
+        if self.popen.stdin is not None:
+            self.popen.stdin.close()
+        try:
+            self.popen.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
+
+
+def _python() -> str:
+    import sys
+
+    return sys.executable
+
+
+class Runtime:
+    """Starts, stops and watches agent processes for the supervision tree."""
+
+    def __init__(
+        self,
+        daemon: DaemonSpec,
+        agents: dict[str, AgentSpec],
+        events: EventLog,
+        on_started: StartedCallback,
+        on_exited: ExitedCallback,
+        guard: Guard | None = None,
+    ) -> None:
+        self.daemon = daemon
+        self.agents = dict(agents)
+        self.events = events
+        self.on_started = on_started
+        self.on_exited = on_exited
+        self.guard = guard
+        self.procs: dict[str, Proc] = {}
+        self.last_exit: dict[str, ExitInfo] = {}
+        self.logs: dict[str, LogFile] = {}
+        self._memory_task: asyncio.Task[None] | None = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return asyncio.get_running_loop()
+
+    # --- actions -----------------------------------------------------------------
+
+    def start(self, name: str, incarnation: int) -> None:
+        """Spawn `name`; report on_started once it counts as started."""
+        spec = self.agents[name]
+        self.events.emit("agent.starting", name, incarnation=incarnation)
+        try:
+            popen = spawn.spawn(spec, incarnation, self.daemon.bus)
+        except (OSError, KeyError, subprocess.SubprocessError) as exc:
+            proc = Proc(name, incarnation, None, pid=0, start_error=f"{type(exc).__name__}: {exc}")
+            self.procs[name] = proc
+            self.loop.call_soon(self._finish, proc, None)
+            return
+        proc = Proc(name, incarnation, popen, popen.pid)
+        self.procs[name] = proc
+        if self.guard is not None:
+            self.guard.add(popen.pid)
+        log = self._log(name)
+        assert popen.stdout is not None and popen.stderr is not None
+        proc.readers = [
+            StreamReader(self.loop, os.dup(popen.stdout.fileno()), log, keep_tail=False),
+            StreamReader(self.loop, os.dup(popen.stderr.fileno()), log, keep_tail=True),
+        ]
+        popen.stdout.close()
+        popen.stderr.close()
+        proc.pidfd = os.pidfd_open(popen.pid)
+        self.loop.add_reader(proc.pidfd, self._reap, proc)
+        if spec.bus_agent:
+            # A bus agent is started by READY; silence until then counts as hung.
+            proc.timers.append(self.loop.call_later(spec.heartbeat, self._start_timeout, proc))
+        elif spec.start_seconds <= 0:
+            self.loop.call_soon(self._ready, proc)
+        else:
+            proc.timers.append(self.loop.call_later(spec.start_seconds, self._ready, proc))
+        if spec.limits.memory_mb:
+            self._ensure_memory_sampler()
+
+    def stop(self, name: str) -> None:
+        """stop_signal to the group, `shutdown` seconds' grace, then SIGKILL."""
+        proc = self.procs.get(name)
+        if proc is None or proc.pid == 0:
+            return
+        spec = self.agents.get(name)
+        proc.stopping = True
+        proc.cancel_timers()
+        if spec is None or spec.shutdown is None:
+            spawn.kill_group(proc.pid, signal.SIGKILL)
+            return
+        spawn.kill_group(proc.pid, spec.stop_signal)
+        proc.timers.append(
+            self.loop.call_later(spec.shutdown, spawn.kill_group, proc.pid, signal.SIGKILL)
+        )
+
+    def kill(self, name: str, reason: str, incarnation: int | None = None) -> bool:
+        """Kill a misbehaving agent at once (hung, memory); handled as a crash."""
+        proc = self.procs.get(name)
+        if proc is None or proc.pid == 0 or proc.stopping or proc.kill_reason:
+            return False
+        if incarnation is not None and proc.incarnation != incarnation:
+            return False
+        proc.kill_reason = reason
+        proc.cancel_timers()
+        spawn.kill_group(proc.pid, signal.SIGKILL)
+        return True
+
+    def mark_ready(self, name: str, incarnation: int) -> None:
+        """READY from the bus (for any agent that speaks it)."""
+        proc = self.procs.get(name)
+        if proc is not None and proc.incarnation == incarnation:
+            self._ready(proc)
+
+    def kill_everything(self) -> None:
+        """Last resort (second SIGTERM, shutdown timeout): SIGKILL every group."""
+        for proc in list(self.procs.values()):
+            if proc.pid:
+                proc.stopping = True
+                spawn.kill_group(proc.pid, signal.SIGKILL)
+
+    # --- internals -------------------------------------------------------------------
+
+    def _log(self, name: str) -> LogFile:
+        log = self.logs.get(name)
+        if log is None:
+            path = Path(self.daemon.log_dir) / f"{name}.log"
+            log = LogFile(path, self.daemon.log_max_bytes, self.daemon.log_backups)
+            self.logs[name] = log
+        return log
+
+    def _ready(self, proc: Proc) -> None:
+        if proc.ready or proc.stopping or self.procs.get(proc.name) is not proc:
+            return
+        if proc.popen is None or proc.popen.returncode is not None:
+            return
+        proc.ready = True
+        proc.cancel_timers()
+        self.events.emit("agent.ready", proc.name, pid=proc.pid, incarnation=proc.incarnation)
+        self.on_started(proc.name, proc.incarnation)
+
+    def _start_timeout(self, proc: Proc) -> None:
+        if not proc.ready and self.procs.get(proc.name) is proc:
+            self.events.emit("agent.hung", proc.name, pid=proc.pid, detail="no READY in time")
+            self.kill(proc.name, "hung")
+
+    def _reap(self, proc: Proc) -> None:
+        """The pidfd is readable: the process has exited."""
+        self.loop.remove_reader(proc.pidfd)
+        # Whatever it forked dies with it; the zombie keeps the pgid from reuse.
+        spawn.kill_group(proc.pid, signal.SIGKILL)
+        try:
+            _, status = os.waitpid(proc.pid, 0)
+        except ChildProcessError:
+            status = 0
+        assert proc.popen is not None
+        proc.popen.returncode = os.waitstatus_to_exitcode(status)
+        os.close(proc.pidfd)
+        proc.pidfd = -1
+        self._finish(proc, status)
+
+    def _finish(self, proc: Proc, status: int | None) -> None:
+        proc.cancel_timers()
+        for reader in proc.readers:
+            reader.drain()
+            reader.close()
+        tail = proc.readers[1].tail_lines() if proc.readers else []
+        code = sig = None
+        if status is not None:
+            if os.WIFSIGNALED(status):
+                sig = os.WTERMSIG(status)
+            else:
+                code = os.WEXITSTATUS(status)
+        if proc.start_error:
+            reason, tail = "start_failed", [proc.start_error]
+        elif proc.kill_reason:
+            reason = proc.kill_reason
+        elif proc.stopping:
+            reason = "stopped"
+        elif not proc.ready:
+            reason = "start_failed"
+        elif sig is not None:
+            reason = "signal"
+        else:
+            reason = "exit"
+        info = ExitInfo(code, sig, reason, tail)
+        if self.guard is not None and proc.pid:
+            self.guard.remove(proc.pid)
+        if self.procs.get(proc.name) is proc:
+            del self.procs[proc.name]
+        self.last_exit[proc.name] = info
+        self.events.emit(
+            "agent.exited",
+            proc.name,
+            pid=proc.pid,
+            incarnation=proc.incarnation,
+            code=code,
+            signal=signal.Signals(sig).name if sig else None,
+            reason=reason,
+            stderr_tail=tail,
+        )
+        self.on_exited(proc.name, proc.incarnation, info)
+
+    def _ensure_memory_sampler(self) -> None:
+        if self._memory_task is None or self._memory_task.done():
+            self._memory_task = self.loop.create_task(self._sample_memory())
+
+    async def _sample_memory(self) -> None:
+        """Every `memory_check_interval`: RSS of each limited agent and its descendants."""
+        while True:
+            await asyncio.sleep(self.daemon.memory_check_interval)
+            limited = [
+                (proc, self.agents[name].limits.memory_mb)
+                for name, proc in self.procs.items()
+                if name in self.agents and self.agents[name].limits.memory_mb and proc.pid
+            ]
+            if not limited:
+                return
+            for proc, limit_mb in limited:
+                rss = self.rss(proc)
+                if rss is not None and rss > limit_mb * 1024 * 1024:
+                    self.events.emit(
+                        "agent.memory", proc.name, rss=rss, limit=limit_mb * 1024 * 1024
+                    )
+                    self.kill(proc.name, "memory")
+
+    def _ps(self, proc: Proc) -> psutil.Process | None:
+        if proc.ps is None and proc.pid:
+            try:
+                proc.ps = psutil.Process(proc.pid)
+            except psutil.Error:
+                return None
+        return proc.ps
+
+    def rss(self, proc: Proc) -> int | None:
+        """Resident memory of the agent and everything it forked."""
+        ps = self._ps(proc)
+        if ps is None:
+            return None
+        try:
+            total = ps.memory_info().rss
+            for child in ps.children(recursive=True):
+                try:
+                    total += child.memory_info().rss
+                except psutil.Error:
+                    pass
+        except psutil.Error:
+            return None
+        return total
+
+    def cpu(self, proc: Proc) -> float | None:
+        """CPU% since the previous call (psutil's own bookkeeping)."""
+        ps = self._ps(proc)
+        if ps is None:
+            return None
+        try:
+            return ps.cpu_percent(None)
+        except psutil.Error:
+            return None
+
+    def reap_strays(self, known: set[int]) -> None:
+        """Reap orphaned descendants reparented to us (we are a subreaper)."""
+        known = known | {p.pid for p in self.procs.values()}
+        try:
+            children = psutil.Process().children()
+        except psutil.Error:
+            return
+        for child in children:
+            if child.pid in known:
+                continue
+            try:
+                if child.status() == psutil.STATUS_ZOMBIE:
+                    os.waitpid(child.pid, os.WNOHANG)
+            except (psutil.Error, ChildProcessError):
+                pass
+
+    def close_logs(self) -> None:
+        for log in self.logs.values():
+            log.close()
+        self.logs.clear()

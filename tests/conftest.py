@@ -1,0 +1,206 @@
+"""Shared fixtures: real daemons in temp dirs, and a check that nothing is left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+PROGS = Path(__file__).parent / "progs"
+REC = PROGS / "rec.py"
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    """Poll `predicate` until it returns something truthy, or fail at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def rec(directory: Path, *flags: str) -> str:
+    """A `command = [...]` TOML value running the recording test agent."""
+    argv = [sys.executable, str(REC), str(directory), *flags]
+    return json.dumps(argv)
+
+
+class DaemonProc:
+    """`agentd run` as a real subprocess, with its JSON event lines collected."""
+
+    def __init__(self, tmp: Path, config: str, name: str = "agentd.toml") -> None:
+        self.tmp = tmp
+        self.dir = tmp / "rec"
+        self.dir.mkdir(exist_ok=True)
+        self.runtime_dir = tmp / "run"
+        head = f'[daemon]\nruntime_dir = "{self.runtime_dir}"\n'
+        body = textwrap.dedent(config)
+        if "[daemon]" in body:
+            body = body.replace("[daemon]\n", "")
+        self.config = tmp / name
+        self.config.write_text(head + body)
+        self.lines: list[dict[str, Any]] = []
+        self.raw: list[str] = []
+        self._cond = threading.Condition()
+        self.popen: subprocess.Popen[str] | None = None
+        self.seen_pids: set[int] = set()
+
+    def start(self, wait_ready: bool = True, extra_env: dict[str, str] | None = None) -> DaemonProc:
+        env = dict(os.environ, **(extra_env or {}))
+        self.popen = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "agentd.daemon.cli",
+                "run",
+                "--config",
+                str(self.config),
+                "--log-format",
+                "json",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            start_new_session=True,
+        )
+        threading.Thread(target=self._read, daemon=True).start()
+        if wait_ready:
+            self.wait_event("daemon.ready", timeout=20)
+        return self
+
+    def _read(self) -> None:
+        assert self.popen is not None and self.popen.stdout is not None
+        for line in self.popen.stdout:
+            with self._cond:
+                self.raw.append(line)
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record.get("pid"), int) and record.get("event", "").startswith(
+                    "agent."
+                ):
+                    self.seen_pids.add(record["pid"])
+                self.lines.append(record)
+                self._cond.notify_all()
+
+    def events(self, event: str | None = None, agent: str | None = None) -> list[dict[str, Any]]:
+        with self._cond:
+            return [
+                r
+                for r in self.lines
+                if (event is None or r.get("event") == event)
+                and (agent is None or r.get("agent") == agent)
+            ]
+
+    def wait_event(
+        self,
+        event: str,
+        agent: str | None = None,
+        count: int = 1,
+        timeout: float = 10.0,
+        where: Callable[[dict[str, Any]], bool] = lambda r: True,
+    ) -> dict[str, Any]:
+        def found() -> Any:
+            matches = [r for r in self.events(event, agent) if where(r)]
+            return matches[count - 1] if len(matches) >= count else None
+
+        return wait_for(found, timeout, f"{count}x {event} {agent or ''} (log: {self.tail()})")
+
+    def tail(self, n: int = 15) -> str:
+        with self._cond:
+            return "".join(self.raw[-n:])
+
+    def pid(self, agent: str) -> int:
+        """PID of the agent's latest ready incarnation."""
+        return self.events("agent.ready", agent)[-1]["pid"]
+
+    def pids(self, agents: list[str]) -> dict[str, int]:
+        return {a: self.pid(a) for a in agents}
+
+    def signal(self, sig: int) -> None:
+        assert self.popen is not None
+        self.popen.send_signal(sig)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        assert self.popen is not None
+        return self.popen.wait(timeout)
+
+    def stop(self) -> int:
+        if self.popen is None or self.popen.poll() is not None:
+            return self.popen.returncode if self.popen else 0
+        self.signal(signal.SIGTERM)
+        return self.wait()
+
+    def cleanup(self) -> list[int]:
+        """Kill whatever is left; return the PIDs that were still alive."""
+        if self.popen is not None and self.popen.poll() is None:
+            try:
+                self.stop()
+            except subprocess.TimeoutExpired:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait()
+        pids = set(self.seen_pids)
+        for path in self.dir.glob("*.grandchild"):
+            pids.update(int(x) for x in path.read_text().split())
+        try:
+            wait_for(lambda: not any(alive(p) for p in pids), 5, "agents to be gone")
+        except AssertionError:
+            pass
+        left = [p for p in pids if alive(p)]
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return left
+
+    def started(self) -> list[tuple[str, int, int]]:
+        path = self.dir / "started"
+        if not path.exists():
+            return []
+        out = []
+        for line in path.read_text().splitlines():
+            name, pid, inc = line.split()
+            out.append((name, int(pid), int(inc)))
+        return out
+
+    def term_order(self) -> list[str]:
+        path = self.dir / "term"
+        return path.read_text().split() if path.exists() else []
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., DaemonProc]]:
+    made: list[DaemonProc] = []
+
+    def make(config: str, name: str = "agentd.toml") -> DaemonProc:
+        d = DaemonProc(tmp_path, config, name)
+        made.append(d)
+        return d
+
+    yield make
+    leftovers = [pid for d in made for pid in d.cleanup()]
+    assert not leftovers, f"processes left behind: {leftovers}"
