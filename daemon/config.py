@@ -119,8 +119,12 @@ _KEY_RE = re.compile(r"^\s*([A-Za-z0-9_\-.\"' ]+?)\s*=")
 _INLINE_KEY_RE = re.compile(r"[{,]\s*([A-Za-z0-9_\-\"']+)\s*=")
 
 
+_KEY_PART_RE = re.compile(r'\s*("[^"]*"|\'[^\']*\'|[^.]+)\s*(?:\.|$)')
+
+
 def _split_key(key: str) -> list[str]:
-    return [part.strip().strip("\"'") for part in key.split(".")]
+    """Split a dotted TOML key, keeping quoted parts ("a.b") whole."""
+    return [part.strip("\"'") for part in _KEY_PART_RE.findall(key.strip())]
 
 
 class LineIndex:
@@ -195,6 +199,8 @@ def _read(path: Path) -> _Source:
         message = str(exc)
         match = re.search(r"\(at line (\d+), column \d+\)", message)
         line = int(match.group(1)) if match else None
+        if line is None and "end of document" in message:
+            line = max(1, len(text.splitlines()))
         message = re.sub(r"\s*\(at line \d+, column \d+\)", "", message)
         message = re.sub(r"\s*\(at end of document\)", " at end of document", message)
         raise ConfigError([ConfigIssue(str(path), line, f"TOML syntax: {message}")]) from exc
@@ -233,10 +239,10 @@ def _at(error: msgspec.ValidationError) -> tuple[list[str], str]:
     """Split msgspec's message into the key path and the complaint."""
     message = str(error)
     match = re.search(r" - at `\$([^`]*)`$", message)
-    if not match:
-        return [], message
-    path = [p for p in re.split(r"[.\[\]]", match.group(1)) if p and p != "..."]
-    message = message[: match.start()]
+    path: list[str] = []
+    if match:
+        path = [p for p in re.split(r"[.\[\]]", match.group(1)) if p and p != "..."]
+        message = message[: match.start()]
     unknown = re.match(r"Object contains unknown field `([^`]+)`", message)
     if unknown:
         path.append(unknown.group(1))
