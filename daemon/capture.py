@@ -28,8 +28,14 @@ class LogFile:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
         self._size = os.fstat(self._fd).st_size
+        self.followers: set[asyncio.Queue[str]] = set()
 
     def write(self, data: bytes) -> None:
+        for queue in list(self.followers):
+            try:
+                queue.put_nowait(data.decode("utf-8", "replace"))
+            except asyncio.QueueFull:
+                self.followers.discard(queue)
         if self._size + len(data) > self.max_bytes and self._size > 0:
             self._rotate()
         os.write(self._fd, data)
@@ -54,6 +60,23 @@ class LogFile:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def tail(path: Path, lines: int) -> list[str]:
+    """The last `lines` lines of a file, reading backwards from its end."""
+    if lines <= 0 or not path.exists():
+        return []
+    with path.open("rb") as f:
+        f.seek(0, os.SEEK_END)
+        end = f.tell()
+        block, data = 8192, b""
+        while end > 0 and data.count(b"\n") <= lines:
+            start = max(0, end - block)
+            f.seek(start)
+            data = f.read(end - start) + data
+            end = start
+    text = data.decode("utf-8", "replace").splitlines()
+    return text[-lines:]
 
 
 class StreamReader:

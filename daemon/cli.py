@@ -11,6 +11,7 @@ import sys
 import click
 
 from . import __version__
+from .ctl import ctl
 
 CONFIG_HELP = "Config file (default: $AGENTD_CONFIG, ./agentd.toml, /etc/agentd/agentd.toml)."
 
@@ -63,6 +64,9 @@ def check(config_path: str | None) -> None:
         sys.exit(1)
     supervisors = len(spec.supervisors)
     click.echo(f"{path}: ok ({len(spec.agents)} agents, {supervisors} supervisors)")
+
+
+main.add_command(ctl)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from .locate import ConfigError, ConfigIssue, find_config, runtime_dir_default
 from .spec import (
     RESERVED_NAMES,
     ROOT,
@@ -88,30 +89,6 @@ class AgentConfig(_Strict):
     limits: Limits = Limits()
 
 
-# --- errors -----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ConfigIssue:
-    """One problem, located as precisely as the TOML text allows."""
-
-    file: str
-    line: int | None
-    message: str
-
-    def __str__(self) -> str:
-        where = f"{self.file}:{self.line}" if self.line else self.file
-        return f"{where}: {self.message}"
-
-
-class ConfigError(Exception):
-    """The config does not validate; `issues` says every reason found."""
-
-    def __init__(self, issues: list[ConfigIssue]) -> None:
-        self.issues = issues
-        super().__init__("\n".join(str(i) for i in issues))
-
-
 # --- locating keys in the TOML text ------------------------------------------
 
 _HEADER_RE = re.compile(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
@@ -168,24 +145,6 @@ class _Source:
     path: str
     data: dict[str, Any]
     index: LineIndex
-
-
-def find_config(explicit: str | None = None) -> Path:
-    """The config file by the contract's lookup order, or ConfigError."""
-    candidates = [explicit] if explicit else []
-    if not explicit:
-        env = os.environ.get("AGENTD_CONFIG")
-        candidates += [env] if env else []
-        candidates += ["./agentd.toml", "/etc/agentd/agentd.toml"]
-        for candidate in candidates:
-            if Path(candidate).is_file():
-                return Path(candidate)
-        tried = ", ".join(candidates)
-        raise ConfigError([ConfigIssue("agentd", None, f"no config file found (tried {tried})")])
-    path = Path(explicit)
-    if not path.is_file():
-        raise ConfigError([ConfigIssue(str(path), None, "no such config file")])
-    return path
 
 
 def _read(path: Path) -> _Source:
@@ -377,14 +336,9 @@ def _define(
         defined[name] = _Defined(kind, source, config)
 
 
-def _runtime_dir_default() -> str:
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    return f"{xdg}/agentd" if xdg else f"/tmp/agentd-{os.getuid()}"
-
-
 def _daemon_spec(v: _Validator, main: _Source, cfg: DaemonConfig) -> DaemonSpec:
     base = Path(main.path).resolve().parent
-    runtime_dir = cfg.runtime_dir or _runtime_dir_default()
+    runtime_dir = cfg.runtime_dir or runtime_dir_default()
     runtime_dir = str(base / runtime_dir) if not os.path.isabs(runtime_dir) else runtime_dir
 
     def sub(value: str) -> str:

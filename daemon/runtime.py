@@ -48,6 +48,7 @@ class Proc:
 
     name: str
     incarnation: int
+    spec: AgentSpec
     popen: subprocess.Popen[bytes] | None
     pid: int
     pidfd: int = -1
@@ -149,11 +150,12 @@ class Runtime:
         try:
             popen = spawn.spawn(spec, incarnation, self.daemon.bus)
         except (OSError, KeyError, subprocess.SubprocessError) as exc:
-            proc = Proc(name, incarnation, None, pid=0, start_error=f"{type(exc).__name__}: {exc}")
+            error = f"{type(exc).__name__}: {exc}"
+            proc = Proc(name, incarnation, spec, None, pid=0, start_error=error)
             self.procs[name] = proc
             self.loop.call_soon(self._finish, proc, None)
             return
-        proc = Proc(name, incarnation, popen, popen.pid)
+        proc = Proc(name, incarnation, spec, popen, popen.pid)
         self.procs[name] = proc
         if self.guard is not None:
             self.guard.add(popen.pid)
@@ -182,10 +184,10 @@ class Runtime:
         proc = self.procs.get(name)
         if proc is None or proc.pid == 0:
             return
-        spec = self.agents.get(name)
+        spec = proc.spec  # the spec it was started with, even after a reload
         proc.stopping = True
         proc.cancel_timers()
-        if spec is None or spec.shutdown is None:
+        if spec.shutdown is None:
             spawn.kill_group(proc.pid, signal.SIGKILL)
             return
         spawn.kill_group(proc.pid, spec.stop_signal)
@@ -309,9 +311,9 @@ class Runtime:
         while True:
             await asyncio.sleep(self.daemon.memory_check_interval)
             limited = [
-                (proc, self.agents[name].limits.memory_mb)
-                for name, proc in self.procs.items()
-                if name in self.agents and self.agents[name].limits.memory_mb and proc.pid
+                (proc, proc.spec.limits.memory_mb)
+                for proc in self.procs.values()
+                if proc.spec.limits.memory_mb and proc.pid
             ]
             if not limited:
                 return

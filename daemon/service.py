@@ -18,11 +18,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
+from . import reload as reloading
 from . import spawn
+from .capture import tail
 from .events import EventLog
 from .log import get_logger
 from .runtime import ExitInfo, Guard, Runtime
-from .spec import AgentSpec, Spec
+from .spec import AgentSpec, PoolSpec, Spec, pool_member
 from .tree import (
     Action,
     Note,
@@ -76,6 +80,13 @@ class Daemon:
         self._done: asyncio.Future[int] | None = None
         self._kill_timer: asyncio.TimerHandle | None = None
         self.started_at = time.time()
+        self.control: Any = None
+        self.exits: dict[str, int] = {}
+        self._waiters: list[tuple[Any, asyncio.Future[None]]] = []
+        self._stopped_waiters: list[asyncio.Future[None]] = []
+        self._pool_templates: dict[str, AgentSpec] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._reload_lock = asyncio.Lock()
 
     @staticmethod
     def now() -> float:
@@ -107,6 +118,17 @@ class Daemon:
             (signal.SIGCHLD, self._on_chld),
         ):
             loop.add_signal_handler(sig, handler)
+        from .control import ControlServer
+
+        self.control = ControlServer(self, self.spec.daemon.control)
+        try:
+            self.control.bind()
+        except (RuntimeError, OSError) as exc:
+            self.log.error(
+                "daemon.control_failed", endpoint=self.spec.daemon.control, error=str(exc)
+            )
+            self.guard.close()
+            return 1
         self.log.info(
             "daemon.starting",
             pid=os.getpid(),
@@ -119,6 +141,8 @@ class Daemon:
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
                 loop.remove_signal_handler(sig)
+            if self.control is not None:
+                await self.control.close()
             if self.runtime is not None:
                 self.runtime.close_logs()
             if self.guard is not None:
@@ -142,9 +166,19 @@ class Daemon:
         assert self.runtime is not None
         self.runtime.kill_everything()
 
+    async def shutdown_and_wait(self) -> None:
+        """ctl shutdown: returns once the whole tree is stopped."""
+        future = asyncio.get_running_loop().create_future()
+        self._stopped_waiters.append(future)
+        self.shutdown()
+        await future
+
     def _finish(self, code: int) -> None:
         if self._kill_timer is not None:
             self._kill_timer.cancel()
+        for future in self._stopped_waiters:
+            if not future.done():
+                future.set_result(None)
         if self._done is not None and not self._done.done():
             self._done.set_result(code)
 
@@ -160,7 +194,30 @@ class Daemon:
         self.shutdown()
 
     def _on_hup(self) -> None:
-        self.log.info("daemon.sighup")
+        """SIGHUP: reload, exactly like `ctl reload` (a bad config changes nothing)."""
+        task = asyncio.get_running_loop().create_task(self._reload_quietly())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _reload_quietly(self) -> None:
+        from .locate import ConfigError
+
+        try:
+            await self.reload_from_file()
+        except ConfigError:
+            pass  # already logged; the old config keeps running
+
+    async def reload_from_file(self) -> dict[str, Any]:
+        """Validate the config file again and apply it; raises ConfigError if invalid."""
+        from .config import ConfigError, load
+
+        async with self._reload_lock:
+            try:
+                spec = load(self.config_path)
+            except ConfigError as exc:
+                self.log.error("daemon.reload_failed", errors=[str(i) for i in exc.issues])
+                raise
+            return await self.reload(spec)
 
     def _on_chld(self) -> None:
         assert self.runtime is not None and self.guard is not None
@@ -189,6 +246,7 @@ class Daemon:
                     self._finish(1)
                 case TreeStopped():
                     self._finish(0)
+        self._check_waiters()
 
     def _timer(self, key: str) -> None:
         self._apply(self.tree.timer(key, self.now()))
@@ -197,6 +255,7 @@ class Daemon:
         self._apply(self.tree.started(name, self.now(), incarnation))
 
     def _agent_exited(self, name: str, incarnation: int, info: ExitInfo) -> None:
+        self.exits[name] = self.exits.get(name, 0) + 1
         self._apply(
             self.tree.exited(
                 name,
@@ -214,6 +273,324 @@ class Daemon:
             for name, e in self.runtime.last_exit.items()
         }
         self.log.critical("daemon.crash_report", reason=reason, last_exits=exits)
+
+    # --- waiting on state ----------------------------------------------------------
+
+    def _check_waiters(self) -> None:
+        for predicate, future in list(self._waiters):
+            if future.done():
+                self._waiters.remove((predicate, future))
+            elif predicate():
+                future.set_result(None)
+                self._waiters.remove((predicate, future))
+
+    async def wait_until(self, predicate: Any, timeout: float) -> bool:
+        """Wait (without polling) until `predicate()` holds after some tree input."""
+        if predicate():
+            return True
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((predicate, future))
+        try:
+            await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def _start_timeout(self, names: list[str]) -> float:
+        specs = [self.spec.agents[n] for n in names if n in self.spec.agents]
+        worst = max((max(a.start_seconds, a.heartbeat) + a.restart_delay for a in specs), default=1)
+        return 10.0 + worst * max(1, len(specs))
+
+    def _stop_timeout(self, names: list[str]) -> float:
+        specs = [self.spec.agents[n] for n in names if n in self.spec.agents]
+        return 10.0 + sum(a.shutdown or 0 for a in specs)
+
+    # --- ctl commands -----------------------------------------------------------------
+
+    def expand(self, name: str) -> list[str]:
+        """A ctl name: an agent instance, a pool (all members) or a supervisor."""
+        if name in self.tree.children:
+            return [name]
+        if name in self.spec.pools:
+            return [n for n, a in self.spec.agents.items() if a.pool == name]
+        return []
+
+    async def stop_agents(self, names: list[str]) -> None:
+        for name in names:
+            self._apply(self.tree.stop_child(name, self.now()))
+        await self.wait_until(
+            lambda: all(self.tree.state(n) in ("stopped", "failed") for n in names),
+            self._stop_timeout(names),
+        )
+
+    async def start_agents(self, names: list[str]) -> list[str]:
+        """ctl start; the names that did not reach running."""
+        exits = {n: self.exits.get(n, 0) for n in names}
+        for name in names:
+            self._apply(self.tree.start_child(name, self.now()))
+        return await self._await_running(names, exits)
+
+    async def restart_agents(self, names: list[str]) -> list[str]:
+        exits = {n: self.exits.get(n, 0) for n in names}
+        before = {n: self.tree.children[n].incarnation for n in names}
+        for name in names:
+            self._apply(self.tree.restart_child(name, self.now()))
+        return await self._await_running(names, exits, before)
+
+    async def _await_running(
+        self, names: list[str], exits: dict[str, int], before: dict[str, int] | None = None
+    ) -> list[str]:
+        def settled(name: str) -> bool:
+            child = self.tree.children.get(name)
+            if child is None:
+                return True
+            if self._failed_since(name, exits, before):
+                return True
+            fresh = before is None or child.incarnation > before[name]
+            return child.state == "running" and fresh
+
+        await self.wait_until(lambda: all(settled(n) for n in names), self._start_timeout(names))
+        return [
+            n
+            for n in names
+            if n not in self.tree.children
+            or self.tree.state(n) != "running"
+            or self._failed_since(n, exits, before)
+        ]
+
+    def _failed_since(
+        self, name: str, exits: dict[str, int], before: dict[str, int] | None
+    ) -> bool:
+        """Did `name` exit (other than by our stop) since the command began?"""
+        allowed = 1 if before is not None else 0  # a restart's own stop
+        if self.tree.children[name].is_supervisor:
+            return False
+        return self.exits.get(name, 0) - exits.get(name, 0) > allowed and (
+            self.tree.state(name) != "running"
+        )
+
+    def status_rows(self) -> list[dict[str, Any]]:
+        """`ctl status --json` rows, the broker (`bus`) included."""
+        assert self.runtime is not None
+        now = time.time()
+        rows = []
+        for name in self.tree.agents():
+            child = self.tree.children[name]
+            proc = self.runtime.procs.get(name)
+            last = self.runtime.last_exit.get(name)
+            rows.append(self._row(name, child.state, child.restarts, child.parent, proc, last, now))
+        rows.extend(self._extra_rows(now))
+        return rows
+
+    def _extra_rows(self, now: float) -> list[dict[str, Any]]:
+        """Rows for processes outside the user's tree (the broker)."""
+        return []
+
+    def _row(self, name, state, restarts, supervisor, proc, last, now) -> dict[str, Any]:
+        assert self.runtime is not None
+        alive = proc is not None and proc.pid and proc.popen is not None
+        return {
+            "name": name,
+            "state": state,
+            "pid": proc.pid if alive else None,
+            "uptime": round(now - proc.started_at, 3) if alive else None,
+            "restarts": restarts,
+            "supervisor": supervisor,
+            "last_exit": None
+            if last is None
+            else {
+                "code": last.code,
+                "signal": signal.Signals(last.signal).name if last.signal else None,
+                "reason": last.reason,
+            },
+            "rss": self.runtime.rss(proc) if alive else None,
+            "cpu": self.runtime.cpu(proc) if alive else None,
+        }
+
+    def tree_view(self) -> dict[str, Any]:
+        """The supervision tree with strategies and states, for `ctl tree`."""
+
+        def node(name: str) -> dict[str, Any]:
+            sup = self.tree.sups[name]
+            children = []
+            for child_name in sup.children:
+                child = self.tree.children[child_name]
+                if child.is_supervisor:
+                    children.append(node(child_name))
+                else:
+                    proc = self.runtime.procs.get(child_name) if self.runtime else None
+                    children.append(
+                        {
+                            "name": child_name,
+                            "type": "agent",
+                            "state": child.state,
+                            "restart": child.restart,
+                            "pid": proc.pid if proc and proc.pid else None,
+                        }
+                    )
+            return {
+                "name": name,
+                "type": "supervisor",
+                "strategy": sup.spec.strategy,
+                "max_restarts": sup.spec.max_restarts,
+                "max_seconds": sup.spec.max_seconds,
+                "state": sup.phase,
+                "children": children,
+            }
+
+        return node(self.tree.root)
+
+    def log_tail(self, name: str, lines: int) -> list[str]:
+        return tail(Path(self.spec.daemon.log_dir) / f"{name}.log", lines)
+
+    def follow_log(self, name: str) -> asyncio.Queue[str]:
+        assert self.runtime is not None
+        queue: asyncio.Queue[str] = asyncio.Queue(maxsize=10_000)
+        self.runtime._log(name).followers.add(queue)
+        return queue
+
+    def unfollow_log(self, name: str, queue: asyncio.Queue[str]) -> None:
+        assert self.runtime is not None
+        log = self.runtime.logs.get(name)
+        if log is not None:
+            log.followers.discard(queue)
+
+    async def scale(self, pool: str, count: int) -> dict[str, Any]:
+        """Grow or shrink a pool; the highest-numbered members stop first."""
+        assert self.runtime is not None
+        members = [n for n, a in self.spec.agents.items() if a.pool == pool]
+        members.sort(key=lambda n: int(n.rpartition("@")[2]))
+        template = self.spec.agents[members[0]] if members else self._pool_template(pool)
+        supervisor = self.spec.pools[pool].supervisor
+        agents = dict(self.spec.agents)
+        added, removed = [], []
+        for index in range(len(members), count):
+            name = pool_member(pool, index)
+            agents[name] = msgspec.structs.replace(template, name=name)
+            added.append(name)
+        removed = members[count:]
+        for name in removed:
+            del agents[name]
+        self._pool_templates[pool] = template
+        sup_spec = self.spec.supervisors[supervisor]
+        children = list(sup_spec.children)
+        anchor = children.index(members[-1]) + 1 if members else len(children)
+        if removed:
+            children = [c for c in children if c not in removed]
+            anchor = min(anchor, len(children))
+        children[anchor:anchor] = added
+        supervisors = dict(self.spec.supervisors)
+        supervisors[supervisor] = msgspec.structs.replace(sup_spec, children=tuple(children))
+        pools = dict(self.spec.pools)
+        pools[pool] = PoolSpec(pool, count, supervisor)
+        self.spec = msgspec.structs.replace(
+            self.spec, agents=agents, supervisors=supervisors, pools=pools
+        )
+        self.runtime.agents = dict(agents)
+        self._bus_table_changed()
+        for name in reversed(removed):
+            self._apply(self.tree.remove_child(name, self.now()))
+        for offset, name in enumerate(added):
+            self._apply(
+                self.tree.add_child(
+                    supervisor,
+                    name,
+                    self.now(),
+                    agents={name: (template.restart, template.restart_delay)},
+                    index=anchor + offset,
+                )
+            )
+        await self.wait_until(
+            lambda: (
+                all(n not in self.tree.children for n in removed)
+                and all(self.tree.state(n) == "running" for n in added if n in self.tree.children)
+            ),
+            self._start_timeout(added) + self._stop_timeout(removed),
+        )
+        return {"pool": pool, "replicas": count, "added": added, "removed": removed}
+
+    def _pool_template(self, pool: str) -> AgentSpec:
+        try:
+            return self._pool_templates[pool]
+        except KeyError:
+            raise LookupError(f"pool `{pool}` has no members to copy") from None
+
+    async def reload(self, new: Spec) -> dict[str, Any]:
+        """Apply the difference between the running spec and `new`."""
+        assert self.runtime is not None
+        old = self.spec
+        plan = reloading.diff(old, new)
+        for pool in new.pools:
+            members = [a for a in new.agents.values() if a.pool == pool]
+            if members:
+                self._pool_templates[pool] = members[0]
+        self.spec = msgspec.structs.replace(new, daemon=old.daemon)
+        self.runtime.agents = dict(new.agents)
+        self._bus_table_changed()
+        before = {n: self.tree.children[n].incarnation for n in plan.changed_agents}
+        now = self.now()
+        for name in plan.removed:
+            self._apply(self.tree.remove_child(name, now))
+        self.tree.update_supervisor(new.supervisors[new.root])
+        for name in plan.changed_supervisors:
+            self.tree.update_supervisor(new.supervisors[name])
+        for item in plan.added:
+            agents, supervisors = reloading.subtree(new, item.name)
+            self._apply(
+                self.tree.add_child(
+                    item.parent,
+                    item.name,
+                    now,
+                    agents=agents,
+                    supervisors=supervisors,
+                    index=item.index,
+                )
+            )
+        for name in plan.changed_agents:
+            spec = new.agents[name]
+            self.tree.set_agent(name, spec.restart, spec.restart_delay)
+            self._apply(self.tree.restart_child(name, now))
+        for name in plan.changed_supervisors:
+            if name != new.root:
+                self._apply(self.tree.restart_child(name, now))
+        added = [a.name for a in plan.added]
+        removed = list(plan.removed)
+
+        def done() -> bool:
+            if any(n in self.tree.children for n in removed):
+                return False
+            for n in added + plan.changed_supervisors:
+                if n in self.tree.children and self.tree.state(n) in (
+                    "starting",
+                    "stopping",
+                    "stopped",
+                ):
+                    return False
+            return all(
+                self.tree.children[n].incarnation > before[n]
+                and self.tree.state(n) not in ("starting", "stopping")
+                for n in plan.changed_agents
+            )
+
+        await self.wait_until(done, 60.0)
+        self.events.emit(
+            "daemon.reloaded",
+            "agentd",
+            added=added,
+            removed=removed,
+            changed=plan.changed_agents + plan.changed_supervisors,
+        )
+        result = {
+            "added": added,
+            "removed": removed,
+            "changed": plan.changed_agents + plan.changed_supervisors,
+        }
+        if plan.daemon_changed:
+            result["warning"] = "[daemon] settings changed: restart agentd to apply them"
+        return result
+
+    def _bus_table_changed(self) -> None:
+        """Hook: tell the broker which agents exist now."""
 
     # --- views --------------------------------------------------------------------------
 

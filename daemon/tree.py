@@ -333,9 +333,20 @@ class Tree:
         return self._flush()
 
     def update_supervisor(self, spec: SupervisorSpec) -> None:
-        """Reload: new strategy/intensity apply from now on (children unchanged)."""
+        """Reload: new settings and child order; children come and go via add/remove."""
         sup = self.sups[spec.name]
-        sup.spec = msgspec.structs.replace(spec, children=sup.spec.children)
+        current = list(sup.spec.children)
+        ordered = [c for c in spec.children if c in current]
+        ordered += [c for c in current if c not in spec.children]
+        sup.spec = msgspec.structs.replace(spec, children=tuple(ordered))
+        if spec.name in self.children:
+            self.children[spec.name].restart = spec.restart
+
+    def set_agent(self, name: str, restart: RestartType, restart_delay: float) -> None:
+        """Reload: an agent's restart type and delay apply from its next exit."""
+        child = self._child(name)
+        child.restart = restart
+        child.restart_delay = restart_delay
 
     # --- the engine ----------------------------------------------------------------
 

@@ -177,6 +177,25 @@ class DaemonProc:
                 pass
         return left
 
+    def ctl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """Run `agentd ctl --config <ours> ARGS` and capture its output."""
+        return subprocess.run(
+            [sys.executable, "-m", "agentd.daemon.cli", "ctl", "--config", str(self.config), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def ctl_json(self, *args: str) -> Any:
+        result = self.ctl(*args, "--json")
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    def rewrite(self, config: str) -> None:
+        """Replace the config file (keeping our [daemon] runtime_dir)."""
+        head = f'[daemon]\nruntime_dir = "{self.runtime_dir}"\n'
+        self.config.write_text(head + textwrap.dedent(config))
+
     def started(self) -> list[tuple[str, int, int]]:
         path = self.dir / "started"
         if not path.exists():

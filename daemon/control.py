@@ -1,0 +1,276 @@
+"""The daemon's control socket: a ROUTER serving `agentd ctl` commands.
+
+Each request is handled in its own task so a slow command (a stop with a
+long grace, a reload) or a `-f` stream never blocks the others. Commands
+that change state return once the change is done, by waiting on the
+daemon's state with `Daemon.wait_until`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import os
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from .locate import ConfigError
+from .log import get_logger
+from .protocol import Ack, Item, Reply, Request, decoder, encoder
+
+if TYPE_CHECKING:
+    from .service import Daemon
+
+Send = Callable[[Any], Awaitable[bool]]
+
+
+class Refused(Exception):
+    """A command that cannot be done (unknown agent, bad state): ctl exits 1."""
+
+
+def ipc_path(endpoint: str) -> str | None:
+    return endpoint[len("ipc://") :] if endpoint.startswith("ipc://") else None
+
+
+class ControlServer:
+    """Binds `daemon.control` and dispatches requests to the daemon."""
+
+    def __init__(self, daemon: Daemon, endpoint: str) -> None:
+        self.daemon = daemon
+        self.endpoint = endpoint
+        self.log = get_logger("agentd.control")
+        self.ctx = zmq.asyncio.Context()
+        self.sock: zmq.asyncio.Socket | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+        self._serve_task: asyncio.Task[None] | None = None
+
+    def bind(self) -> None:
+        path = ipc_path(self.endpoint)
+        if path and os.path.exists(path):
+            if _answers(self.endpoint):
+                raise RuntimeError(f"another agentd is already answering on {self.endpoint}")
+            os.unlink(path)
+        sock = self.ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.LINGER, 0)
+        if self.endpoint.startswith("tcp://"):
+            from .keys import server_auth
+
+            keys = self.daemon.spec.daemon.keys_dir
+            assert keys is not None  # config validation requires it for tcp
+            self._auth = server_auth(self.ctx, sock, *_key_paths(keys))
+        sock.bind(self.endpoint)
+        if path:
+            os.chmod(path, 0o660)
+            with contextlib.suppress(KeyError, PermissionError):
+                os.chown(path, -1, grp.getgrnam("agentd").gr_gid)
+        self.sock = sock
+        self._serve_task = asyncio.get_running_loop().create_task(self._serve())
+
+    async def _serve(self) -> None:
+        assert self.sock is not None
+        while True:
+            frames = await self.sock.recv_multipart()
+            if len(frames) != 2:
+                continue
+            identity, payload = frames
+            try:
+                request = decoder.decode(payload)
+            except msgspec.DecodeError:
+                continue
+            if not isinstance(request, Request):
+                continue
+            task = asyncio.get_running_loop().create_task(self._handle(identity, request))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _send(self, identity: bytes, frame: Any) -> bool:
+        assert self.sock is not None
+        try:
+            await self.sock.send_multipart([identity, encoder.encode(frame)])
+        except zmq.ZMQError:
+            return False  # ctl went away (Ctrl-C on a -f stream)
+        return True
+
+    async def _handle(self, identity: bytes, request: Request) -> None:
+        await self._send(identity, Ack())
+        handler = COMMANDS.get(request.cmd)
+
+        async def send(data: Any) -> bool:
+            return await self._send(identity, Item(data))
+
+        try:
+            if handler is None:
+                raise Refused(f"unknown command `{request.cmd}`")
+            data = await handler(self.daemon, request.args, send)
+            reply = Reply(ok=True, data=data)
+        except Refused as exc:
+            reply = Reply(ok=False, error=str(exc), code=1)
+        except ConfigError as exc:
+            reply = Reply(ok=False, error=str(exc), code=1)
+        except Exception as exc:  # a bug must not take the control socket down
+            self.log.exception("control.error", cmd=request.cmd)
+            reply = Reply(ok=False, error=f"internal error: {exc}", code=1)
+        await self._send(identity, reply)
+
+    async def close(self) -> None:
+        if self._serve_task is not None:
+            self._serve_task.cancel()
+        for task in list(self.tasks):
+            task.cancel()
+        if self.sock is not None:
+            self.sock.close(linger=0)
+        path = ipc_path(self.endpoint)
+        if path:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        self.ctx.term()
+
+
+def _key_paths(keys_dir: str) -> tuple[Any, Any]:
+    from pathlib import Path
+
+    base = Path(keys_dir)
+    return base / "allowed", base / "agentd.key_secret"
+
+
+def _answers(endpoint: str) -> bool:
+    """Is a daemon answering on this endpoint (used before taking over its socket)?"""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(endpoint)
+        sock.send(encoder.encode(Request("ping")))
+        return bool(sock.poll(500))
+    finally:
+        sock.close(0)
+        ctx.term()
+
+
+# --- commands ---------------------------------------------------------------------
+
+
+def _names(daemon: Daemon, args: dict[str, Any]) -> list[str]:
+    """Expand names: a pool's name means all its members."""
+    names: list[str] = []
+    for name in args.get("names", []):
+        found = daemon.expand(name)
+        if not found:
+            raise Refused(f"unknown agent `{name}`")
+        names.extend(found)
+    return names
+
+
+async def cmd_ping(daemon: Daemon, args: dict[str, Any], send: Send) -> Any:
+    return {"pid": os.getpid()}
+
+
+async def cmd_status(daemon: Daemon, args: dict[str, Any], send: Send) -> Any:
+    wanted = set(_names(daemon, args)) if args.get("names") else None
+    rows = daemon.status_rows()
+    if wanted is not None:
+        rows = [r for r in rows if r["name"] in wanted]
+    return {"agents": rows}
+
+
+async def cmd_tree(daemon: Daemon, args: dict[str, Any], send: Send) -> Any:
+    return daemon.tree_view()
+
+
+async def cmd_stop(daemon: Daemon, args: dict[str, Any], send: Send) -> Any:
+    names = _names(daemon, args)
+    await daemon.stop_agents(names)
+    return {"stopped": names}
+
+
+async def cmd_start(daemon: Daemon, args: dict[str, Any], send: Send) -> Any:
+    names = _names(daemon, args)
+    failed = await daemon.start_agents(names)
+    if failed:
+        raise Refused(f"did not start: {', '.join(failed)}")
+    return {"started": names}
+
+
+async def cmd_restart(daemon: Daemon, args: dict[str, Any], send: Send) -> Any:
+    names = _names(daemon, args)
+    failed = await daemon.restart_agents(names)
+    if failed:
+        raise Refused(f"did not start: {', '.join(failed)}")
+    return {"restarted": names}
+
+
+async def cmd_reload(daemon: Daemon, args: dict[str, Any], send: Send) -> Any:
+    try:
+        return await daemon.reload_from_file()
+    except ConfigError as exc:
+        raise Refused("config does not validate; nothing changed\n" + str(exc)) from None
+
+
+async def cmd_scale(daemon: Daemon, args: dict[str, Any], send: Send) -> Any:
+    name, count = args.get("name", ""), args.get("count")
+    if not isinstance(count, int) or count < 0:
+        raise Refused("N must be a whole number >= 0")
+    if name not in daemon.spec.pools:
+        raise Refused(f"`{name}` is not a pool (give it `replicas` in the config)")
+    return await daemon.scale(name, count)
+
+
+async def cmd_logs(daemon: Daemon, args: dict[str, Any], send: Send) -> Any:
+    name = args.get("name", "")
+    if name not in daemon.spec.agents and name != "bus":
+        raise Refused(f"unknown agent `{name}`")
+    lines = int(args.get("lines", 10))
+    queue = daemon.follow_log(name) if args.get("follow") else None  # before history: no gap
+    try:
+        for line in daemon.log_tail(name, lines):
+            await send(line + "\n")
+        while queue is not None:
+            chunk = await queue.get()
+            if not await send(chunk):
+                return None
+    finally:
+        if queue is not None:
+            daemon.unfollow_log(name, queue)
+    return None
+
+
+async def cmd_events(daemon: Daemon, args: dict[str, Any], send: Send) -> Any:
+    queue = daemon.events.follow() if args.get("follow") else None
+    try:
+        for event in list(daemon.events.history):
+            await send(msgspec.to_builtins(event))
+        if queue is None:
+            return None
+        while True:
+            event = await queue.get()
+            if not await send(msgspec.to_builtins(event)):
+                return None
+    finally:
+        if queue is not None:
+            daemon.events.unfollow(queue)
+
+
+async def cmd_shutdown(daemon: Daemon, args: dict[str, Any], send: Send) -> Any:
+    await daemon.shutdown_and_wait()
+    return {"stopped": True}
+
+
+COMMANDS: dict[str, Callable[[Daemon, dict[str, Any], Send], Awaitable[Any]]] = {
+    "ping": cmd_ping,
+    "status": cmd_status,
+    "tree": cmd_tree,
+    "stop": cmd_stop,
+    "start": cmd_start,
+    "restart": cmd_restart,
+    "reload": cmd_reload,
+    "scale": cmd_scale,
+    "logs": cmd_logs,
+    "events": cmd_events,
+    "shutdown": cmd_shutdown,
+}

@@ -1,0 +1,296 @@
+"""`agentd ctl`: drive a running daemon over its control socket.
+
+Kept import-light on purpose — click, zmq, msgspec and this package's small
+protocol module — because people run `ctl status` in loops and scripts.
+Exit status: 0 done, 1 refused, 2 usage, 3 no daemon answering.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tomllib
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+NO_DAEMON = 3
+REFUSED = 1
+ACK_TIMEOUT_MS = 1500
+
+STATE_COLOURS = {
+    "running": "green",
+    "starting": "yellow",
+    "stopping": "yellow",
+    "backoff": "yellow",
+    "stopped": "blue",
+    "failed": "red",
+}
+
+
+class Ctl:
+    """What every ctl command needs: the config path and the endpoints it names."""
+
+    def __init__(self, config_path: str | None) -> None:
+        self.config_path = config_path
+        self._settings: dict[str, str] | None = None
+
+    def settings(self) -> dict[str, str]:
+        """control/bus endpoints from the config, without validating the rest."""
+        if self._settings is None:
+            from .locate import ConfigError, find_config, runtime_dir_default
+
+            try:
+                path = find_config(self.config_path)
+                data = tomllib.loads(path.read_text())
+            except ConfigError as exc:
+                fail(str(exc), NO_DAEMON)
+            except (OSError, tomllib.TOMLDecodeError) as exc:
+                fail(f"cannot read config: {exc}", NO_DAEMON)
+            daemon = data.get("daemon", {}) if isinstance(data.get("daemon"), dict) else {}
+            runtime_dir = str(daemon.get("runtime_dir") or runtime_dir_default())
+            if not os.path.isabs(runtime_dir):
+                runtime_dir = str(path.resolve().parent / runtime_dir)
+            self._settings = {
+                key: str(daemon.get(key, default)).replace("{runtime_dir}", runtime_dir)
+                for key, default in (
+                    ("control", "ipc://{runtime_dir}/control.sock"),
+                    ("bus", "ipc://{runtime_dir}/bus.sock"),
+                )
+            }
+        return self._settings
+
+    def call(
+        self,
+        cmd: str,
+        args: dict[str, Any] | None = None,
+        on_item: Callable[[Any], None] | None = None,
+    ) -> Any:
+        """Send one request; stream Items to `on_item`; return the Reply's data."""
+        import zmq
+
+        from .protocol import Ack, Item, Reply, Request, decoder, encoder
+
+        endpoint = self.settings()["control"]
+        if endpoint.startswith("ipc://"):
+            path = endpoint[len("ipc://") :]
+            if not os.path.exists(path):
+                fail(f"no agentd answering at {endpoint} (no socket there)", NO_DAEMON)
+            if not os.access(path, os.W_OK):
+                fail(f"permission denied on {path} (root or group agentd)", NO_DAEMON)
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        try:
+            sock.connect(endpoint)
+            sock.send(encoder.encode(Request(cmd, args or {})))
+            if not sock.poll(ACK_TIMEOUT_MS):
+                fail(f"no agentd answering at {endpoint}", NO_DAEMON)
+            while True:
+                frame = decoder.decode(sock.recv())
+                if isinstance(frame, Ack):
+                    continue
+                if isinstance(frame, Item):
+                    if on_item is not None:
+                        on_item(frame.data)
+                    continue
+                if isinstance(frame, Reply):
+                    if not frame.ok:
+                        fail(frame.error or "refused", frame.code or REFUSED)
+                    return frame.data
+        except KeyboardInterrupt:
+            sys.exit(0)
+        finally:
+            sock.close(0)
+            ctx.term()
+
+
+def fail(message: str, code: int) -> None:
+    click.echo(f"agentd ctl: {message}", err=True)
+    sys.exit(code)
+
+
+pass_ctl = click.make_pass_decorator(Ctl)
+
+
+@click.group()
+@click.option("--config", "config_path", metavar="PATH", help="Config file (as for `run`).")
+@click.pass_context
+def ctl(ctx: click.Context, config_path: str | None) -> None:
+    """Talk to a running daemon (exit 0 done, 1 refused, 2 usage, 3 no daemon)."""
+    ctx.obj = Ctl(config_path)
+
+
+# --- formatting -------------------------------------------------------------------------
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds < 86400:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
+
+
+def _bytes(value: int | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value / (1024 * 1024):.1f}M"
+
+
+def _last_exit(last: dict[str, Any] | None) -> str:
+    if not last:
+        return "-"
+    what = last.get("signal") or f"code {last.get('code')}"
+    return f"{last['reason']} ({what})"
+
+
+def _table(rows: list[list[str]], colour_col: int | None = None) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    tty = sys.stdout.isatty()
+    lines = []
+    for n, row in enumerate(rows):
+        cells = []
+        for i, cell in enumerate(row):
+            padded = cell.ljust(widths[i]) if i < len(row) - 1 else cell
+            if tty and n > 0 and i == colour_col and cell in STATE_COLOURS:
+                padded = click.style(padded, fg=STATE_COLOURS[cell])
+            cells.append(padded)
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+# --- commands ------------------------------------------------------------------------------
+
+
+@ctl.command()
+@click.argument("names", nargs=-1)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (stable).")
+@pass_ctl
+def status(c: Ctl, names: tuple[str, ...], as_json: bool) -> None:
+    """Agents: state, pid, uptime, restarts, last exit, RSS, CPU%."""
+    data = c.call("status", {"names": list(names)})
+    if as_json:
+        click.echo(json.dumps(data))
+        return
+    rows = [["NAME", "STATE", "PID", "UPTIME", "RESTARTS", "LAST EXIT", "RSS", "CPU%"]]
+    for a in data["agents"]:
+        rows.append(
+            [
+                a["name"],
+                a["state"],
+                str(a["pid"] or "-"),
+                _duration(a["uptime"]),
+                str(a["restarts"]),
+                _last_exit(a["last_exit"]),
+                _bytes(a["rss"]),
+                "-" if a["cpu"] is None else f"{a['cpu']:.1f}",
+            ]
+        )
+    click.echo(_table(rows, colour_col=1))
+
+
+@ctl.command()
+@pass_ctl
+def tree(c: Ctl) -> None:
+    """Draw the supervision tree with strategies and states."""
+    data = c.call("tree")
+    tty = sys.stdout.isatty()
+
+    def state(text: str) -> str:
+        return click.style(text, fg=STATE_COLOURS.get(text)) if tty else text
+
+    def draw(node: dict[str, Any], prefix: str, last: bool, top: bool) -> None:
+        branch = "" if top else ("└── " if last else "├── ")
+        if node["type"] == "supervisor":
+            label = (
+                f"{node['name']} [{node['strategy']}, {node['max_restarts']} in "
+                f"{node['max_seconds']:g}s] {state(node['state'])}"
+            )
+        else:
+            pid = f" pid {node['pid']}" if node.get("pid") else ""
+            label = f"{node['name']} ({node['restart']}) {state(node['state'])}{pid}"
+        click.echo(f"{prefix}{branch}{label}")
+        children = node.get("children", [])
+        inner = prefix + ("" if top else ("    " if last else "│   "))
+        for i, child in enumerate(children):
+            draw(child, inner, i == len(children) - 1, False)
+
+    draw(data, "", True, True)
+
+
+def _simple(cmd: str, verb: str) -> Callable[..., None]:
+    @click.argument("names", nargs=-1, required=True)
+    @pass_ctl
+    def command(c: Ctl, names: tuple[str, ...]) -> None:
+        data = c.call(cmd, {"names": list(names)})
+        for name in data[verb]:
+            click.echo(f"{name}: {verb}")
+
+    command.__doc__ = f"{cmd.capitalize()} agents (a pool's name means all its members)."
+    return command
+
+
+ctl.command("start")(_simple("start", "started"))
+ctl.command("stop")(_simple("stop", "stopped"))
+ctl.command("restart")(_simple("restart", "restarted"))
+
+
+@ctl.command()
+@pass_ctl
+def reload(c: Ctl) -> None:
+    """Re-read the config and apply the difference."""
+    data = c.call("reload")
+    for key in ("added", "removed", "changed"):
+        names = data.get(key) or []
+        click.echo(f"{key}: {', '.join(names) if names else '-'}")
+    if data.get("warning"):
+        click.echo(f"warning: {data['warning']}", err=True)
+
+
+@ctl.command()
+@click.argument("name")
+@click.argument("count", type=click.IntRange(min=0))
+@pass_ctl
+def scale(c: Ctl, name: str, count: int) -> None:
+    """Grow or shrink the pool NAME to COUNT members."""
+    data = c.call("scale", {"name": name, "count": count})
+    added, removed = data.get("added") or [], data.get("removed") or []
+    click.echo(
+        f"{name}: {data['replicas']} replicas"
+        f" (added: {', '.join(added) or '-'}; removed: {', '.join(removed) or '-'})"
+    )
+
+
+@ctl.command()
+@click.argument("name")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new output (Ctrl-C stops).")
+@click.option("-n", "lines", type=click.IntRange(min=0), default=10, show_default=True)
+@pass_ctl
+def logs(c: Ctl, name: str, follow: bool, lines: int) -> None:
+    """Print the last lines of NAME's log."""
+    args = {"name": name, "lines": lines, "follow": follow}
+    c.call("logs", args, lambda chunk: click.echo(chunk, nl=False))
+
+
+@ctl.command()
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new events (Ctrl-C stops).")
+@pass_ctl
+def events(c: Ctl, follow: bool) -> None:
+    """Recent events as JSON lines (up to 100); -f keeps following."""
+    c.call("events", {"follow": follow}, lambda e: click.echo(json.dumps(e)))
+
+
+@ctl.command()
+@pass_ctl
+def shutdown(c: Ctl) -> None:
+    """Stop the whole tree and the daemon; returns once stopped."""
+    c.call("shutdown")
+    click.echo("agentd: stopped")

@@ -1,0 +1,55 @@
+"""Finding the config file, and the error type every config problem becomes.
+
+Split out of config.py so `agentd ctl` can locate the daemon's endpoints
+without importing the whole validator.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ConfigIssue:
+    """One problem, located as precisely as the TOML text allows."""
+
+    file: str
+    line: int | None
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        return f"{where}: {self.message}"
+
+
+class ConfigError(Exception):
+    """The config does not validate; `issues` says every reason found."""
+
+    def __init__(self, issues: list[ConfigIssue]) -> None:
+        self.issues = issues
+        super().__init__("\n".join(str(i) for i in issues))
+
+
+def find_config(explicit: str | None = None) -> Path:
+    """The config file by the contract's lookup order, or ConfigError."""
+    candidates = [explicit] if explicit else []
+    if not explicit:
+        env = os.environ.get("AGENTD_CONFIG")
+        candidates += [env] if env else []
+        candidates += ["./agentd.toml", "/etc/agentd/agentd.toml"]
+        for candidate in candidates:
+            if Path(candidate).is_file():
+                return Path(candidate)
+        tried = ", ".join(candidates)
+        raise ConfigError([ConfigIssue("agentd", None, f"no config file found (tried {tried})")])
+    path = Path(explicit)
+    if not path.is_file():
+        raise ConfigError([ConfigIssue(str(path), None, "no such config file")])
+    return path
+
+
+def runtime_dir_default() -> str:
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    return f"{xdg}/agentd" if xdg else f"/tmp/agentd-{os.getuid()}"
