@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from agentd.daemon.tree import SetTimer, Start, Stop, TreeFailed, TreeReady, TreeStopped
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agentd.daemon.tree import SetTimer, Start, Stop, TreeFailed, TreeReady, TreeStopped
 from tests.treesim import Sim, sup
 
 ABC = ["a", "b", "c", "d"]
