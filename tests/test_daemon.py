@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 
 import pytest
@@ -301,3 +302,24 @@ shutdown = 60
     d.signal(signal.SIGTERM)
     assert d.wait(5) == 0
     assert d.events("agent.exited", "stubborn")[0]["signal"] == "SIGKILL"
+
+
+def test_log_rotates_by_size(daemon_factory, tmp_path) -> None:
+    script = "import sys\nfor i in range(4000): print('x' * 99)\nsys.stdout.flush()\n"
+    d = daemon_factory(
+        f"""
+[daemon]
+log_max_bytes = 100000
+log_backups = 2
+[agents.chatty]
+command = ["{sys.executable}", "-c", "{script.encode("unicode_escape").decode()}"]
+restart = "transient"
+start_seconds = 0
+"""
+    ).start()
+    d.wait_event("agent.exited", "chatty")
+    log_dir = d.runtime_dir / "log"
+    assert sorted(p.name for p in log_dir.glob("chatty.log*")) == [
+        "chatty.log", "chatty.log.1", "chatty.log.2"
+    ]
+    assert all(p.stat().st_size <= 100000 for p in log_dir.glob("chatty.log*"))
