@@ -13,6 +13,7 @@ import asyncio
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -77,7 +78,7 @@ class Guard:
     def __init__(self) -> None:
         script = Path(__file__).with_name("guard.py")
         self.popen = subprocess.Popen(
-            [os.environ.get("AGENTD_PYTHON", _python()), "-S", str(script)],
+            [sys.executable, "-S", str(script)],
             stdin=subprocess.PIPE,
             start_new_session=True,
             close_fds=True,
@@ -106,12 +107,6 @@ class Guard:
         except subprocess.TimeoutExpired:
             self.popen.kill()
             self.popen.wait()
-
-
-def _python() -> str:
-    import sys
-
-    return sys.executable
 
 
 class Runtime:
