@@ -1,0 +1,579 @@
+#!/usr/bin/env python3
+"""Restart latency and 200-agent footprint: agentd vs a bare loop, supervisord, circus.
+
+    python bench/restart.py [--kills 50] [--kills-slow 20] [--agents 200] [--idle-seconds 10]
+
+1. Restart latency, kill -> replacement running, for a command agent running
+   `/bin/sleep 100000`, measured the same way for every runner: t0 just before
+   os.kill(old_pid, SIGKILL); t1 when a NEW direct child of the supervisor
+   process with argv == ["/bin/sleep", "100000"] shows up in /proc (polled
+   every 0.2 ms by `_common.ChildScanner`; a pid counts once it has exec'd the
+   program; the old pid's zombie never counts). Runners:
+     bare        a ~20-line Popen + waitpid respawn loop (written to a temp file)
+     agentd      `agentd run`, start_seconds = 0, root intensity raised to
+                 max_restarts = 1000000 / max_seconds = 1 so 50 quick kills are
+                 not a restart storm (the default 3-in-5 s would give up)
+     supervisord defaults (startsecs=1, startretries=3, autorestart=true);
+                 kills are spaced > startsecs (1.2 s after the replacement
+                 appeared) so the process is RUNNING when killed — one that dies
+                 within startsecs goes to BACKOFF instead and its restart is delayed
+     circus      defaults (respawn=true, check_delay=1 s, no flapping plugin)
+   Between kills every runner waits until its replacement has been up for
+   --settle (50 ms), supervisord for 1.2 s as said. supervisord and circus get
+   --kills-slow kills (default 20) because each restart takes ~1-4 s.
+2. N agents (--agents 200): start time, RSS and idle CPU (cpu_times delta /
+   wall over --idle-seconds) of the agentd daemon process and of supervisord
+   with N programs. agentd start = launch -> `daemon.ready`; supervisord start
+   = launch -> all N RUNNING by XML-RPC getAllProcessInfo (which includes its
+   default startsecs=1). "spawned" = launch -> N sleep children in /proc, for both.
+
+Everything started lives in its own session and is stopped in a `finally`
+(SIGTERM, then SIGKILL to the group and every descendant seen), also on Ctrl-C;
+the script then checks that none of its sleep processes is left.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import xmlrpc.client
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (
+    SLEEP_ARGV,
+    Agentd,
+    ChildScanner,
+    Cleanup,
+    bench_venv,
+    cpu_percent_over,
+    export_agentd,
+    install_sigterm_as_interrupt,
+    iso_to_epoch,
+    median,
+    percentile,
+    rss_mib,
+    write_agentd_config,
+)
+
+AGENTD_PATH: Path | None = None  # set by --agentd-rev
+
+BARE_LOOP = """\
+# The bare reference: respawn the program as soon as it dies, report each pid.
+import os
+import signal
+import subprocess
+import sys
+
+argv = sys.argv[1:]
+child = None
+
+
+def stop(signum, frame):
+    if child is not None:
+        child.kill()
+    sys.exit(0)
+
+
+signal.signal(signal.SIGTERM, stop)
+while True:
+    child = subprocess.Popen(argv)
+    print(child.pid, flush=True)
+    os.waitpid(child.pid, 0)
+"""
+
+SUPERVISORD_CONF = """\
+[unix_http_server]
+file = {tmp}/supervisor.sock
+
+[supervisord]
+nodaemon = true
+logfile = {tmp}/supervisord.log
+pidfile = {tmp}/supervisord.pid
+childlogdir = {tmp}/childlogs
+
+[rpcinterface:supervisor]
+supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
+
+[supervisorctl]
+serverurl = unix://{tmp}/supervisor.sock
+"""
+
+SUPERVISORD_PROGRAM = """
+[program:{name}]
+command = {command}
+autorestart = true
+"""
+
+CIRCUS_CONF = """\
+[circus]
+endpoint = ipc://{tmp}/circus-ctl.sock
+pubsub_endpoint = ipc://{tmp}/circus-pub.sock
+stats_endpoint = ipc://{tmp}/circus-stats.sock
+logoutput = {tmp}/circusd.log
+
+[watcher:{name}]
+cmd = {cmd}
+args = {args}
+numprocesses = 1
+
+[env:{name}]
+{mark_key} = {mark}
+"""
+
+
+@dataclass
+class Latency:
+    runner: str
+    kills: int
+    samples_ms: list[float] = field(default_factory=list)
+    failures: int = 0
+    note: str = ""
+
+
+# --- the restart-latency measurement, identical for every runner ----------------------
+
+
+def measure_restarts(
+    name: str,
+    cleanup: Cleanup,
+    parent: int,
+    kills: int,
+    settle: float,
+    timeout: float,
+    marks: list[tuple[float, int, int, float]] | None = None,
+) -> Latency:
+    """Kill the running child `kills` times; time each until its replacement runs.
+
+    `marks` (if given) gets (wall time of kill, old pid, new pid, wall time of
+    detection) per kill, for the agentd event breakdown.
+    """
+    result = Latency(name, kills)
+    scanner = ChildScanner(parent, SLEEP_ARGV)
+    current, _ = scanner.wait_new((), timeout=30)
+    if current is None:
+        raise RuntimeError(f"{name}: no {SLEEP_ARGV} child of pid {parent} after 30 s")
+    cleanup.seen_pids.add(current)
+    time.sleep(settle)
+    for i in range(kills):
+        wall0 = time.time()
+        t0 = time.perf_counter()
+        os.kill(current, signal.SIGKILL)
+        new, t1 = scanner.wait_new({current}, timeout=timeout)
+        wall1 = time.time()
+        if new is None:
+            result.failures += 1
+            print(f"  {name}: kill {i + 1}: no replacement within {timeout} s", file=sys.stderr)
+            new, _ = scanner.wait_new({current}, timeout=30)
+            if new is None:
+                result.note = "gave up (no replacement)"
+                break
+        else:
+            result.samples_ms.append((t1 - t0) * 1000)
+            if marks is not None:
+                marks.append((wall0, current, new, wall1))
+        cleanup.seen_pids.add(new)
+        current = new
+        time.sleep(settle)
+        if (i + 1) % 10 == 0:
+            print(
+                f"  {name}: {i + 1}/{kills} kills, median so far "
+                f"{median(result.samples_ms):.2f} ms",
+                file=sys.stderr,
+                flush=True,
+            )
+    return result
+
+
+def run_bare(cleanup: Cleanup, kills: int, settle: float) -> Latency:
+    tmp = cleanup.tmpdir()
+    script = tmp / "bare_loop.py"
+    script.write_text(BARE_LOOP)
+    proc = cleanup.popen(
+        [sys.executable, "-S", str(script), *SLEEP_ARGV],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        return measure_restarts("bare", cleanup, proc.pid, kills, settle, timeout=10)
+    finally:
+        cleanup.stop(proc)
+
+
+def run_agentd(
+    cleanup: Cleanup, kills: int, settle: float
+) -> tuple[Latency, dict[str, list[float]]]:
+    tmp = cleanup.tmpdir()
+    config = write_agentd_config(
+        tmp / "agentd.toml",
+        tmp / "run",
+        {"sleeper": SLEEP_ARGV},
+        start_seconds=0,
+        max_restarts=1_000_000,
+        max_seconds=1,
+    )
+    daemon = Agentd(cleanup, config, pythonpath=AGENTD_PATH)
+    marks: list[tuple[float, int, int, float]] = []
+    try:
+        if daemon.wait_event("daemon.ready", timeout=30) is None:
+            raise RuntimeError("agentd: no daemon.ready in 30 s\n" + daemon.tail())
+        result = measure_restarts(
+            "agentd", cleanup, daemon.pid, kills, settle, timeout=10, marks=marks
+        )
+        time.sleep(0.2)
+        return result, agentd_breakdown(daemon, marks)
+    finally:
+        cleanup.stop(daemon.proc)
+
+
+def agentd_breakdown(
+    daemon: Agentd, marks: list[tuple[float, int, int, float]]
+) -> dict[str, list[float]]:
+    """Per kill, from agentd's own event timestamps (ms)."""
+    with daemon.cond:
+        records = [rec for _, rec in daemon.events]
+    exited = {r.get("pid"): r for r in records if r.get("event") == "agent.exited"}
+    ready = {r.get("pid"): r for r in records if r.get("event") == "agent.ready"}
+    starting = [r for r in records if r.get("event") == "agent.starting"]
+    out: dict[str, list[float]] = {
+        "kill -> agent.exited": [],
+        "agent.exited -> agent.starting": [],
+        "agent.starting -> agent.ready (spawn)": [],
+        "agent.ready -> seen in /proc": [],
+    }
+    for wall0, old, new, wall1 in marks:
+        ex, rd = exited.get(old), ready.get(new)
+        if ex is None or rd is None:
+            continue
+        t_ex, t_rd = iso_to_epoch(ex["timestamp"]), iso_to_epoch(rd["timestamp"])
+        st = [
+            iso_to_epoch(r["timestamp"])
+            for r in starting
+            if t_ex <= iso_to_epoch(r["timestamp"]) <= t_rd
+        ]
+        if not st:
+            continue
+        out["kill -> agent.exited"].append((t_ex - wall0) * 1000)
+        out["agent.exited -> agent.starting"].append((st[0] - t_ex) * 1000)
+        out["agent.starting -> agent.ready (spawn)"].append((t_rd - st[0]) * 1000)
+        out["agent.ready -> seen in /proc"].append((wall1 - t_rd) * 1000)
+    return out
+
+
+# --- supervisord ---------------------------------------------------------------------
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str) -> None:
+        super().__init__("localhost", timeout=10)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(10)
+        sock.connect(self._path)
+        self.sock = sock
+
+
+class _UnixTransport(xmlrpc.client.Transport):
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self._path = path
+
+    def make_connection(self, host):  # type: ignore[override]
+        return _UnixHTTPConnection(self._path)
+
+
+def supervisor_rpc(tmp: Path) -> xmlrpc.client.ServerProxy:
+    return xmlrpc.client.ServerProxy(
+        "http://localhost/RPC2", transport=_UnixTransport(str(tmp / "supervisor.sock"))
+    )
+
+
+def start_supervisord(cleanup: Cleanup, bin_dir: Path, names: list[str]) -> tuple:
+    tmp = cleanup.tmpdir()
+    (tmp / "childlogs").mkdir()
+    conf = SUPERVISORD_CONF.format(tmp=tmp)
+    for name in names:
+        conf += SUPERVISORD_PROGRAM.format(name=name, command=" ".join(SLEEP_ARGV))
+    path = tmp / "supervisord.conf"
+    path.write_text(conf)
+    t_launch = time.perf_counter()
+    proc = cleanup.popen(
+        [str(bin_dir / "supervisord"), "-c", str(path)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=tmp,
+    )
+    return proc, tmp, t_launch
+
+
+def run_supervisord(cleanup: Cleanup, bin_dir: Path, kills: int) -> Latency:
+    proc, _, _ = start_supervisord(cleanup, bin_dir, ["sleeper"])
+    try:
+        result = measure_restarts("supervisord", cleanup, proc.pid, kills, 1.2, timeout=20)
+        result.note = "kills spaced 1.2 s (> startsecs=1)"
+        return result
+    finally:
+        cleanup.stop(proc)
+
+
+# --- circus --------------------------------------------------------------------------
+
+
+def run_circus(cleanup: Cleanup, bin_dir: Path, kills: int, settle: float) -> Latency:
+    from _common import MARK, MARK_KEY
+
+    tmp = cleanup.tmpdir()
+    path = tmp / "circus.ini"
+    path.write_text(
+        CIRCUS_CONF.format(
+            tmp=tmp,
+            name="sleeper",
+            cmd=SLEEP_ARGV[0],
+            args=" ".join(SLEEP_ARGV[1:]),
+            mark_key=MARK_KEY,
+            mark=MARK,
+        )
+    )
+    proc = cleanup.popen(
+        [str(bin_dir / "circusd"), str(path)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=tmp,
+    )
+    try:
+        return measure_restarts("circus", cleanup, proc.pid, kills, settle, timeout=20)
+    finally:
+        cleanup.stop(proc)
+
+
+# --- N agents ------------------------------------------------------------------------
+
+
+@dataclass
+class Footprint:
+    runner: str
+    start_s: float
+    spawned_s: float
+    rss_mib: float
+    cpu_pct: float
+    note: str = ""
+
+
+def footprint_agentd(cleanup: Cleanup, n: int, idle: float) -> Footprint:
+    tmp = cleanup.tmpdir()
+    names = {f"a{i:03d}": SLEEP_ARGV for i in range(n)}
+    config = write_agentd_config(tmp / "agentd.toml", tmp / "run", names, start_seconds=0)
+    daemon = Agentd(cleanup, config, pythonpath=AGENTD_PATH)
+    try:
+        scanner = ChildScanner(daemon.pid, SLEEP_ARGV)
+        t_spawned = scanner.wait_count(n, timeout=120, interval=0.005)
+        ready = daemon.wait_event("daemon.ready", timeout=120)
+        if ready is None or t_spawned is None:
+            raise RuntimeError(f"agentd: {n} agents not up in 120 s\n" + daemon.tail())
+        cleanup.seen_pids |= scanner.matched
+        time.sleep(1.0)
+        rss = rss_mib(daemon.pid)
+        cpu = cpu_percent_over(daemon.pid, idle)
+        return Footprint(
+            "agentd",
+            ready[0] - daemon.t_launch,
+            t_spawned - daemon.t_launch,
+            rss,
+            cpu,
+            "start = launch -> daemon.ready (start_seconds=0)",
+        )
+    finally:
+        cleanup.stop(daemon.proc)
+
+
+def footprint_supervisord(cleanup: Cleanup, bin_dir: Path, n: int, idle: float) -> Footprint:
+    names = [f"a{i:03d}" for i in range(n)]
+    proc, tmp, t_launch = start_supervisord(cleanup, bin_dir, names)
+    try:
+        scanner = ChildScanner(proc.pid, SLEEP_ARGV)
+        t_spawned = scanner.wait_count(n, timeout=120, interval=0.005)
+        if t_spawned is None:
+            raise RuntimeError(f"supervisord: {n} programs not spawned in 120 s")
+        cleanup.seen_pids |= scanner.matched
+        rpc = supervisor_rpc(tmp)
+        deadline = time.perf_counter() + 120
+        t_running = None
+        while time.perf_counter() < deadline:
+            try:
+                states = [p["statename"] for p in rpc.supervisor.getAllProcessInfo()]
+            except (OSError, xmlrpc.client.Fault, http.client.HTTPException):
+                states = []
+            if len(states) == n and all(s == "RUNNING" for s in states):
+                t_running = time.perf_counter()
+                break
+            time.sleep(0.02)
+        if t_running is None:
+            raise RuntimeError(f"supervisord: {n} programs not RUNNING in 120 s")
+        time.sleep(1.0)
+        rss = rss_mib(proc.pid)
+        cpu = cpu_percent_over(proc.pid, idle)
+        return Footprint(
+            "supervisord",
+            t_running - t_launch,
+            t_spawned - t_launch,
+            rss,
+            cpu,
+            "start = launch -> all RUNNING (startsecs=1)",
+        )
+    finally:
+        cleanup.stop(proc)
+
+
+# --- report --------------------------------------------------------------------------
+
+
+def report(
+    lat: list[Latency],
+    breakdown: dict[str, list[float]],
+    feet: list[Footprint],
+    args: argparse.Namespace,
+) -> None:
+    bare = next((r for r in lat if r.runner == "bare" and r.samples_ms), None)
+    bare_med = median(bare.samples_ms) if bare else float("nan")
+    print()
+    print("restart latency (kill -> replacement running), /bin/sleep 100000, detector: /proc")
+    print("scan of the supervisor's direct children every 0.2 ms, same for all runners")
+    print(f"agentd under test: {args.agentd_label}")
+    print(f"{'runner':<13}{'kills':>6}{'median ms':>12}{'p90 ms':>10}{'vs bare':>12}  note")
+    for r in lat:
+        med = median(r.samples_ms)
+        p90 = percentile(r.samples_ms, 90)
+        vs = "" if r is bare else f"{med - bare_med:+.2f} ms"
+        kills = f"{len(r.samples_ms)}" + (f"/{r.kills}" if len(r.samples_ms) != r.kills else "")
+        note = r.note
+        if r.failures:
+            note += f" {r.failures} kill(s) not replaced within timeout"
+        print(f"{r.runner:<13}{kills:>6}{med:>12.2f}{p90:>10.2f}{vs:>12}  {note}")
+    agentd = next((r for r in lat if r.runner == "agentd" and r.samples_ms), None)
+    if agentd and bare:
+        over = median(agentd.samples_ms) - bare_med
+        verdict = "MET" if over < 2.0 else "MISSED"
+        print(f"target: agentd adds < 2 ms over bare median -> {over:+.2f} ms  {verdict}")
+    if breakdown and any(breakdown.values()):
+        print()
+        print("agentd restart, from its own event timestamps (median / p90 ms)")
+        for step, values in breakdown.items():
+            print(f"  {step:<40}{median(values):>8.2f}{percentile(values, 90):>9.2f}")
+    if feet:
+        print()
+        print(f"{args.agents} agents   start s  spawned s   RSS MiB  idle CPU %  note")
+        for f in feet:
+            print(
+                f"{f.runner:<12}{f.start_s:>8.2f}{f.spawned_s:>11.2f}{f.rss_mib:>10.1f}"
+                f"{f.cpu_pct:>12.2f}  {f.note}"
+            )
+        a = next((f for f in feet if f.runner == "agentd"), None)
+        if a:
+            checks = [
+                (f"start {args.agents} < 1 s", a.start_s < 1.0, f"{a.start_s:.2f} s"),
+                ("RSS < 40 MiB", a.rss_mib < 40, f"{a.rss_mib:.1f} MiB"),
+                ("idle CPU < 0.5%", a.cpu_pct < 0.5, f"{a.cpu_pct:.2f} %"),
+            ]
+            for label, ok, value in checks:
+                print(f"target: agentd {label:<18} -> {value:<10} {'MET' if ok else 'MISSED'}")
+        print(f"(idle CPU over {args.idle_seconds:g} s, daemon process only, 100% = one core)")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--kills", type=int, default=50, help="kills for bare and agentd")
+    parser.add_argument("--kills-slow", type=int, default=20, help="kills for supervisord, circus")
+    parser.add_argument("--agents", type=int, default=200)
+    parser.add_argument("--idle-seconds", type=float, default=10.0)
+    parser.add_argument(
+        "--settle", type=float, default=0.05, help="replacement uptime between kills"
+    )
+    parser.add_argument(
+        "--skip",
+        default="",
+        help="comma list of parts to skip: bare,agentd,supervisord,circus,footprint",
+    )
+    parser.add_argument(
+        "--agentd-rev",
+        default=None,
+        help="benchmark this committed revision of agentd (git archive) instead of the "
+        "installed working tree, e.g. HEAD",
+    )
+    args = parser.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+
+    install_sigterm_as_interrupt()
+    cleanup = Cleanup()
+    lat: list[Latency] = []
+    breakdown: dict[str, list[float]] = {}
+    feet: list[Footprint] = []
+    leftovers = []
+    try:
+        global AGENTD_PATH
+        if args.agentd_rev:
+            rev = subprocess.run(
+                ["git", "-C", str(Path(__file__).resolve().parent.parent), "rev-parse", "--short",
+                 args.agentd_rev],
+                check=True, capture_output=True, text=True,
+            ).stdout.strip()
+            AGENTD_PATH = export_agentd(rev, cleanup.tmpdir("agentd-src-"))
+            print(f"agentd: committed revision {rev}", file=sys.stderr)
+            args.agentd_label = f"agentd @ {rev}"
+        else:
+            args.agentd_label = "agentd (installed working tree)"
+        bin_dir = None
+        if not {"supervisord", "circus"} <= skip or "footprint" not in skip:
+            bin_dir = bench_venv()
+        if "bare" not in skip:
+            print(f"bare: {args.kills} kills ...", file=sys.stderr, flush=True)
+            lat.append(run_bare(cleanup, args.kills, args.settle))
+        if "agentd" not in skip:
+            print(f"agentd: {args.kills} kills ...", file=sys.stderr, flush=True)
+            result, breakdown = run_agentd(cleanup, args.kills, args.settle)
+            lat.append(result)
+        if "supervisord" not in skip:
+            assert bin_dir is not None
+            print(f"supervisord: {args.kills_slow} kills ...", file=sys.stderr, flush=True)
+            lat.append(run_supervisord(cleanup, bin_dir, args.kills_slow))
+        if "circus" not in skip:
+            assert bin_dir is not None
+            print(f"circus: {args.kills_slow} kills ...", file=sys.stderr, flush=True)
+            lat.append(run_circus(cleanup, bin_dir, args.kills_slow, args.settle))
+        if "footprint" not in skip:
+            assert bin_dir is not None
+            print(f"agentd: {args.agents} agents ...", file=sys.stderr, flush=True)
+            feet.append(footprint_agentd(cleanup, args.agents, args.idle_seconds))
+            print(f"supervisord: {args.agents} programs ...", file=sys.stderr, flush=True)
+            feet.append(footprint_supervisord(cleanup, bin_dir, args.agents, args.idle_seconds))
+    except KeyboardInterrupt:
+        print("interrupted: cleaning up", file=sys.stderr)
+        return 130
+    finally:
+        leftovers = cleanup.close()
+        if leftovers:
+            print(
+                f"WARNING: {len(leftovers)} sleep process(es) were left behind and killed now: "
+                + ", ".join(str(p.pid) for p in leftovers),
+                file=sys.stderr,
+            )
+        if lat or feet:
+            report(lat, breakdown, feet, args)
+    if not leftovers:
+        print("\ncleanup: no sleep processes left behind")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
