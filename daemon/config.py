@@ -60,6 +60,7 @@ class DaemonConfig(_Strict):
     memory_check_interval: float = 2.0
     keys_dir: str | None = None
     max_frame: int = 1024 * 1024
+    death_signal: bool = True
 
 
 class SupervisorConfig(_Strict):
@@ -379,6 +380,7 @@ def _daemon_spec(v: _Validator, main: _Source, cfg: DaemonConfig) -> DaemonSpec:
         memory_check_interval=cfg.memory_check_interval,
         keys_dir=keys_dir,
         max_frame=cfg.max_frame,
+        death_signal=cfg.death_signal,
     )
 
 

@@ -10,6 +10,7 @@ import logging
 import sys
 from typing import Literal
 
+import msgspec
 import structlog
 
 LogFormat = Literal["auto", "json", "console"]
@@ -21,7 +22,12 @@ def configure(fmt: LogFormat = "auto", level: int = logging.INFO) -> None:
         fmt = "console" if sys.stderr.isatty() else "json"
     renderer: structlog.types.Processor
     if fmt == "json":
-        renderer = structlog.processors.JSONRenderer()
+        # msgspec's encoder: several times faster than json.dumps, and logging sits
+        # on the restart path (four events per restart).
+        encoder = msgspec.json.Encoder(enc_hook=str)
+        renderer = structlog.processors.JSONRenderer(
+            serializer=lambda obj, **_: encoder.encode(obj).decode()
+        )
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     structlog.configure(

@@ -1,31 +1,39 @@
-"""Starting one agent process: its own process group, death signal, user, rlimits.
+"""Starting one agent process: its own session, death signal, user, rlimits.
 
-Everything that must happen between fork and exec lives in `_child_setup`,
-in an order that matters: new session (the agent leads its own process
-group, so a stop reaches whatever it forks), supplementary groups, gid, uid,
-and only then PR_SET_PDEATHSIG — the kernel clears the death signal when
-credentials change, so setting it last is what makes it stick.
+No Python code runs between fork and exec: with a `preexec_fn`, subprocess
+must fork() the whole daemon, which costs milliseconds on every restart;
+without one it uses vfork. So each piece goes where it is cheapest —
+`start_new_session` makes the agent lead its own process group (a stop
+reaches whatever it forks), Popen's own `user`/`group`/`extra_groups` drop
+privileges, `prlimit` sets the limits on the new PID, and
+PR_SET_PDEATHSIG comes from util-linux's `setpriv --pdeathsig KILL`, which
+sets it and execs the agent (the kernel keeps it across that exec). The guard
+process covers the daemon dying even where setpriv is missing.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import grp
 import os
 import pwd
 import resource
-import signal
+import shutil
 import subprocess
 from dataclasses import dataclass
 
 from .spec import AgentSpec, Limits
 
-PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _prctl = _libc.prctl
 _prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+
+_SETPRIV = shutil.which("setpriv")
+#: argv prefix that arms PR_SET_PDEATHSIG=SIGKILL in the agent, then execs it.
+PDEATHSIG_PREFIX: tuple[str, ...] = (_SETPRIV, "--pdeathsig", "KILL", "--") if _SETPRIV else ()
 
 
 def set_child_subreaper() -> None:
@@ -37,42 +45,29 @@ def set_child_subreaper() -> None:
 class Credentials:
     uid: int | None
     gid: int | None
-    user: str | None
+    groups: list[int] | None  # supplementary groups when switching user
 
 
 def resolve_credentials(user: str | None, group: str | None) -> Credentials:
     """Look up uid/gid in the parent: doing it after fork is not safe."""
     uid = gid = None
-    name = None
+    groups = None
     if user is not None:
         entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
-        uid, gid, name = entry.pw_uid, entry.pw_gid, entry.pw_name
+        uid, gid = entry.pw_uid, entry.pw_gid
+        groups = os.getgrouplist(entry.pw_name, entry.pw_gid)
     if group is not None:
         gid = grp.getgrgid(int(group)).gr_gid if group.isdigit() else grp.getgrnam(group).gr_gid
-    return Credentials(uid, gid, name)
+        groups = groups if groups is not None else []
+    return Credentials(uid, gid, groups)
 
 
-def _child_setup(creds: Credentials, limits: Limits, parent: int) -> None:
-    """Runs in the child between fork and exec."""
-    os.setsid()
-    if creds.gid is not None:
-        if creds.user is not None:
-            os.initgroups(creds.user, creds.gid)
-        else:
-            os.setgroups([])
-        os.setgid(creds.gid)
-    if creds.uid is not None:
-        os.setuid(creds.uid)
-    if limits.nofile:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (limits.nofile, limits.nofile))
-    if limits.cpu_seconds:
-        resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds))
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE, signal.SIGCHLD):
-        signal.signal(sig, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_SETMASK, [])
-    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:
-        os._exit(127)  # the daemon died before the death signal was armed
+def _apply_limits(pid: int, limits: Limits) -> None:
+    """rlimits on the new process (right after spawn, before it has done much)."""
+    for what, value in ((resource.RLIMIT_NOFILE, limits.nofile),
+                        (resource.RLIMIT_CPU, limits.cpu_seconds)):
+        if value:
+            resource.prlimit(pid, what, (value, value))
 
 
 def agent_env(spec: AgentSpec, incarnation: int, bus: str) -> dict[str, str]:
@@ -93,20 +88,46 @@ def agent_env(spec: AgentSpec, incarnation: int, bus: str) -> dict[str, str]:
     return env
 
 
-def spawn(spec: AgentSpec, incarnation: int, bus: str) -> subprocess.Popen[bytes]:
+def spawn(
+    spec: AgentSpec, incarnation: int, bus: str, death_signal: bool = True
+) -> subprocess.Popen[bytes]:
     """Start the agent; raises OSError (missing program, bad cwd, ...) on failure."""
     creds = resolve_credentials(spec.user, spec.group)
-    parent = os.getpid()
-    return subprocess.Popen(
-        spec.argv,
+    env = agent_env(spec, incarnation, bus)
+    program = _executable(spec.argv[0], env.get("PATH"), spec.cwd)
+    popen = subprocess.Popen(
+        (*(PDEATHSIG_PREFIX if death_signal else ()), program, *spec.argv[1:]),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         cwd=spec.cwd,
-        env=agent_env(spec, incarnation, bus),
+        env=env,
         close_fds=True,
-        preexec_fn=lambda: _child_setup(creds, spec.limits, parent),
+        start_new_session=True,
+        user=creds.uid,
+        group=creds.gid,
+        extra_groups=creds.groups,
     )
+    try:
+        _apply_limits(popen.pid, spec.limits)
+    except OSError:
+        popen.kill()
+        popen.wait()
+        raise
+    return popen
+
+
+def _executable(program: str, path: str | None, cwd: str | None) -> str:
+    """Resolve argv[0] here, so a typo is a clear error rather than setpriv's exit 127."""
+    if os.sep in program:
+        full = program if os.path.isabs(program) else os.path.join(cwd or os.getcwd(), program)
+        if not os.access(full, os.X_OK) or os.path.isdir(full):
+            raise FileNotFoundError(errno.ENOENT, "no such executable", program)
+        return full
+    found = shutil.which(program, path=path)
+    if found is None:
+        raise FileNotFoundError(errno.ENOENT, "not found on PATH", program)
+    return found
 
 
 def kill_group(pgid: int, sig: int) -> bool:
