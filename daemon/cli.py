@@ -66,6 +66,22 @@ def check(config_path: str | None) -> None:
     click.echo(f"{path}: ok ({len(spec.agents)} agents, {supervisors} supervisors)")
 
 
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+def keys(directory: str) -> None:
+    """Create CurveZMQ keys in DIRECTORY for a tcp control or bus endpoint."""
+    from pathlib import Path
+
+    from .keys import create_keys_dir
+
+    made = create_keys_dir(Path(directory))
+    click.echo(f"daemon key pair: {made['server_public']} (+ _secret)")
+    click.echo(
+        f"client key pair: {made['client_public']} (+ _secret), allowed in {made['allowed']}"
+    )
+    click.echo(f'set daemon.keys_dir = "{Path(directory).resolve()}" in the config')
+
+
 main.add_command(ctl)
 
 

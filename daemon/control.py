@@ -13,6 +13,7 @@ import contextlib
 import grp
 import os
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -46,13 +47,14 @@ class ControlServer:
         self.log = get_logger("agentd.control")
         self.ctx = zmq.asyncio.Context()
         self.sock: zmq.asyncio.Socket | None = None
+        self._auth: Any = None
         self.tasks: set[asyncio.Task[None]] = set()
         self._serve_task: asyncio.Task[None] | None = None
 
     def bind(self) -> None:
         path = ipc_path(self.endpoint)
         if path and os.path.exists(path):
-            if _answers(self.endpoint):
+            if _answers(self.endpoint):  # ipc only: a tcp port in use fails the bind
                 raise RuntimeError(f"another agentd is already answering on {self.endpoint}")
             os.unlink(path)
         sock = self.ctx.socket(zmq.ROUTER)
@@ -63,7 +65,7 @@ class ControlServer:
 
             keys = self.daemon.spec.daemon.keys_dir
             assert keys is not None  # config validation requires it for tcp
-            self._auth = server_auth(self.ctx, sock, *_key_paths(keys))
+            self._auth = server_auth(self.ctx, sock, Path(keys))
         sock.bind(self.endpoint)
         if path:
             os.chmod(path, 0o660)
@@ -125,18 +127,13 @@ class ControlServer:
             task.cancel()
         if self.sock is not None:
             self.sock.close(linger=0)
+        if self._auth is not None:
+            self._auth.stop()
         path = ipc_path(self.endpoint)
         if path:
             with contextlib.suppress(OSError):
                 os.unlink(path)
         self.ctx.term()
-
-
-def _key_paths(keys_dir: str) -> tuple[Any, Any]:
-    from pathlib import Path
-
-    base = Path(keys_dir)
-    return base / "allowed", base / "agentd.key_secret"
 
 
 def _answers(endpoint: str) -> bool:

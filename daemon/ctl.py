@@ -58,6 +58,7 @@ class Ctl:
                 for key, default in (
                     ("control", "ipc://{runtime_dir}/control.sock"),
                     ("bus", "ipc://{runtime_dir}/bus.sock"),
+                    ("keys_dir", ""),
                 )
             }
         return self._settings
@@ -83,6 +84,12 @@ class Ctl:
         ctx = zmq.Context()
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        if endpoint.startswith("tcp://"):
+            from pathlib import Path
+
+            from .keys import client_curve
+
+            client_curve(sock, Path(self.settings()["keys_dir"]))
         try:
             sock.connect(endpoint)
             sock.send(encoder.encode(Request(cmd, args or {})))

@@ -81,12 +81,14 @@ class Daemon:
         self._kill_timer: asyncio.TimerHandle | None = None
         self.started_at = time.time()
         self.control: Any = None
+        self.notifier: Any = None
         self.exits: dict[str, int] = {}
         self._waiters: list[tuple[Any, asyncio.Future[None]]] = []
         self._stopped_waiters: list[asyncio.Future[None]] = []
         self._pool_templates: dict[str, AgentSpec] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._reload_lock = asyncio.Lock()
+        self._watchdog: asyncio.Task[None] | None = None
 
     @staticmethod
     def now() -> float:
@@ -102,6 +104,14 @@ class Daemon:
         Path(self.spec.daemon.log_dir).mkdir(parents=True, exist_ok=True)
         spawn.set_child_subreaper()
         _raise_nofile_limit()
+        from .notify import Notifier
+
+        self.notifier = Notifier.from_env()
+        self.notifier.status("starting")
+        interval = self.notifier.watchdog_interval()
+        if interval:
+            # From the loop itself: a stuck loop stops the pings and systemd steps in.
+            self._watchdog = loop.create_task(self._watchdog_loop(interval))
         self.guard = Guard()
         self.runtime = Runtime(
             self.spec.daemon,
@@ -141,6 +151,9 @@ class Daemon:
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
                 loop.remove_signal_handler(sig)
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+            self.notifier.close()
             if self.control is not None:
                 await self.control.close()
             if self.runtime is not None:
@@ -149,11 +162,18 @@ class Daemon:
                 self.guard.close()
         return code
 
+    async def _watchdog_loop(self, interval: float) -> None:
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(interval)
+
     def shutdown(self) -> None:
         """Orderly stop: the whole tree in reverse order within shutdown_timeout."""
         if self.stopping:
             return
         self.stopping = True
+        if self.notifier is not None:
+            self.notifier.stopping()
         self.events.emit("daemon.stopping", "agentd")
         loop = asyncio.get_running_loop()
         self._kill_timer = loop.call_later(
@@ -212,12 +232,16 @@ class Daemon:
         from .config import ConfigError, load
 
         async with self._reload_lock:
+            self.notifier.reloading()
             try:
                 spec = load(self.config_path)
+                return await self.reload(spec)
             except ConfigError as exc:
                 self.log.error("daemon.reload_failed", errors=[str(i) for i in exc.issues])
                 raise
-            return await self.reload(spec)
+            finally:
+                count = len(self.tree.agents())
+                self.notifier.ready(status=f"{count} agents running")
 
     def _on_chld(self) -> None:
         assert self.runtime is not None and self.guard is not None
@@ -240,7 +264,10 @@ class Daemon:
                     self.events.emit(event, name, **detail)
                 case TreeReady():
                     self.ready = True
-                    self.events.emit("daemon.ready", "agentd", agents=len(self.tree.agents()))
+                    count = len(self.tree.agents())
+                    self.events.emit("daemon.ready", "agentd", agents=count)
+                    if self.notifier is not None:
+                        self.notifier.ready(status=f"{count} agents running")
                 case TreeFailed(reason=reason):
                     self._crash_report(reason)
                     self._finish(1)

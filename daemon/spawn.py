@@ -64,8 +64,10 @@ def resolve_credentials(user: str | None, group: str | None) -> Credentials:
 
 def _apply_limits(pid: int, limits: Limits) -> None:
     """rlimits on the new process (right after spawn, before it has done much)."""
-    for what, value in ((resource.RLIMIT_NOFILE, limits.nofile),
-                        (resource.RLIMIT_CPU, limits.cpu_seconds)):
+    for what, value in (
+        (resource.RLIMIT_NOFILE, limits.nofile),
+        (resource.RLIMIT_CPU, limits.cpu_seconds),
+    ):
         if value:
             resource.prlimit(pid, what, (value, value))
 
