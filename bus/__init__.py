@@ -1,1 +1,8 @@
-"""agentd bus: the ZeroMQ broker, its wire envelope and the client."""
+"""agentd bus: the ZeroMQ broker, its wire envelope, and the client.
+
+`from agentd.bus import Client, BusError` is all a script needs.
+"""
+
+from .client import BusError, BusTimeout, Client
+
+__all__ = ["BusError", "BusTimeout", "Client"]

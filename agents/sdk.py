@@ -1,0 +1,377 @@
+"""The agent SDK: subclass `Agent`, route signals with `@on`, run under agentd.
+
+    class Summarizer(Agent):
+        def setup(self): ...                       # once per process, before READY
+        @on("doc.created")                         # a route, and a subscription
+        async def summarize(self, signal, ctx):    # def or async def
+            await ctx.emit("doc.summarized", {"id": signal.data["id"]})
+            return {"ok": True}                    # the reply, if it was a request
+
+The runtime does the protocol for you: HELLO with the routes as
+subscriptions, `setup()`, READY, a heartbeat every `heartbeat / 3` seconds,
+replies and error replies, acks (for `ack = true` agents), and a graceful
+SIGTERM — no new signals, the handlers in flight finish, then exit 0.
+
+`def` handlers run on the agent's own event loop. That is deliberate: a
+handler that blocks forever also stops the heartbeat, so the broker reports
+the agent hung and agentd restarts it. Use `async def` for anything that
+waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import signal as signals
+import sys
+import traceback
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from agentd.bus.client import BusError, BusTimeout
+from agentd.bus.envelope import (
+    Ack,
+    Batch,
+    Bye,
+    Error,
+    Heartbeat,
+    Hello,
+    Ready,
+    Receipt,
+    Reconnect,
+    Signal,
+    encoder,
+    peer_decoder,
+)
+from agentd.bus.envelope import signal as make_signal
+from agentd.bus.patterns import Trie
+
+Handler = Callable[..., Any]
+
+__all__ = ["Agent", "BusError", "BusTimeout", "Context", "Signal", "on"]
+
+
+def on(*patterns: str) -> Callable[[Handler], Handler]:
+    """Route signals whose type matches `pattern` to this method (and subscribe to them)."""
+
+    def mark(fn: Handler) -> Handler:
+        fn.__dict__.setdefault("_agentd_routes", []).extend(patterns)
+        return fn
+
+    return mark
+
+
+class Context:
+    """What a handler (or any agent code) uses to talk on the bus."""
+
+    def __init__(self, runtime: Runtime, signal: Signal | None = None) -> None:
+        self._runtime = runtime
+        self.signal = signal
+
+    @property
+    def name(self) -> str:
+        return self._runtime.name
+
+    @property
+    def incarnation(self) -> int:
+        return self._runtime.incarnation
+
+    async def emit(self, type: str, data: Any = None, *, subject: str | None = None) -> None:
+        """Publish: to every agent subscribed to a matching pattern."""
+        self._runtime.send(make_signal(type, data, self.name, subject=subject))
+
+    async def send(self, to: str, type: str, data: Any = None) -> None:
+        """Direct to an agent, a pool (one member) or a client; BusError if refused."""
+        await self._runtime.send_with_receipt(
+            make_signal(type, data, self.name, to=to, receipt=True)
+        )
+
+    async def request(self, to: str, type: str, data: Any = None, timeout: float = 5.0) -> Any:
+        """Send a request and wait for the reply's data (BusTimeout, BusError)."""
+        return await self._runtime.request(to, type, data, timeout)
+
+
+class Agent:
+    """Base class for agents: override `setup` and add `@on` handlers."""
+
+    name: str
+    incarnation: int
+    ctx: Context
+
+    def setup(self) -> Awaitable[None] | None:
+        """Once per process, before READY. May be async."""
+
+    def teardown(self) -> Awaitable[None] | None:
+        """Once, on graceful shutdown, after the last handler finished. May be async."""
+
+
+class Runtime:
+    """Runs one Agent instance on the bus."""
+
+    def __init__(
+        self,
+        agent: Agent,
+        name: str,
+        incarnation: int,
+        endpoint: str,
+        heartbeat: float = 10.0,
+        ack: bool = False,
+    ) -> None:
+        self.agent = agent
+        self.name = name
+        self.incarnation = incarnation
+        self.endpoint = endpoint
+        self.heartbeat = heartbeat
+        self.ack = ack
+        self.enc = encoder()
+        self.dec = peer_decoder()
+        self.routes: list[tuple[str, Handler]] = []
+        self.trie = Trie()
+        for attr in dir(type(agent)):
+            fn = getattr(type(agent), attr, None)
+            for pattern in getattr(fn, "_agentd_routes", ()):
+                index = str(len(self.routes))
+                self.routes.append((pattern, getattr(agent, attr)))
+                self.trie.add(pattern, index)
+        self.receipts: dict[str, asyncio.Future[Receipt]] = {}
+        self.requests: dict[str, asyncio.Future[Signal]] = {}
+        self.request_ids: dict[str, str] = {}  # signal id -> correlation id
+        self.inflight: set[asyncio.Task[Any]] = set()
+        self.stopping = False
+        self.ready = False
+        self.ctx_ = zmq.asyncio.Context()
+        self.sock = self.ctx_.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.IDENTITY, name.encode())
+        self.sock.setsockopt(zmq.LINGER, 2000)
+        self.sock.setsockopt(zmq.SNDHWM, 100_000)
+        self._done = asyncio.Event()
+        from agentd.daemon.log import get_logger
+
+        self.log = get_logger("agentd.agent").bind(agent=name)
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signals.SIGTERM, signals.SIGINT):
+            loop.add_signal_handler(sig, self._on_term)
+        self.sock.connect(self.endpoint)
+        self.agent.name = self.name
+        self.agent.incarnation = self.incarnation
+        self.agent.ctx = Context(self)
+        self.send(self._hello())
+        beat = loop.create_task(self._heartbeats())
+        result = self.agent.setup()
+        if inspect.isawaitable(result):
+            await result
+        self.send(Ready())
+        self.ready = True
+        self.log.info(
+            "agent.ready", incarnation=self.incarnation, routes=sorted({p for p, _ in self.routes})
+        )
+        receiver = loop.create_task(self._receive())
+        await self._done.wait()
+        receiver.cancel()
+        if self.inflight:
+            await asyncio.gather(*self.inflight, return_exceptions=True)
+        result = self.agent.teardown()
+        if inspect.isawaitable(result):
+            await result
+        beat.cancel()
+        self.send(Bye())
+        self.sock.close(linger=2000)
+        self.ctx_.term()
+        return 0
+
+    def _hello(self) -> Hello:
+        patterns = sorted({p for p, _ in self.routes})
+        return Hello(self.name, self.incarnation, os.getpid(), patterns)
+
+    def _on_term(self) -> None:
+        """Graceful stop: finish what is in flight, then exit 0."""
+        self.stopping = True
+        self._done.set()
+
+    async def _heartbeats(self) -> None:
+        interval = max(0.05, self.heartbeat / 3)
+        while True:
+            await asyncio.sleep(interval)
+            self.send(Heartbeat())
+
+    # --- sending -------------------------------------------------------------------------
+
+    def send(self, frame: Any) -> None:
+        self.sock.send(self.enc.encode(frame), copy=True)
+
+    async def send_with_receipt(self, sig: Signal, timeout: float = 5.0) -> Receipt:
+        future: asyncio.Future[Receipt] = asyncio.get_running_loop().create_future()
+        self.receipts[sig.id] = future
+        self.send(sig)
+        try:
+            receipt = await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            raise BusTimeout(f"no receipt for {sig.type} to {sig.to} in {timeout}s") from None
+        finally:
+            self.receipts.pop(sig.id, None)
+        if not receipt.ok:
+            raise BusError(receipt.error or "refused")
+        return receipt
+
+    async def request(self, to: str, type: str, data: Any, timeout: float) -> Any:
+        sig = make_signal(type, data, self.name, to=to, correlation_id=None)
+        sig = msgspec.structs.replace(sig, correlation_id=sig.id)
+        future: asyncio.Future[Signal] = asyncio.get_running_loop().create_future()
+        self.requests[sig.id] = future
+        self.request_ids[sig.id] = sig.id
+        self.send(sig)
+        try:
+            reply = await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            raise BusTimeout(f"no reply from {to} to {type} within {timeout}s") from None
+        finally:
+            self.requests.pop(sig.id, None)
+            self.request_ids.pop(sig.id, None)
+        if reply.error is not None:
+            raise BusError(f"{to}: {reply.error}")
+        return reply.data
+
+    # --- receiving -------------------------------------------------------------------------
+
+    async def _receive(self) -> None:
+        while not self.stopping:
+            payload = await self.sock.recv()
+            try:
+                frame = self.dec.decode(payload)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                self.log.warning("agent.bad_frame", error=str(exc))
+                continue
+            if isinstance(frame, Signal):
+                await self._signal(frame)
+            elif isinstance(frame, Batch):
+                for sig in frame.signals:
+                    await self._signal(sig)
+            elif isinstance(frame, Receipt):
+                future = self.receipts.get(frame.id)
+                if future is not None and not future.done():
+                    future.set_result(frame)
+            elif isinstance(frame, Error):
+                self._error(frame)
+            elif isinstance(frame, Reconnect):
+                # The broker was restarted and forgot us: announce again.
+                self.send(self._hello())
+                if self.ready:
+                    self.send(Ready())
+
+    def _error(self, error: Error) -> None:
+        if error.id is not None:
+            future = self.requests.get(error.id)
+            if future is not None and not future.done():
+                future.set_exception(BusError(error.reason))
+                return
+        self.log.warning("agent.bus_error", reason=error.reason, id=error.id, to=error.to)
+
+    async def _signal(self, sig: Signal) -> None:
+        if sig.reply:
+            future = self.requests.get(sig.correlation_id or "")
+            if future is not None and not future.done():
+                future.set_result(sig)
+            return
+        matches = self.trie.match(sig.type)
+        if not matches:
+            if sig.correlation_id is not None:
+                self._reply(sig, None, f"no handler for {sig.type!r}")
+            self._ack(sig)
+            return
+        _, handler = self.routes[min(int(i) for i in matches)]
+        ctx = Context(self, sig)
+        if inspect.iscoroutinefunction(handler):
+            task = asyncio.get_running_loop().create_task(self._run_async(handler, sig, ctx))
+            self.inflight.add(task)
+            task.add_done_callback(self.inflight.discard)
+            return
+        try:
+            result = handler(sig, ctx)  # on the loop, by design (see the module docstring)
+        except Exception as exc:
+            self._failed(sig, exc)
+        else:
+            self._done_with(sig, result)
+
+    async def _run_async(self, handler: Handler, sig: Signal, ctx: Context) -> None:
+        try:
+            result = await handler(sig, ctx)
+        except Exception as exc:
+            self._failed(sig, exc)
+        else:
+            self._done_with(sig, result)
+
+    def _failed(self, sig: Signal, exc: Exception) -> None:
+        self.log.error(
+            "agent.handler_failed",
+            type=sig.type,
+            id=sig.id,
+            error=f"{type(exc).__name__}: {exc}",
+            traceback="".join(traceback.format_exception(exc)),
+        )
+        if sig.correlation_id is not None:
+            self._reply(sig, None, f"{type(exc).__name__}: {exc}")
+        self._ack(sig)
+
+    def _done_with(self, sig: Signal, result: Any) -> None:
+        if sig.correlation_id is not None:
+            self._reply(sig, result, None)
+        self._ack(sig)
+
+    def _reply(self, sig: Signal, data: Any, error: str | None) -> None:
+        reply = make_signal(
+            f"{sig.type}.reply", data, self.name, to=sig.source, correlation_id=sig.correlation_id
+        )
+        self.send(msgspec.structs.replace(reply, reply=True, error=error))
+
+    def _ack(self, sig: Signal) -> None:
+        if self.ack:
+            self.send(Ack([sig.id]))
+
+
+def load(target: str) -> type[Agent]:
+    """`pkg.mod:Class` → the class."""
+    import importlib
+
+    module_name, _, class_name = target.partition(":")
+    module = importlib.import_module(module_name)
+    cls = getattr(module, class_name)
+    if not (isinstance(cls, type) and issubclass(cls, Agent)):
+        raise TypeError(f"{target} is not an agentd.agents.Agent subclass")
+    return cls
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m agentd.agents pkg.mod:Class`, configured by AGENTD_* variables."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1 or ":" not in argv[0]:
+        print("usage: python -m agentd.agents pkg.mod:Class", file=sys.stderr)
+        return 2
+    from agentd.daemon.log import configure
+
+    configure("console")
+    env = os.environ
+    name = env.get("AGENTD_NAME") or argv[0].rpartition(":")[2].lower()
+    endpoint = env.get("AGENTD_BUS")
+    if not endpoint:
+        print("AGENTD_BUS is not set (the bus endpoint)", file=sys.stderr)
+        return 2
+    sys.path.insert(0, os.getcwd())
+    agent = load(argv[0])()
+    runtime = Runtime(
+        agent,
+        name=name,
+        incarnation=int(env.get("AGENTD_INCARNATION", "0")),
+        endpoint=endpoint,
+        heartbeat=float(env.get("AGENTD_HEARTBEAT", "10")),
+        ack=env.get("AGENTD_ACK") == "1",
+    )
+    return asyncio.run(runtime.run())

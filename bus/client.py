@@ -1,0 +1,154 @@
+"""`Client`: a synchronous bus peer for scripts and servers that are not agents.
+
+    with Client(name="loader") as c:                 # endpoint: $AGENTD_BUS by default
+        c.send("worker", "doc.created", {"id": 1})   # BusError if refused
+        c.publish("doc.created", {"id": 2})
+        reply = c.request("worker", "doc.summarize", {"id": 3}, timeout=5.0)
+
+Plain pyzmq, no asyncio, no threads: `agentd ctl send/publish/request` use
+it and start fast. Every call that reports success waited for the broker's
+receipt (or the reply).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from typing import Any
+
+import zmq
+
+from .envelope import Batch, Error, Hello, Receipt, Signal, encoder, peer_decoder
+from .envelope import signal as make_signal
+
+
+class BusError(Exception):
+    """The broker refused a signal (unknown recipient, full queue, ...) or a handler failed."""
+
+
+class BusTimeout(BusError, TimeoutError):
+    """No receipt or reply in time."""
+
+
+class Client:
+    """A named DEALER on the bus; one request at a time."""
+
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        name: str | None = None,
+        *,
+        keys_dir: str | None = None,
+        receipt_timeout: float = 5.0,
+    ) -> None:
+        endpoint = endpoint or os.environ.get("AGENTD_BUS")
+        if not endpoint:
+            raise BusError("no bus endpoint: pass one or set AGENTD_BUS")
+        self.endpoint = endpoint
+        self.name = name or f"client-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.receipt_timeout = receipt_timeout
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.IDENTITY, self.name.encode())
+        self._sock.setsockopt(zmq.LINGER, 1000)
+        if endpoint.startswith("tcp://"):
+            from pathlib import Path
+
+            from agentd.daemon.keys import client_curve
+
+            if not keys_dir:
+                raise BusError("a tcp bus endpoint needs keys_dir (CurveZMQ)")
+            client_curve(self._sock, Path(keys_dir))
+        self._sock.connect(endpoint)
+        self._enc = encoder()
+        self._dec = peer_decoder()
+        self._sock.send(self._enc.encode(Hello(self.name, 0, os.getpid())))
+        self.inbox: list[Signal] = []  # signals that arrived while we waited for something else
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if not self._sock.closed:
+            self._sock.close()
+            self._ctx.term()
+
+    # --- sending -------------------------------------------------------------------------
+
+    def send(self, to: str, type: str, data: Any = None, *, receipt: bool = True) -> None:
+        """A direct signal to an agent, a pool or a client; BusError if refused."""
+        self._emit(make_signal(type, data, self.name, to=to, receipt=receipt))
+
+    def publish(self, type: str, data: Any = None, *, receipt: bool = True) -> int:
+        """To every subscriber whose pattern matches; the number it went to."""
+        return self._emit(make_signal(type, data, self.name, receipt=receipt))
+
+    def send_batch(self, signals: list[tuple[str | None, str, Any]]) -> None:
+        """Many signals in one frame (no receipts): [(to or None, type, data), ...]."""
+        batch = [make_signal(t, d, self.name, to=to) for to, t, d in signals]
+        self._sock.send(self._enc.encode(Batch(batch)))
+
+    def request(self, to: str, type: str, data: Any = None, timeout: float = 5.0) -> Any:
+        """Send a request and wait for its reply's data."""
+        correlation = uuid.uuid4().hex
+        sig = make_signal(type, data, self.name, to=to, correlation_id=correlation)
+        self._sock.send(self._enc.encode(sig))
+        deadline = time.monotonic() + timeout
+        while True:
+            frame = self._next(deadline, f"no reply from {to} within {timeout}s")
+            if isinstance(frame, Signal) and frame.reply and frame.correlation_id == correlation:
+                if frame.error is not None:
+                    raise BusError(f"{to}: {frame.error}")
+                return frame.data
+            if isinstance(frame, Error) and frame.id == sig.id:
+                raise BusError(frame.reason)
+            self._keep(frame)
+
+    def receive(self, timeout: float | None = None) -> Signal | None:
+        """The next signal sent to this client (None on timeout)."""
+        if self.inbox:
+            return self.inbox.pop(0)
+        deadline = time.monotonic() + (timeout if timeout is not None else 1e9)
+        while True:
+            try:
+                frame = self._next(deadline, "")
+            except BusTimeout:
+                return None
+            if isinstance(frame, Signal):
+                return frame
+            if isinstance(frame, Batch):
+                self.inbox.extend(frame.signals)
+                return self.inbox.pop(0) if self.inbox else None
+
+    # --- internals --------------------------------------------------------------------
+
+    def _emit(self, sig: Signal) -> int:
+        self._sock.send(self._enc.encode(sig))
+        if not sig.receipt:
+            return 0
+        deadline = time.monotonic() + self.receipt_timeout
+        while True:
+            frame = self._next(deadline, f"no receipt from the broker at {self.endpoint}")
+            if isinstance(frame, Receipt) and frame.id == sig.id:
+                if not frame.ok:
+                    raise BusError(frame.error or "refused")
+                return frame.delivered
+            if isinstance(frame, Error) and frame.id == sig.id:
+                raise BusError(frame.reason)
+            self._keep(frame)
+
+    def _next(self, deadline: float, why: str) -> Any:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not self._sock.poll(int(remaining * 1000)):
+            raise BusTimeout(why)
+        return self._dec.decode(self._sock.recv())
+
+    def _keep(self, frame: Any) -> None:
+        if isinstance(frame, Signal) and not frame.reply:
+            self.inbox.append(frame)
+        elif isinstance(frame, Batch):
+            self.inbox.extend(frame.signals)

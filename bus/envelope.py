@@ -1,0 +1,239 @@
+"""The bus wire format: MessagePack maps tagged by `kind` (see docs/PROTOCOL.md).
+
+Every ZeroMQ message between a peer's DEALER and the broker's ROUTER is one
+frame holding one of these structs. Two decoders exist for the same bytes:
+peers decode `data` as a value, while the broker decodes it as
+`msgspec.Raw` — it routes on the envelope alone and forwards the sender's
+original bytes, so a payload is never decoded or re-encoded in transit.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import msgspec
+
+Raw = msgspec.Raw
+
+
+class _Frame(msgspec.Struct, tag_field="kind", omit_defaults=True, forbid_unknown_fields=False):
+    pass
+
+
+class Hello(_Frame, tag="hello"):
+    """First frame of a connection: who this is (the DEALER's routing id is `name`)."""
+
+    name: str
+    incarnation: int = 0
+    pid: int = 0
+    subscribe: list[str] = []  # patterns routed to this peer (the SDK's @on routes)
+
+
+class Ready(_Frame, tag="ready"):
+    """The agent's setup is done: it is *started* as far as the tree is concerned."""
+
+
+class Heartbeat(_Frame, tag="heartbeat"):
+    """Any frame counts as a sign of life; this one is for when there is nothing else."""
+
+
+class Bye(_Frame, tag="bye"):
+    """A clean goodbye: the peer is leaving on purpose."""
+
+
+class Reconnect(_Frame, tag="reconnect"):
+    """Broker → peer: I do not know you (I was restarted): send HELLO (and READY) again."""
+
+
+class Subscribe(_Frame, tag="subscribe"):
+    """Add patterns for this peer after HELLO."""
+
+    patterns: list[str]
+
+
+class Signal(_Frame, tag="signal"):
+    """A signal, CloudEvents-like, plus delivery flags."""
+
+    id: str
+    type: str
+    source: str
+    time: float
+    data: Any = None
+    subject: str | None = None
+    to: str | None = None  # recipient (agent, pool or client); None = publish
+    correlation_id: str | None = None  # set on requests and on their replies
+    receipt: bool = False  # sender wants the broker's Receipt
+    reply: bool = False  # this is the reply to the request with correlation_id
+    error: str | None = None  # an error reply (the handler raised)
+    redelivered: bool = False  # set by the broker on redelivery (ack = true agents)
+
+
+class RawSignal(Signal, tag="signal"):
+    """The broker's view of a signal: `data` left as undecoded MessagePack."""
+
+    data: Raw = Raw(b"\xc0")
+
+
+class Batch(_Frame, tag="batch"):
+    """Several signals in one frame (each is a full `signal` map)."""
+
+    signals: list[Signal]
+
+
+class RawBatch(Batch, tag="batch"):
+    signals: list[Raw]
+
+
+class Receipt(_Frame, tag="receipt"):
+    """The broker's answer to a signal sent with receipt = true."""
+
+    id: str
+    ok: bool
+    error: str | None = None
+    delivered: int = 0  # recipients it went to (or was held for)
+
+
+class Error(_Frame, tag="error"):
+    """Something the sender sent could not be handled (never a silent drop)."""
+
+    reason: str
+    id: str | None = None  # the signal it is about, if any
+    to: str | None = None
+
+
+class Ack(_Frame, tag="ack"):
+    """An ack = true agent has finished with these signal ids."""
+
+    ids: list[str]
+
+
+class Stats(_Frame, tag="stats"):
+    """Ask the broker for its counters (the answer is a Stats with `counters`)."""
+
+    counters: dict[str, int] = {}
+
+
+# --- daemon <-> broker ------------------------------------------------------------
+
+
+class AgentEntry(msgspec.Struct, frozen=True, omit_defaults=True):
+    """What the broker must know about a configured agent instance."""
+
+    name: str  # instance name, e.g. "worker@0" or "orchestrator"
+    pool: str | None = None  # "worker" for pool members, else None
+    subscribe: list[str] = []  # configured patterns (held while down)
+    ack: bool = False
+    heartbeat: float = 10.0  # seconds of silence after which the agent is hung
+
+
+class Table(_Frame, tag="table"):
+    """The daemon's full agent table; agents absent from it are gone for good."""
+
+    version: int
+    agents: list[AgentEntry]
+
+
+class TableOk(_Frame, tag="table_ok"):
+    version: int
+
+
+class Down(_Frame, tag="down"):
+    """The daemon saw this incarnation exit: hold its traffic from now on."""
+
+    name: str
+    incarnation: int
+
+
+class BrokerEvent(_Frame, tag="event"):
+    """Broker → daemon: connected, ready, hung, disconnected."""
+
+    event: str
+    name: str
+    incarnation: int
+
+
+Frame = (
+    Hello
+    | Ready
+    | Heartbeat
+    | Bye
+    | Reconnect
+    | Subscribe
+    | Signal
+    | Batch
+    | Receipt
+    | Error
+    | Ack
+    | Stats
+    | Table
+    | TableOk
+    | Down
+    | BrokerEvent
+)
+BrokerFrame = (
+    Hello
+    | Ready
+    | Heartbeat
+    | Bye
+    | Reconnect
+    | Subscribe
+    | RawSignal
+    | RawBatch
+    | Receipt
+    | Error
+    | Ack
+    | Stats
+    | Table
+    | TableOk
+    | Down
+    | BrokerEvent
+)
+
+DAEMON_ID = b"agentd"
+
+
+def encoder() -> msgspec.msgpack.Encoder:
+    return msgspec.msgpack.Encoder()
+
+
+def peer_decoder() -> msgspec.msgpack.Decoder[Any]:
+    return msgspec.msgpack.Decoder(Frame)
+
+
+def broker_decoder() -> msgspec.msgpack.Decoder[Any]:
+    return msgspec.msgpack.Decoder(BrokerFrame)
+
+
+_counter = 0
+
+
+def new_id() -> str:
+    """Unique and time-ordered: nanoseconds, then pid and a counter (fixed width hex)."""
+    global _counter
+    _counter = (_counter + 1) & 0xFFFFFF
+    return f"{time.time_ns():016x}{os.getpid() & 0xFFFFFF:06x}{_counter:06x}"
+
+
+def signal(
+    type: str,
+    data: Any,
+    source: str,
+    *,
+    to: str | None = None,
+    subject: str | None = None,
+    correlation_id: str | None = None,
+    receipt: bool = False,
+) -> Signal:
+    return Signal(
+        id=new_id(),
+        type=type,
+        source=source,
+        time=time.time(),
+        data=data,
+        subject=subject,
+        to=to,
+        correlation_id=correlation_id,
+        receipt=receipt,
+    )

@@ -1,0 +1,115 @@
+"""The daemon's side of the bus: its agent table out, agent events in.
+
+The daemon connects a DEALER with the reserved routing id `agentd`. It sends
+the full agent table (`table`, versioned) and re-sends it until the broker
+confirms that version — which also covers a broker that was just restarted
+and knows nothing. The broker answers with `event` frames: connected, ready,
+hung, disconnected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from .envelope import (
+    DAEMON_ID,
+    AgentEntry,
+    BrokerEvent,
+    Down,
+    Table,
+    TableOk,
+    encoder,
+    peer_decoder,
+)
+
+__all__ = ["AgentEntry", "BrokerEvent", "BrokerLink"]
+
+RESEND = 0.25  # seconds between table re-sends until confirmed
+
+
+class BrokerLink:
+    """Keeps the broker's agent table current and reports what the broker sees."""
+
+    def __init__(self, endpoint: str, on_event: Callable[[BrokerEvent], None]) -> None:
+        self.endpoint = endpoint
+        self.on_event = on_event
+        self.ctx = zmq.asyncio.Context()
+        self.sock: zmq.asyncio.Socket | None = None
+        self.enc = encoder()
+        self.dec = peer_decoder()
+        self.version = 0
+        self.confirmed = -1
+        self.entries: list[AgentEntry] = []
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._changed = asyncio.Event()
+
+    async def start(self) -> None:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, DAEMON_ID)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.endpoint)
+        self.sock = sock
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._receive()), loop.create_task(self._sync())]
+
+    def set_agents(self, entries: list[AgentEntry]) -> None:
+        """The full table; agents not in it are gone for good."""
+        self.entries = list(entries)
+        self.version += 1
+        self._changed.set()
+
+    def broker_restarted(self) -> None:
+        """A new broker knows nothing: send the table again (same content, new version)."""
+        self.version += 1
+        self._changed.set()
+
+    def agent_down(self, name: str, incarnation: int) -> None:
+        """This incarnation exited: hold its traffic now rather than when ZeroMQ notices."""
+        if self.sock is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                self.sock.send(self.enc.encode(Down(name, incarnation)), zmq.NOBLOCK)
+
+    async def _sync(self) -> None:
+        assert self.sock is not None
+        while True:
+            if self.confirmed != self.version:
+                table = Table(self.version, self.entries)
+                with contextlib.suppress(zmq.ZMQError):
+                    await self.sock.send(self.enc.encode(table), zmq.NOBLOCK)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), RESEND)
+            else:
+                await self._changed.wait()
+            self._changed.clear()
+
+    async def _receive(self) -> None:
+        assert self.sock is not None
+        while True:
+            payload = await self.sock.recv()
+            try:
+                frame = self.dec.decode(payload)
+            except msgspec.DecodeError:
+                continue
+            if isinstance(frame, TableOk):
+                if frame.version == self.version:
+                    self.confirmed = frame.version
+                    self._changed.set()
+            elif isinstance(frame, BrokerEvent):
+                self.on_event(frame)
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.sock is not None:
+            self.sock.close(0)
+        self.ctx.term()

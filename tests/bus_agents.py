@@ -1,0 +1,64 @@
+"""SDK agents used by the bus tests (run as `python -m agentd.agents tests.bus_agents:X`)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+
+from agentd.agents import Agent, on
+
+
+def record(name: str, entry: dict) -> None:
+    path = os.path.join(os.environ["REC_DIR"], f"{name}.jsonl")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.write(fd, (json.dumps(entry) + "\n").encode())
+    os.close(fd)
+
+
+class Recorder(Agent):
+    """Records every signal it gets; replies with what it got."""
+
+    def setup(self) -> None:
+        record(self.name, {"setup": self.incarnation, "pid": os.getpid()})
+
+    @on("**")
+    async def anything(self, signal, ctx):
+        record(
+            ctx.name,
+            {
+                "type": signal.type,
+                "data": signal.data,
+                "source": signal.source,
+                "redelivered": signal.redelivered,
+                "incarnation": ctx.incarnation,
+            },
+        )
+        if signal.type == "work.slow":
+            await asyncio.sleep(60)
+        return {"got": signal.data, "by": ctx.name}
+
+
+class Blocker(Agent):
+    """A def handler that never returns: the heartbeat stops, the agent is hung."""
+
+    @on("block")
+    def block(self, signal, ctx):
+        record(ctx.name, {"blocking": True})
+        while True:
+            time.sleep(1)
+
+    @on("ping")
+    def ping(self, signal, ctx):
+        return "pong"
+
+
+class Relay(Agent):
+    """Uses ctx.send / ctx.emit / ctx.request from inside a handler."""
+
+    @on("relay.request")
+    async def relay(self, signal, ctx):
+        answer = await ctx.request(signal.data["to"], "echo", signal.data["value"], timeout=3)
+        await ctx.emit("relay.done", {"answer": answer})
+        return answer
