@@ -328,7 +328,11 @@ class Runtime:
 
     def _reply(self, sig: Signal, data: Any, error: str | None) -> None:
         reply = make_signal(
-            f"{sig.type}.reply", data, self.name, to=sig.source, correlation_id=sig.correlation_id
+            f"{sig.type}.reply",
+            data,
+            self.name,
+            to=sig.reply_to or sig.source,
+            correlation_id=sig.correlation_id,
         )
         self.send(msgspec.structs.replace(reply, reply=True, error=error))
 

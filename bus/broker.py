@@ -32,7 +32,7 @@ from .envelope import (
     DAEMON_ID,
     Ack,
     AgentEntry,
-    BrokerEvent,
+    AgentEvent,
     Bye,
     Down,
     Error,
@@ -62,6 +62,7 @@ class Peer:
     pid: int = 0
     ready: bool = False
     last_seen: float = 0.0
+    hello_at: float | None = None  # None: known only from traffic (a broker restart)
     hung_reported: bool = False
     patterns: set[str] = field(default_factory=set)
 
@@ -100,14 +101,18 @@ class Broker:
             0,
         )
         self._last_malformed_log = 0.0
+        self.last_send_error = 0
+        self.incarnations: dict[str, int] = {}  # highest incarnation that said HELLO
+        self.live: dict[str, list[str]] = {}  # pool -> its connected, ready members
 
     # --- sending -------------------------------------------------------------------
 
     def _send(self, to: str, frame: bytes) -> bool:
-        """To a connected peer; False if it is gone or its queue is full."""
+        """To a connected peer; False if it is gone (ROUTER_MANDATORY) or its pipe is full."""
         try:
             self.sock.send_multipart([to.encode(), frame], zmq.NOBLOCK)
-        except zmq.ZMQError:
+        except zmq.ZMQError as exc:
+            self.last_send_error = exc.errno
             return False
         return True
 
@@ -119,7 +124,7 @@ class Broker:
 
     def _event(self, event: str, name: str, incarnation: int) -> None:
         if self.daemon_connected:
-            self._reply(DAEMON_ID, BrokerEvent(event, name, incarnation))
+            self._reply(DAEMON_ID, AgentEvent(event, name, incarnation))
 
     # --- the loop ------------------------------------------------------------------
 
@@ -179,6 +184,8 @@ class Broker:
             return self._malformed(ident, "routing id is not UTF-8")
         peer = self.peers.get(sender)
         kind = type(frame)
+        if ident == DAEMON_ID and self.table_version == -1 and kind is not Table:
+            self._reply(ident, Reconnect())  # a new broker: the daemon must send its table
         if peer is not None:
             peer.last_seen = time.monotonic()
         elif ident != DAEMON_ID and kind in (RawSignal, RawBatch, Heartbeat, Ready, Ack):
@@ -240,8 +247,12 @@ class Broker:
 
     def _hello(self, name: str, hello: Hello) -> None:
         old = self.peers.get(name)
-        peer = Peer(name, hello.incarnation, hello.pid, last_seen=time.monotonic())
+        now = time.monotonic()
+        peer = Peer(name, hello.incarnation, hello.pid, last_seen=now, hello_at=now)
         self.peers[name] = peer
+        newer = hello.incarnation > self.incarnations.get(name, -1)
+        self.incarnations[name] = max(hello.incarnation, self.incarnations.get(name, -1))
+        self._update_live(name)
         dynamic = [p for p in hello.subscribe if valid(p)]
         configured = set(self.table[name].subscribe) if name in self.table else set()
         if old is not None:
@@ -255,7 +266,7 @@ class Broker:
         self._event("connected", name, hello.incarnation)
         # Redeliver what the last incarnation took but never acknowledged, then the backlog.
         pending = self.unacked.get(name)
-        if pending:
+        if pending and newer:  # not to the same incarnation saying HELLO again
             for frame in list(pending.values()):
                 sig = self.dec.decode(frame)
                 again = self.enc.encode(msgspec.structs.replace(sig, redelivered=True))
@@ -269,6 +280,7 @@ class Broker:
         if peer is None:
             return
         peer.ready = True
+        self._update_live(name)
         self._event("ready", name, peer.incarnation)
         entry = self.table.get(name)
         if entry is not None and entry.pool:
@@ -278,6 +290,7 @@ class Broker:
         peer = self.peers.pop(name, None)
         if peer is None:
             return
+        self._update_live(name)
         if name not in self.table:
             self.trie.remove_subscriber(name)
         if event:
@@ -296,13 +309,18 @@ class Broker:
             entry = self.table.get(peer.name)
             if entry is None or peer.hung_reported:
                 continue
-            if now - peer.last_seen > entry.heartbeat:
+            silent = now - peer.last_seen > entry.heartbeat
+            # HELLO but no READY within `heartbeat` is hung too (a setup that never ends).
+            since_hello = now - peer.hello_at if peer.hello_at is not None else 0.0
+            unready = not peer.ready and since_hello > entry.heartbeat
+            if silent or unready:
                 peer.hung_reported = True
                 self.log(
                     "bus.hung",
                     agent=peer.name,
                     incarnation=peer.incarnation,
                     silent=round(now - peer.last_seen, 3),
+                    ready=peer.ready,
                 )
                 self._event("hung", peer.name, peer.incarnation)
 
@@ -321,6 +339,9 @@ class Broker:
             if entry.pool:
                 pools.setdefault(entry.pool, []).append(entry.name)
         self.pools = pools
+        self.live = {}
+        for members in pools.values():
+            self._update_live(members[0])
         for name, entry in old.items():
             if name not in self.table:  # gone for good: drop what we kept for it
                 self.held.pop(name, None)
@@ -380,9 +401,8 @@ class Broker:
         self._send(sender, self.enc.encode(frame))
 
     def _direct(self, to: str, payload: bytes, sig_id: str) -> tuple[bool, str | None, int]:
-        members = self.pools.get(to)
-        if members is not None:
-            live = [m for m in members if m in self.peers and self.peers[m].ready]
+        live = self.live.get(to)
+        if live is not None:
             start = self.rr.get(to, 0)
             for k in range(len(live)):
                 member = live[(start + k) % len(live)]
@@ -408,6 +428,9 @@ class Broker:
                 return True, None, 1
             if entry is not None and entry.ack:
                 self.unacked[name].pop(sig_id, None)
+            if self.last_send_error == zmq.EAGAIN:  # alive but not reading: its pipe is full
+                self.counters["dropped"] += 1
+                return False, f"{name} is not keeping up (its queue is full)", 0
             self._gone(name, "disconnected")
         if entry is None:
             return False, f"{name} is not connected", 0
@@ -447,6 +470,18 @@ class Broker:
             queue.popleft()
         if queue:
             self.held[name].extendleft(reversed(queue))
+
+    def _update_live(self, name: str) -> None:
+        """Recompute the ready members of `name`'s pool (on HELLO, READY, goodbye, table).
+
+        Kept up to date on those events so that routing to a pool is one lookup.
+        """
+        entry = self.table.get(name)
+        if entry is None or entry.pool is None:
+            return
+        peers = self.peers
+        members = self.pools.get(entry.pool, [])
+        self.live[entry.pool] = [m for m in members if m in peers and peers[m].ready]
 
     def _ack(self, name: str, ack: Ack) -> None:
         pending = self.unacked.get(name)

@@ -19,7 +19,17 @@ from typing import Any
 
 import zmq
 
-from .envelope import Batch, Error, Hello, Receipt, Signal, encoder, peer_decoder
+from .envelope import (
+    Batch,
+    Error,
+    Hello,
+    Receipt,
+    Signal,
+    Stats,
+    Subscribe,
+    encoder,
+    peer_decoder,
+)
 from .envelope import signal as make_signal
 
 
@@ -86,6 +96,25 @@ class Client:
     def publish(self, type: str, data: Any = None, *, receipt: bool = True) -> int:
         """To every subscriber whose pattern matches; the number it went to."""
         return self._emit(make_signal(type, data, self.name, receipt=receipt))
+
+    def subscribe(self, *patterns: str) -> None:
+        """Receive published signals matching these patterns (see `receive`).
+
+        Returns once the broker has them: it handles one peer's frames in order,
+        so its answer to the STATS asked right after means the SUBSCRIBE is done.
+        """
+        self._sock.send(self._enc.encode(Subscribe(list(patterns))))
+        self.stats()
+
+    def stats(self) -> dict[str, int]:
+        """The broker's counters (routed, delivered, held, malformed, ...)."""
+        self._sock.send(self._enc.encode(Stats()))
+        deadline = time.monotonic() + self.receipt_timeout
+        while True:
+            frame = self._next(deadline, f"no answer from the broker at {self.endpoint}")
+            if isinstance(frame, Stats):
+                return frame.counters
+            self._keep(frame)
 
     def send_batch(self, signals: list[tuple[str | None, str, Any]]) -> None:
         """Many signals in one frame (no receipts): [(to or None, type, data), ...]."""

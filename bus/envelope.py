@@ -64,6 +64,7 @@ class Signal(_Frame, tag="signal"):
     subject: str | None = None
     to: str | None = None  # recipient (agent, pool or client); None = publish
     correlation_id: str | None = None  # set on requests and on their replies
+    reply_to: str | None = None  # where a request's reply goes; default: source
     receipt: bool = False  # sender wants the broker's Receipt
     reply: bool = False  # this is the reply to the request with correlation_id
     error: str | None = None  # an error reply (the handler raised)
@@ -146,8 +147,8 @@ class Down(_Frame, tag="down"):
     incarnation: int
 
 
-class BrokerEvent(_Frame, tag="event"):
-    """Broker → daemon: connected, ready, hung, disconnected."""
+class AgentEvent(_Frame, tag="event"):
+    """Broker → daemon: connected, ready, hung, disconnected (the link's `BrokerEvent`)."""
 
     event: str
     name: str
@@ -170,7 +171,7 @@ Frame = (
     | Table
     | TableOk
     | Down
-    | BrokerEvent
+    | AgentEvent
 )
 BrokerFrame = (
     Hello
@@ -188,7 +189,7 @@ BrokerFrame = (
     | Table
     | TableOk
     | Down
-    | BrokerEvent
+    | AgentEvent
 )
 
 DAEMON_ID = b"agentd"

@@ -21,8 +21,10 @@ import zmq.asyncio
 from .envelope import (
     DAEMON_ID,
     AgentEntry,
-    BrokerEvent,
+    AgentEvent,
     Down,
+    Heartbeat,
+    Reconnect,
     Table,
     TableOk,
     encoder,
@@ -31,7 +33,27 @@ from .envelope import (
 
 __all__ = ["AgentEntry", "BrokerEvent", "BrokerLink"]
 
+
+def _log() -> Any:
+    import structlog
+
+    return structlog.get_logger("agentd.bus.link")
+
 RESEND = 0.25  # seconds between table re-sends until confirmed
+PROBE = 1.0  # seconds between heartbeats once confirmed: a new broker answers RECONNECT
+
+
+class BrokerEvent(msgspec.Struct, frozen=True):
+    """What the broker saw happen to an agent incarnation."""
+
+    kind: str  # "connected" | "ready" | "hung" | "disconnected"
+    name: str
+    incarnation: int
+
+    @property
+    def event(self) -> str:
+        """The same as `kind` (an older spelling)."""
+        return self.kind
 
 
 class BrokerLink:
@@ -86,7 +108,12 @@ class BrokerLink:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), RESEND)
             else:
-                await self._changed.wait()
+                # Confirmed: a heartbeat now and then, so that a broker restarted behind our
+                # back (no broker_restarted() call) says RECONNECT and gets the table again.
+                with contextlib.suppress(zmq.ZMQError):
+                    await self.sock.send(self.enc.encode(Heartbeat()), zmq.NOBLOCK)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), PROBE)
             self._changed.clear()
 
     async def _receive(self) -> None:
@@ -97,12 +124,17 @@ class BrokerLink:
                 frame = self.dec.decode(payload)
             except msgspec.DecodeError:
                 continue
-            if isinstance(frame, TableOk):
+            if isinstance(frame, Reconnect):
+                self.broker_restarted()
+            elif isinstance(frame, TableOk):
                 if frame.version == self.version:
                     self.confirmed = frame.version
                     self._changed.set()
-            elif isinstance(frame, BrokerEvent):
-                self.on_event(frame)
+            elif isinstance(frame, AgentEvent):
+                try:
+                    self.on_event(BrokerEvent(frame.event, frame.name, frame.incarnation))
+                except Exception:  # the daemon's callback must not kill the link
+                    _log().exception("bus.link_callback_failed", event=frame.event)
 
     async def close(self) -> None:
         for task in self._tasks:

@@ -62,3 +62,30 @@ class Relay(Agent):
         answer = await ctx.request(signal.data["to"], "echo", signal.data["value"], timeout=3)
         await ctx.emit("relay.done", {"answer": answer})
         return answer
+
+
+class Worker(Agent):
+    """Fails on request, or finishes slowly (for graceful SIGTERM)."""
+
+    @on("work.fail")
+    def fail(self, signal, ctx):
+        raise ValueError(f"cannot do {signal.data}")
+
+    @on("work.finish")
+    async def finish(self, signal, ctx):
+        record(ctx.name, {"type": signal.type, "started": True})
+        await asyncio.sleep(1.0)
+        record(ctx.name, {"type": signal.type, "finished": True})
+        return "finished"
+
+    @on("**")
+    def echo(self, signal, ctx):
+        return signal.data
+
+
+class SlowSetup(Agent):
+    """setup() never returns: HELLO without READY, hung after `heartbeat`."""
+
+    def setup(self) -> None:
+        while True:
+            time.sleep(1)
