@@ -8,6 +8,7 @@ so the daemon calls these unconditionally.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import time
@@ -69,8 +70,8 @@ class Notifier:
         if not self.enabled or not usec:
             return None
         pid = self.environ.get("WATCHDOG_PID")
-        if pid and pid.isdigit() and int(pid) != os.getpid():
-            return None
+        if pid and (not pid.strip().isdigit() or int(pid) != os.getpid()):
+            return None  # the watchdog is meant for another process
         try:
             value = int(usec)
         except ValueError:
@@ -81,3 +82,18 @@ class Notifier:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+
+
+async def watchdog_loop(notifier: Notifier, interval: float | None = None) -> None:
+    """WATCHDOG=1 every `interval` (default: notifier.watchdog_interval()) until cancelled.
+
+    Run it as a task on the daemon's own event loop: if the loop gets stuck, the
+    pings stop and systemd restarts the service. Returns at once when there is
+    no watchdog for this process.
+    """
+    interval = notifier.watchdog_interval() if interval is None else interval
+    if not interval:
+        return
+    while True:
+        notifier.watchdog()
+        await asyncio.sleep(interval)
