@@ -39,6 +39,7 @@ def _log() -> Any:
 
     return structlog.get_logger("agentd.bus.link")
 
+
 RESEND = 0.25  # seconds between table re-sends until confirmed
 PROBE = 1.0  # seconds between heartbeats once confirmed: a new broker answers RECONNECT
 
