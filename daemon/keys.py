@@ -54,11 +54,46 @@ def create_keys_dir(directory: Path) -> dict[str, Path]:
 
 
 def endpoint_needs_keys(endpoint: str) -> bool:
-    return endpoint.startswith("tcp://")
+    """True unless the endpoint is host-local (ipc://, inproc://): tcp:// needs CurveZMQ.
+
+    Any other transport (ws://, pgm://, ...) also counts as network, so it needs
+    keys too: there is no unauthenticated network endpoint.
+    """
+    scheme = endpoint.partition("://")[0].lower()
+    return scheme not in ("ipc", "inproc")
 
 
-def server_auth(context: zmq.Context[Any], sock: zmq.Socket[Any], keys_dir: Path) -> Any:
-    """Make `sock` a CURVE server admitting only keys in keys_dir/allowed (before bind)."""
+def _load_secret(secret_file: Path) -> tuple[bytes, bytes]:
+    public, secret = zmq.auth.load_certificate(str(secret_file))
+    if not secret:
+        raise ValueError(f"{secret_file}: no secret key in this file (a public .key?)")
+    return public, secret
+
+
+def server_auth(
+    context: zmq.Context[Any],
+    sock: zmq.Socket[Any],
+    allowed_keys_dir: Path,
+    secret_key_file: Path | None = None,
+) -> Any:
+    """Make `sock` a CURVE server admitting only the public keys in allowed_keys_dir.
+
+    Call before bind. Starts and returns the ZAP authenticator (a
+    ThreadAuthenticator, or an AsyncioAuthenticator for a zmq.asyncio context);
+    the caller stops it (`auth.stop()`) before terminating the context. A client
+    whose key is not allowed gets no connection and no answer.
+
+    With secret_key_file omitted, allowed_keys_dir is an `agentd keys` directory:
+    its allowed/ subdirectory and agentd.key_secret are used.
+    """
+    if secret_key_file is None:
+        keys_dir = Path(allowed_keys_dir)
+        allowed_keys_dir, secret_key_file = keys_dir / "allowed", keys_dir / f"{SERVER}.key_secret"
+    allowed = Path(allowed_keys_dir)
+    if not allowed.is_dir():
+        raise FileNotFoundError(f"{allowed}: no such directory of allowed client keys")
+    public, secret = _load_secret(Path(secret_key_file))
+
     import zmq.asyncio
 
     if isinstance(context, zmq.asyncio.Context):
@@ -70,18 +105,35 @@ def server_auth(context: zmq.Context[Any], sock: zmq.Socket[Any], keys_dir: Path
 
         auth = ThreadAuthenticator(context)
     auth.start()
-    auth.configure_curve(domain="*", location=str(keys_dir / "allowed"))
-    public, secret = zmq.auth.load_certificate(str(keys_dir / f"{SERVER}.key_secret"))
+    try:
+        auth.configure_curve(domain="*", location=str(allowed))
+    except BaseException:
+        auth.stop()
+        raise
     sock.curve_publickey = public
     sock.curve_secretkey = secret
     sock.curve_server = True
     return auth
 
 
-def client_curve(sock: zmq.Socket[Any], keys_dir: Path, name: str = CLIENT) -> None:
-    """Make `sock` a CURVE client of the daemon (before connect)."""
-    public, secret = zmq.auth.load_certificate(str(keys_dir / f"{name}.key_secret"))
-    server_public, _ = zmq.auth.load_certificate(str(keys_dir / f"{SERVER}.key"))
+def client_curve(
+    sock: zmq.Socket[Any],
+    client_secret_file: Path,
+    server_public_file: Path | None = None,
+    *,
+    name: str = CLIENT,
+) -> None:
+    """Make `sock` a CURVE client of the daemon (call before connect).
+
+    With server_public_file omitted, client_secret_file is an `agentd keys`
+    directory: `<name>.key_secret` and agentd.key from it are used.
+    """
+    if server_public_file is None:
+        keys_dir = Path(client_secret_file)
+        client_secret_file = keys_dir / f"{name}.key_secret"
+        server_public_file = keys_dir / f"{SERVER}.key"
+    public, secret = _load_secret(Path(client_secret_file))
+    server_public, _ = zmq.auth.load_certificate(str(server_public_file))
     sock.curve_publickey = public
     sock.curve_secretkey = secret
     sock.curve_serverkey = server_public
