@@ -132,12 +132,18 @@ class Runtime:
         self.dec = peer_decoder()
         self.routes: list[tuple[str, Handler]] = []
         self.trie = Trie()
-        for attr in dir(type(agent)):
-            fn = getattr(type(agent), attr, None)
-            for pattern in getattr(fn, "_agentd_routes", ()):
-                index = str(len(self.routes))
-                self.routes.append((pattern, getattr(agent, attr)))
-                self.trie.add(pattern, index)
+        self.rank: list[tuple[int, int, int, int]] = []
+        seen: set[str] = set()
+        for klass in type(agent).__mro__:  # subclass first, then in definition order
+            for attr, fn in vars(klass).items():
+                if attr in seen:
+                    continue
+                seen.add(attr)
+                for pattern in getattr(fn, "_agentd_routes", ()):
+                    index = len(self.routes)
+                    self.routes.append((pattern, getattr(agent, attr)))
+                    self.rank.append((*_specificity(pattern), index))
+                    self.trie.add(pattern, str(index))
         self.receipts: dict[str, asyncio.Future[Receipt]] = {}
         self.requests: dict[str, asyncio.Future[Signal]] = {}
         self.request_ids: dict[str, str] = {}  # signal id -> correlation id
@@ -287,7 +293,8 @@ class Runtime:
                 self._reply(sig, None, f"no handler for {sig.type!r}")
             self._ack(sig)
             return
-        _, handler = self.routes[min(int(i) for i in matches)]
+        # The most specific matching route wins; among equals, the first defined.
+        _, handler = self.routes[min(self.rank[int(i)] for i in matches)[-1]]
         ctx = Context(self, sig)
         if inspect.iscoroutinefunction(handler):
             task = asyncio.get_running_loop().create_task(self._run_async(handler, sig, ctx))
@@ -339,6 +346,12 @@ class Runtime:
     def _ack(self, sig: Signal) -> None:
         if self.ack:
             self.send(Ack([sig.id]))
+
+
+def _specificity(pattern: str) -> tuple[int, int, int]:
+    """Sort key: fewer `**`, then fewer `*`, then more segments = more specific."""
+    segments = pattern.split(".")
+    return segments.count("**"), segments.count("*"), -len(segments)
 
 
 def load(target: str) -> type[Agent]:
