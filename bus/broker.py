@@ -97,6 +97,7 @@ class Broker:
                 "oversized",
                 "redelivered",
                 "dropped",
+                "internal_errors",
             ),
             0,
         )
@@ -146,7 +147,11 @@ class Broker:
                         frames = recv(zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    self.handle(frames)
+                    try:
+                        self.handle(frames)
+                    except Exception as exc:  # a bug must not take the bus down with it
+                        self.counters["internal_errors"] += 1
+                        self.log("bus.internal_error", error=repr(exc), exc_info=True)
             now = time.monotonic()
             if now >= next_check:
                 self.check_heartbeats(now)

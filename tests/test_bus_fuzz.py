@@ -90,6 +90,7 @@ frames = st.one_of(
         kinds,
         st.dictionaries(st.text(max_size=6), values, max_size=4),
     ),
+    st.just(msgspec.msgpack.encode({"kind": "signal", "id": "big", "data": "x" * 70_000})),
 )
 
 
@@ -99,13 +100,17 @@ frames = st.one_of(
 @given(st.lists(frames, min_size=1, max_size=10))
 def test_generated_frames_never_break_the_broker(broker, batch) -> None:
     _endpoint, sock, rx, tx, proc = broker
+    before = stats(sock)
     for payload in batch:
         sock.send_multipart([payload])
-        sock.send_multipart([b"two", b"frames", b"three"])
+        sock.send_multipart([b"two", b"frames", b"three"])  # malformed, always
     tx.send("rx", "still.alive", 1)
     got = rx.receive(timeout=5)
     assert got is not None and got.type == "still.alive"
     assert proc.poll() is None
+    after = stats(sock)  # the same socket as the garbage: it is all counted by now
+    assert after["malformed"] >= before["malformed"] + len(batch)
+    assert after["received"] >= before["received"] + 2 * len(batch)
 
 
 def test_malformed_and_oversized_are_counted_and_answered(broker) -> None:
