@@ -103,6 +103,7 @@ class Broker:
         )
         self._last_malformed_log = 0.0
         self.last_send_error = 0
+        self.tick_ms = 1000
         self._sink: dict[str, list[Any]] | None = None  # set while routing a batch
         self.incarnations: dict[str, int] = {}  # highest incarnation that said HELLO
         self.live: dict[str, list[str]] = {}  # pool -> its connected, ready members
@@ -158,10 +159,8 @@ class Broker:
                 next_check = now + 0.05
 
     def _tick_ms(self) -> int | None:
-        beats = [self.table[p].heartbeat for p in self.peers if p in self.table]
-        if not beats:
-            return 1000
-        return max(50, min(1000, int(min(beats) * 250)))
+        """Poll timeout: a quarter of the shortest heartbeat (cached: set with the table)."""
+        return self.tick_ms
 
     # --- input --------------------------------------------------------------------------
 
@@ -338,6 +337,8 @@ class Broker:
         if table.version == self.table_version:
             return
         self.table_version = table.version
+        beats = [a.heartbeat for a in table.agents]
+        self.tick_ms = max(20, min(1000, int(min(beats) * 250))) if beats else 1000
         old = self.table
         self.table = {a.name: a for a in table.agents}
         pools: dict[str, list[str]] = {}
