@@ -52,6 +52,8 @@ from .envelope import (
 )
 from .patterns import Trie, valid
 
+RESERVED = frozenset({"agentd", "bus", "ctl"})  # the daemon, the broker, the ctl command
+
 
 @dataclass
 class Peer:
@@ -206,6 +208,9 @@ class Broker:
         elif kind is Heartbeat:
             pass
         elif kind is Hello:
+            if sender in RESERVED or frame.name != sender:
+                why = f"hello as {frame.name!r} from {sender!r}: names must match, and "
+                return self._reply(ident, Error(why + f"{sorted(RESERVED)} are reserved"))
             self._hello(sender, frame)
         elif kind is Ready:
             self._ready(sender)

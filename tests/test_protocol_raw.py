@@ -182,3 +182,21 @@ def test_raw_frames_are_answered_with_receipts_and_errors(bus) -> None:
     assert ok == {"kind": "receipt", "id": "x3", "ok": True, "delivered": 1}
     got = me.receive(timeout=5)
     assert got is not None and got.id == "x3" and got.time == 1.0
+
+
+def test_reserved_and_mismatched_names_are_refused(bus) -> None:
+    for routing_id, name in (("bus", "bus"), ("ctl", "ctl"), ("me", "someone")):
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.ROUTING_ID, routing_id.encode())
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(bus.endpoint)
+        try:
+            sock.send(msgspec.msgpack.encode({"kind": "hello", "name": name}))
+            assert sock.poll(5000)
+            error = msgspec.msgpack.decode(sock.recv())
+            assert error["kind"] == "error" and "reserved" in error["reason"]
+        finally:
+            sock.close(0)
+            ctx.term()
+    assert not [e for e in bus.link.events if e.kind == "connected"]
