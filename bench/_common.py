@@ -409,3 +409,38 @@ def cpu_percent_over(pid: int, seconds: float) -> float:
 
 def rss_mib(pid: int) -> float:
     return psutil.Process(pid).memory_info().rss / (1024 * 1024)
+
+
+# --- CLI timing (bench/ctl.py) -----------------------------------------------------
+
+
+def agentd_console_script() -> Path:
+    """The `agentd` console script next to the running interpreter.
+
+    Not `shutil.which("agentd")`: under pyenv that finds a bash shim in
+    ~/.pyenv/shims, which adds ~70 ms of bash before Python even starts.
+    """
+    return Path(sys.executable).parent / "agentd"
+
+
+def time_command(
+    argv: Sequence[str],
+    runs: int,
+    warmup: int = 2,
+    env: dict[str, str] | None = None,
+    ok_codes: Iterable[int] = (0,),
+) -> list[float]:
+    """Wall time (ms) of `argv` as a whole process, stdout/stderr to pipes; warm-ups dropped."""
+    ok = set(ok_codes)
+    samples = []
+    for i in range(warmup + runs):
+        t0 = time.perf_counter()
+        done = subprocess.run(list(argv), capture_output=True, env=env)
+        elapsed = (time.perf_counter() - t0) * 1000
+        if done.returncode not in ok:
+            raise RuntimeError(
+                f"{' '.join(argv)}: exit {done.returncode}\n{done.stderr.decode(errors='replace')}"
+            )
+        if i >= warmup:
+            samples.append(elapsed)
+    return samples
