@@ -101,20 +101,23 @@ class BrokerLink:
 
     async def _sync(self) -> None:
         assert self.sock is not None
+        loop = asyncio.get_running_loop()
         while True:
             if self.confirmed != self.version:
-                table = Table(self.version, self.entries)
-                with contextlib.suppress(zmq.ZMQError):
-                    await self.sock.send(self.enc.encode(table), zmq.NOBLOCK)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), RESEND)
+                frame: Any = Table(self.version, self.entries)
+                delay = RESEND
             else:
                 # Confirmed: a heartbeat now and then, so that a broker restarted behind our
                 # back (no broker_restarted() call) says RECONNECT and gets the table again.
-                with contextlib.suppress(zmq.ZMQError):
-                    await self.sock.send(self.enc.encode(Heartbeat()), zmq.NOBLOCK)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), PROBE)
+                frame, delay = Heartbeat(), PROBE
+            with contextlib.suppress(zmq.ZMQError):
+                await self.sock.send(self.enc.encode(frame), zmq.NOBLOCK)
+            # A timer rather than wait_for(): cancelling wait_for() can be lost on 3.11.
+            timer = loop.call_later(delay, self._changed.set)
+            try:
+                await self._changed.wait()
+            finally:
+                timer.cancel()
             self._changed.clear()
 
     async def _receive(self) -> None:
@@ -140,9 +143,8 @@ class BrokerLink:
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=1.0)
         if self.sock is not None:
             self.sock.close(0)
         self.ctx.term()

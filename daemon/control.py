@@ -87,7 +87,9 @@ class ControlServer:
                 continue
             if not isinstance(request, Request):
                 continue
-            task = asyncio.get_running_loop().create_task(self._handle(identity, request))
+            task = asyncio.get_running_loop().create_task(
+                self._handle(identity, request), name=f"ctl-{request.cmd}"
+            )
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
 
@@ -123,6 +125,10 @@ class ControlServer:
     async def close(self) -> None:
         if self._serve_task is not None:
             self._serve_task.cancel()
+        # A `shutdown` command is answered once everything has stopped: let it say so.
+        answering = [t for t in self.tasks if t.get_name() == "ctl-shutdown"]
+        if answering:
+            await asyncio.wait(answering, timeout=2.0)
         for task in list(self.tasks):
             task.cancel()
         if self.sock is not None:

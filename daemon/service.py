@@ -81,6 +81,7 @@ class Daemon:
         self._kill_timer: asyncio.TimerHandle | None = None
         self.started_at = time.time()
         self.control: Any = None
+        self.broker: Any = None
         self.notifier: Any = None
         self.exits: dict[str, int] = {}
         self._waiters: list[tuple[Any, asyncio.Future[None]]] = []
@@ -146,8 +147,22 @@ class Daemon:
             agents=len(self.spec.agents),
         )
         try:
+            from .bus import Broker
+
+            self.broker = Broker(
+                self.spec.daemon,
+                self.events,
+                self.guard,
+                on_ready=self._bus_ready,
+                on_hung=self._bus_hung,
+            )
+            await self.broker.start(self.spec)
             self._apply(self.tree.start(self.now()))
             code = await self._done
+            await self.broker.stop()
+            for future in self._stopped_waiters:
+                if not future.done():
+                    future.set_result(None)
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
                 loop.remove_signal_handler(sig)
@@ -158,6 +173,8 @@ class Daemon:
                 await self.control.close()
             if self.runtime is not None:
                 self.runtime.close_logs()
+            if self.broker is not None:
+                self.broker.close_logs()
             if self.guard is not None:
                 self.guard.close()
         return code
@@ -196,9 +213,6 @@ class Daemon:
     def _finish(self, code: int) -> None:
         if self._kill_timer is not None:
             self._kill_timer.cancel()
-        for future in self._stopped_waiters:
-            if not future.done():
-                future.set_result(None)
         if self._done is not None and not self._done.done():
             self._done.set_result(code)
 
@@ -245,7 +259,24 @@ class Daemon:
 
     def _on_chld(self) -> None:
         assert self.runtime is not None and self.guard is not None
-        self.runtime.reap_strays({self.guard.popen.pid})
+        known = {self.guard.popen.pid}
+        if self.broker is not None and self.broker.proc() is not None:
+            known.add(self.broker.proc().pid)
+        self.runtime.reap_strays(known)
+
+    # --- broker -> tree -----------------------------------------------------------------
+
+    def _bus_ready(self, name: str, incarnation: int) -> None:
+        assert self.runtime is not None
+        self.runtime.mark_ready(name, incarnation)
+
+    def _bus_hung(self, name: str, incarnation: int) -> None:
+        assert self.runtime is not None
+        proc = self.runtime.procs.get(name)
+        if proc is None or proc.incarnation != incarnation or proc.stopping:
+            return
+        self.events.emit("agent.hung", name, pid=proc.pid, incarnation=incarnation)
+        self.runtime.kill(name, "hung", incarnation)
 
     # --- tree <-> runtime ---------------------------------------------------------------
 
@@ -283,6 +314,8 @@ class Daemon:
 
     def _agent_exited(self, name: str, incarnation: int, info: ExitInfo) -> None:
         self.exits[name] = self.exits.get(name, 0) + 1
+        if self.broker is not None:
+            self.broker.agent_exited(name, incarnation)
         self._apply(
             self.tree.exited(
                 name,
@@ -410,8 +443,13 @@ class Daemon:
         return rows
 
     def _extra_rows(self, now: float) -> list[dict[str, Any]]:
-        """Rows for processes outside the user's tree (the broker)."""
-        return []
+        """The broker's row: it is supervised here, outside the user's tree."""
+        if self.broker is None:
+            return []
+        proc = self.broker.proc()
+        state = "running" if proc is not None else "stopped"
+        last = self.broker.last_exit()
+        return [self._row("bus", state, self.broker.restarts, None, proc, last, now)]
 
     def _row(self, name, state, restarts, supervisor, proc, last, now) -> dict[str, Any]:
         assert self.runtime is not None
@@ -617,7 +655,9 @@ class Daemon:
         return result
 
     def _bus_table_changed(self) -> None:
-        """Hook: tell the broker which agents exist now."""
+        """Tell the broker which agents exist now (reload, scale)."""
+        if self.broker is not None:
+            self.broker.set_agents(self.spec)
 
     # --- views --------------------------------------------------------------------------
 

@@ -86,6 +86,8 @@ def agent_env(spec: AgentSpec, incarnation: int, bus: str) -> dict[str, str]:
     )
     if spec.pool is not None:
         env["AGENTD_POOL"] = spec.pool
+    if spec.ack:
+        env["AGENTD_ACK"] = "1"
     env.update(dict(spec.env))
     return env
 

@@ -63,7 +63,11 @@ def test_defaults(tmp_path: Path) -> None:
     assert (root.strategy, root.max_restarts, root.max_seconds) == ("one_for_one", 3, 5)
     a = spec.agents["a"]
     assert (a.restart, a.shutdown, a.stop_signal, a.start_seconds, a.heartbeat) == (
-        "permanent", 5.0, 15, 1.0, 10.0,
+        "permanent",
+        5.0,
+        15,
+        1.0,
+        10.0,
     )
 
 
@@ -84,8 +88,12 @@ def test_defaults(tmp_path: Path) -> None:
         ('[daemon]\nshutdown_timeout = "soon"\n', 2, "Expected `float`"),
         ('[agents.a]\ncommand = ["x"]\nheartbeat = 0\n', 3, "must be > 0"),
         ('[agents.a]\ncommand = ["x"]\nuser = "no-such-user-agentd"\n', 3, "no such user"),
-        ('[agents.a]\ncommand = ["x"]\n[agents.b]\ncommand = ["y"]\n[supervisor]\n'
-         'children = ["a"]\n', 3, "not a child of any supervisor"),
+        (
+            '[agents.a]\ncommand = ["x"]\n[agents.b]\ncommand = ["y"]\n[supervisor]\n'
+            'children = ["a"]\n',
+            3,
+            "not a child of any supervisor",
+        ),
         ("bogus = 1\n", 1, "unknown key `bogus`"),
     ],
 )
@@ -134,7 +142,7 @@ def test_include_drop_ins_and_duplicate_names(tmp_path: Path) -> None:
 
 def test_drop_in_may_not_set_daemon(tmp_path: Path) -> None:
     main = write(tmp_path, 'include = ["d/*.toml"]\n[agents.a]\ncommand = ["x"]\n')
-    drop = write(tmp_path, '[daemon]\nshutdown_timeout = 1\n', "d/x.toml")
+    drop = write(tmp_path, "[daemon]\nshutdown_timeout = 1\n", "d/x.toml")
     assert any(e.startswith(f"{drop}:1: ") for e in errors(main))
 
 

@@ -237,7 +237,8 @@ start_seconds = 0
     assert "removed: goes" in result.stdout
     assert "changed: changes" in result.stdout
     rows = by_name(d.ctl_json("status"))
-    assert set(rows) == {"same", "changes", "comes"}
+    assert set(rows) == {"same", "changes", "comes", "bus"}
+    assert rows["bus"]["supervisor"] is None and rows["bus"]["state"] == "running"
     assert rows["same"]["pid"] == before["same"]
     assert rows["changes"]["pid"] != before["changes"] and rows["changes"]["state"] == "running"
     assert rows["comes"]["state"] == "running"

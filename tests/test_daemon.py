@@ -320,6 +320,8 @@ start_seconds = 0
     d.wait_event("agent.exited", "chatty")
     log_dir = d.runtime_dir / "log"
     assert sorted(p.name for p in log_dir.glob("chatty.log*")) == [
-        "chatty.log", "chatty.log.1", "chatty.log.2"
+        "chatty.log",
+        "chatty.log.1",
+        "chatty.log.2",
     ]
     assert all(p.stat().st_size <= 100000 for p in log_dir.glob("chatty.log*"))

@@ -1,0 +1,153 @@
+"""The bus broker as the daemon runs it: outside the user's tree, always restarted.
+
+The broker is its own process (`python -m agentd.bus.broker`), started before
+the tree and stopped after it. If it dies it is restarted at once — no
+intensity, no delay: agents reconnect by themselves and the daemon re-sends
+the agent table. The daemon hears from the broker through a `BrokerLink`:
+READY makes a bus agent *started* in the tree, heartbeat silence makes it
+`hung`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .events import EventLog
+from .runtime import ExitInfo, Guard, Proc, Runtime
+from .spec import AgentSpec, DaemonSpec, Spec
+
+NAME = "bus"
+
+
+def broker_spec(daemon: DaemonSpec) -> AgentSpec:
+    argv = (
+        sys.executable,
+        "-m",
+        "agentd.bus.broker",
+        "--endpoint",
+        daemon.bus,
+        "--max-frame",
+        str(daemon.max_frame),
+        "--log-format",
+        "json",
+    )
+    return AgentSpec(
+        name=NAME, pool=None, argv=argv, bus_agent=False, start_seconds=0, shutdown=5.0
+    )
+
+
+class Broker:
+    """Runs, restarts and talks to the broker process."""
+
+    def __init__(
+        self,
+        daemon: DaemonSpec,
+        events: EventLog,
+        guard: Guard,
+        on_ready: Callable[[str, int], None],
+        on_hung: Callable[[str, int], None],
+    ) -> None:
+        self.daemon = daemon
+        self.events = events
+        self.on_ready = on_ready
+        self.on_hung = on_hung
+        self.runtime = Runtime(
+            daemon,
+            {NAME: broker_spec(daemon)},
+            events,
+            on_started=lambda name, inc: None,
+            on_exited=self._exited,
+            guard=guard,
+        )
+        self.incarnation = 0
+        self.restarts = 0
+        self.stopping = False
+        self._stopped: asyncio.Future[None] | None = None
+        self.link: Any = None
+        self._table: list[Any] = []
+
+    async def start(self, spec: Spec) -> None:
+        """Spawn the broker, wait for its socket, connect the link, send the table."""
+        from agentd.bus.link import BrokerLink
+
+        self.runtime.start(NAME, self.incarnation)
+        await self._wait_bound(5.0)
+        self.link = BrokerLink(self.daemon.bus, self._on_event)
+        await self.link.start()
+        self.set_agents(spec)
+
+    async def _wait_bound(self, timeout: float) -> None:
+        """For an ipc endpoint, the socket file appears once the broker has bound."""
+        if not self.daemon.bus.startswith("ipc://"):
+            return
+        path = Path(self.daemon.bus[len("ipc://") :])
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not path.exists() and loop.time() < deadline and NAME in self.runtime.procs:
+            await asyncio.sleep(0.005)
+
+    def set_agents(self, spec: Spec) -> None:
+        """Tell the broker which agents exist (for hold queues, pools, acks, heartbeats)."""
+        from agentd.bus.link import AgentEntry
+
+        self._table = [
+            AgentEntry(
+                name=a.name,
+                pool=a.pool,
+                subscribe=list(a.subscribe),
+                ack=a.ack,
+                heartbeat=a.heartbeat,
+            )
+            for a in spec.agents.values()
+        ]
+        if self.link is not None:
+            self.link.set_agents(self._table)
+
+    def _on_event(self, event: Any) -> None:
+        if event.kind == "ready":
+            self.on_ready(event.name, event.incarnation)
+        elif event.kind == "hung":
+            self.on_hung(event.name, event.incarnation)
+
+    def _exited(self, name: str, incarnation: int, info: ExitInfo) -> None:
+        if self.stopping:
+            if self._stopped is not None and not self._stopped.done():
+                self._stopped.set_result(None)
+            return
+        # Restarted at once: every agent's traffic depends on it.
+        self.incarnation += 1
+        self.restarts += 1
+        self.events.emit("agent.restarting", NAME, restarts=self.restarts)
+        self.runtime.start(NAME, self.incarnation)
+        if self.link is not None:
+            self.link.broker_restarted()
+
+    async def stop(self) -> None:
+        """Stop the broker last, after the tree."""
+        self.stopping = True
+        if self.link is not None:
+            await self.link.close()
+            self.link = None
+        if NAME not in self.runtime.procs:
+            return
+        self._stopped = asyncio.get_running_loop().create_future()
+        self.runtime.stop(NAME)
+        await asyncio.wait([self._stopped], timeout=10)
+
+    def agent_exited(self, name: str, incarnation: int) -> None:
+        """Hold the agent's traffic from now on, not from when ZeroMQ notices."""
+        if self.link is not None:
+            self.link.agent_down(name, incarnation)
+
+    def proc(self) -> Proc | None:
+        return self.runtime.procs.get(NAME)
+
+    def last_exit(self) -> ExitInfo | None:
+        return self.runtime.last_exit.get(NAME)
+
+    def close_logs(self) -> None:
+        self.runtime.close_logs()
