@@ -312,8 +312,9 @@ class Runtime:
             ]
             if not limited:
                 return
+            kids = children_map()
             for proc, limit_mb in limited:
-                rss = self.rss(proc)
+                rss = self.rss(proc, kids)
                 if rss is not None and rss > limit_mb * 1024 * 1024:
                     self.events.emit(
                         "agent.memory", proc.name, rss=rss, limit=limit_mb * 1024 * 1024
@@ -328,20 +329,29 @@ class Runtime:
                 return None
         return proc.ps
 
-    def rss(self, proc: Proc) -> int | None:
-        """Resident memory of the agent and everything it forked."""
+    def rss(self, proc: Proc, kids: dict[int, list[int]] | None = None) -> int | None:
+        """Resident memory of the agent and everything it forked.
+
+        `kids` (from `children_map()`) lets a caller asking about many agents walk
+        /proc once instead of once per agent: psutil's children() scans every process.
+        """
         ps = self._ps(proc)
         if ps is None:
             return None
+        if kids is None:
+            kids = children_map()
         try:
             total = ps.memory_info().rss
-            for child in ps.children(recursive=True):
-                try:
-                    total += child.memory_info().rss
-                except psutil.Error:
-                    pass
         except psutil.Error:
             return None
+        stack = list(kids.get(proc.pid, ()))
+        while stack:
+            pid = stack.pop()
+            stack.extend(kids.get(pid, ()))
+            try:
+                total += psutil.Process(pid).memory_info().rss
+            except psutil.Error:
+                pass
         return total
 
     def cpu(self, proc: Proc) -> float | None:
@@ -374,3 +384,13 @@ class Runtime:
         for log in self.logs.values():
             log.close()
         self.logs.clear()
+
+
+def children_map() -> dict[int, list[int]]:
+    """pid -> its children's pids, for every process, from one pass over /proc."""
+    kids: dict[int, list[int]] = {}
+    for ps in psutil.process_iter(["ppid"]):
+        ppid = ps.info["ppid"]
+        if ppid:
+            kids.setdefault(ppid, []).append(ps.pid)
+    return kids

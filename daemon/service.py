@@ -25,7 +25,7 @@ from . import spawn
 from .capture import tail
 from .events import EventLog
 from .log import get_logger
-from .runtime import ExitInfo, Guard, Runtime
+from .runtime import ExitInfo, Guard, Runtime, children_map
 from .spec import AgentSpec, PoolSpec, Spec, pool_member
 from .tree import (
     Action,
@@ -433,25 +433,28 @@ class Daemon:
         """`ctl status --json` rows, the broker (`bus`) included."""
         assert self.runtime is not None
         now = time.time()
+        kids = children_map()
         rows = []
         for name in self.tree.agents():
             child = self.tree.children[name]
             proc = self.runtime.procs.get(name)
             last = self.runtime.last_exit.get(name)
-            rows.append(self._row(name, child.state, child.restarts, child.parent, proc, last, now))
-        rows.extend(self._extra_rows(now))
+            rows.append(
+                self._row(name, child.state, child.restarts, child.parent, proc, last, now, kids)
+            )
+        rows.extend(self._extra_rows(now, kids))
         return rows
 
-    def _extra_rows(self, now: float) -> list[dict[str, Any]]:
+    def _extra_rows(self, now: float, kids: dict[int, list[int]]) -> list[dict[str, Any]]:
         """The broker's row: it is supervised here, outside the user's tree."""
         if self.broker is None:
             return []
         proc = self.broker.proc()
         state = "running" if proc is not None else "stopped"
         last = self.broker.last_exit()
-        return [self._row("bus", state, self.broker.restarts, None, proc, last, now)]
+        return [self._row("bus", state, self.broker.restarts, None, proc, last, now, kids)]
 
-    def _row(self, name, state, restarts, supervisor, proc, last, now) -> dict[str, Any]:
+    def _row(self, name, state, restarts, supervisor, proc, last, now, kids) -> dict[str, Any]:
         assert self.runtime is not None
         alive = proc is not None and proc.pid and proc.popen is not None
         return {
@@ -468,7 +471,7 @@ class Daemon:
                 "signal": signal.Signals(last.signal).name if last.signal else None,
                 "reason": last.reason,
             },
-            "rss": self.runtime.rss(proc) if alive else None,
+            "rss": self.runtime.rss(proc, kids) if alive else None,
             "cpu": self.runtime.cpu(proc) if alive else None,
         }
 
