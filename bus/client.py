@@ -82,9 +82,10 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def close(self) -> None:
+    def close(self, linger: float | None = None) -> None:
+        """Close; unsent frames get `linger` seconds (default: the socket's 1 s)."""
         if not self._sock.closed:
-            self._sock.close()
+            self._sock.close(None if linger is None else int(linger * 1000))
             self._ctx.term()
 
     # --- sending -------------------------------------------------------------------------

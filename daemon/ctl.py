@@ -301,3 +301,94 @@ def shutdown(c: Ctl) -> None:
     """Stop the whole tree and the daemon; returns once stopped."""
     c.call("shutdown")
     click.echo("agentd: stopped")
+
+
+# --- the bus ----------------------------------------------------------------------------
+
+BUS_PROBE_S = 1.2
+
+
+def _json_arg(text: str | None) -> Any:
+    """The optional JSON argument of send/publish/request (usage error if it is not JSON)."""
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint="JSON") from None
+
+
+def _bus_call(c: Ctl, use: Callable[[Any], Any]) -> Any:
+    """Run `use(client)` on a bus Client named ctl-<pid>, with ctl's exit statuses.
+
+    The broker is probed first, so "no daemon" (3) is told apart from a refusal
+    or a timeout of the call itself (1).
+    """
+    from agentd.bus.client import BusError, BusTimeout, Client
+
+    endpoint = c.settings()["bus"]
+    if endpoint.startswith("ipc://") and not os.path.exists(endpoint[len("ipc://") :]):
+        fail(f"no agentd bus at {endpoint} (no socket there)", NO_DAEMON)
+    keys_dir = c.settings()["keys_dir"] or None
+    try:
+        client = Client(
+            endpoint, name=f"ctl-{os.getpid()}", keys_dir=keys_dir, receipt_timeout=BUS_PROBE_S
+        )
+    except BusError as exc:
+        fail(str(exc), NO_DAEMON)
+    try:
+        try:
+            client.stats()
+        except BusTimeout:
+            client.close(linger=0)  # the HELLO nobody took must not hold us up
+            fail(f"no agentd bus answering at {endpoint}", NO_DAEMON)
+        client.receipt_timeout = 5.0
+        return use(client)
+    except BusError as exc:
+        fail(str(exc), REFUSED)
+    except KeyboardInterrupt:
+        sys.exit(0)
+    finally:
+        client.close()
+
+
+@ctl.command()
+@click.argument("name")
+@click.argument("type_", metavar="TYPE")
+@click.argument("data", metavar="[JSON]", required=False)
+@pass_ctl
+def send(c: Ctl, name: str, type_: str, data: str | None) -> None:
+    """Send a signal to NAME (an agent or a pool); held if NAME is restarting."""
+    payload = _json_arg(data)
+    _bus_call(c, lambda client: client.send(name, type_, payload))
+    click.echo(f"sent {type_} to {name}")
+
+
+@ctl.command()
+@click.argument("type_", metavar="TYPE")
+@click.argument("data", metavar="[JSON]", required=False)
+@pass_ctl
+def publish(c: Ctl, type_: str, data: str | None) -> None:
+    """Publish a signal to every agent subscribed to a matching pattern."""
+    payload = _json_arg(data)
+    count = _bus_call(c, lambda client: client.publish(type_, payload))
+    click.echo(f"published {type_} to {count} subscriber{'' if count == 1 else 's'}")
+
+
+@ctl.command()
+@click.argument("name")
+@click.argument("type_", metavar="TYPE")
+@click.argument("data", metavar="[JSON]", required=False)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=5.0,
+    show_default=True,
+    help="Seconds to wait for the reply.",
+)
+@pass_ctl
+def request(c: Ctl, name: str, type_: str, data: str | None, timeout: float) -> None:
+    """Send a request to NAME and print its reply as JSON."""
+    payload = _json_arg(data)
+    reply = _bus_call(c, lambda client: client.request(name, type_, payload, timeout=timeout))
+    click.echo(json.dumps(reply))
