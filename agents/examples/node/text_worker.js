@@ -1,0 +1,244 @@
+#!/usr/bin/env node
+// text_worker.js: a member of the hub's `text` worker pool, written in Node.js.
+//
+// It uses no agentd SDK. It speaks the bus protocol in docs/PROTOCOL.md
+// directly, with two npm packages: `zeromq` (6.x, which ships libzmq) and
+// `@msgpack/msgpack`. Read it next to that document if you are writing an
+// agent in another language. The numbers in the comments (§2, §3.1, ...)
+// are section numbers in PROTOCOL.md.
+//
+// What it does:
+//   task.text.upper      data.payload {"text": s}  ->  {"text": s.toUpperCase()}
+//   task.text.wordcount  data.payload {"text": s}  ->  {"words": n}
+// Anything else, or a bad payload, gets an error reply. The orchestrator
+// sends the tasks as requests to the pool name `text`, and the broker
+// spreads them round robin over text@0 .. text@N-1.
+//
+// Run it under agentd (etc/examples/mixed.toml), after
+//   npm ci --prefix agents/examples/node
+// agentd sets AGENTD_NAME, AGENTD_INCARNATION, AGENTD_BUS, AGENTD_HEARTBEAT
+// and AGENTD_ACK (§1). Logs go to stderr, which agentd captures into
+// <log_dir>/<name>.log.
+
+"use strict";
+
+const zmq = require("zeromq");
+const { encode, decode } = require("@msgpack/msgpack");
+
+// --- Configuration: the environment agentd gives every agent (§1) ------------------
+
+function required(variable) {
+  const value = process.env[variable];
+  if (!value) {
+    console.error(`${variable} is not set: run me under agentd (see etc/examples/mixed.toml)`);
+    process.exit(2);
+  }
+  return value;
+}
+
+const NAME = required("AGENTD_NAME"); // also our ZeroMQ routing id, e.g. "text@1"
+const BUS = required("AGENTD_BUS"); // e.g. "ipc:///run/agentd/bus.sock"
+const INCARNATION = Number(process.env.AGENTD_INCARNATION || 0); // restarts so far
+const HEARTBEAT = Number(process.env.AGENTD_HEARTBEAT || 10); // seconds of silence = hung
+const ACK = process.env.AGENTD_ACK === "1"; // ack = true: acknowledge every signal (§4)
+
+function log(event, fields = {}) {
+  const extra = Object.entries(fields).map(([k, v]) => ` ${k}=${JSON.stringify(v)}`);
+  console.error(`${new Date().toISOString()} ${NAME} ${event}${extra.join("")}`);
+}
+
+// --- The work: the same as work() in agents/examples/jobs.py ----------------------
+
+const MAX_TEXT = 100000;
+
+class JobError extends Error {} // a bad task: becomes an error reply, not a crash
+
+function textOf(payload) {
+  const text = payload && payload.text;
+  if (typeof text !== "string") throw new JobError("payload.text must be a string");
+  if (text.length > MAX_TEXT) {
+    throw new JobError(`payload.text is longer than ${MAX_TEXT} characters`);
+  }
+  return text;
+}
+
+function work(type, task) {
+  // A task's data: {"job": id, "key": k, "pool": "text", "type": type, "payload": {...}}.
+  const payload = task && typeof task === "object" ? task.payload : undefined;
+  if (!payload || typeof payload !== "object" || Array.isArray(payload)) {
+    throw new JobError("payload must be an object");
+  }
+  switch (type) {
+    case "task.text.upper":
+      return { text: textOf(payload).toUpperCase() };
+    case "task.text.wordcount": {
+      // Like Python's str.split(): runs of whitespace separate words.
+      const words = textOf(payload).split(/\s+/).filter((w) => w.length > 0);
+      return { words: words.length };
+    }
+    default:
+      throw new JobError(`unknown task type ${JSON.stringify(type)}`);
+  }
+}
+
+// --- The bus connection (§1) ---------------------------------------------------------
+
+// One DEALER socket. Its routing id is our name: the broker knows us by it,
+// and a restarted incarnation reclaims it. linger: at close, give the last
+// frames (the final reply, ack and bye) a second to leave.
+const sock = new zmq.Dealer({ routingId: NAME, linger: 1000 });
+
+// zeromq.js allows one send() in flight per socket, so every frame goes
+// through this queue. Each frame is one ZeroMQ message holding one
+// MessagePack map (§1).
+let sending = Promise.resolve();
+function send(frame) {
+  const bytes = encode(frame);
+  sending = sending
+    .then(() => sock.send(bytes))
+    .catch((err) => log("send_failed", { kind: frame.kind, error: String(err) }));
+  return sending;
+}
+
+// Signal ids are unique and time-ordered (§3.1): 16 hex digits of nanoseconds
+// since the epoch, 6 of the pid, 6 of a counter, like the Python SDK's.
+let counter = 0;
+function newId() {
+  counter = (counter + 1) & 0xffffff;
+  return (
+    (BigInt(Date.now()) * 1000000n).toString(16).padStart(16, "0") +
+    (process.pid & 0xffffff).toString(16).padStart(6, "0") +
+    counter.toString(16).padStart(6, "0")
+  );
+}
+
+const hello = {
+  kind: "hello",
+  name: NAME, // must equal our routing id
+  incarnation: INCARNATION,
+  pid: process.pid,
+  subscribe: [], // publish patterns we want: none, a worker only gets requests
+};
+
+let ready = false;
+function announce() {
+  // HELLO, then READY once set up (§2). This worker has no setup to do.
+  send(hello);
+  send({ kind: "ready" });
+  ready = true;
+}
+
+// --- Handling one signal ---------------------------------------------------------------
+
+async function handle(sig) {
+  if (sig.reply) return; // a reply to a request of ours: we make none
+  let data = null;
+  let error = null;
+  try {
+    data = work(sig.type, sig.data);
+  } catch (err) {
+    // Same form as the Python SDK's error replies: "JobError: message".
+    error = err instanceof JobError ? `JobError: ${err.message}` : `Error: ${err}`;
+    log("task_failed", { type: sig.type, id: sig.id, error });
+  }
+  if (sig.redelivered) log("redelivered", { type: sig.type, id: sig.id });
+  if (sig.correlation_id) {
+    // A request: answer it (§4, request/reply). The reply goes to reply_to
+    // (or the sender), carries the request's correlation_id and reply: true,
+    // and holds either data or an error (then data is nil).
+    await send({
+      kind: "signal",
+      id: newId(),
+      type: `${sig.type}.reply`,
+      source: NAME, // must equal our routing id, or the broker refuses it
+      time: Date.now() / 1000,
+      to: sig.reply_to || sig.source,
+      correlation_id: sig.correlation_id,
+      reply: true,
+      data: error === null ? data : null,
+      error,
+    });
+  } else {
+    log("not_a_request", { type: sig.type, id: sig.id });
+  }
+  // ack = true: tell the broker we are done with it, after handling (§4).
+  // Until then it is kept, and would go to our next incarnation if we died.
+  if (ACK) await send({ kind: "ack", ids: [sig.id] });
+}
+
+async function onFrame(frame) {
+  switch (frame.kind) {
+    case "signal":
+      return handle(frame);
+    case "batch": // several signals in one frame, in order
+      for (const sig of frame.signals) await handle(sig);
+      return;
+    case "reconnect": // the broker restarted and does not know us (§2.6)
+      log("reconnect");
+      send(hello);
+      if (ready) send({ kind: "ready" });
+      return;
+    case "error": // something we sent was refused
+      log("bus_error", { reason: frame.reason, id: frame.id, to: frame.to });
+      return;
+    default: // receipts, stats: we ask for neither; unknown kinds are ignored
+      return;
+  }
+}
+
+// --- Life: connect, announce, beat, receive; stop on SIGTERM (§2) ---------------------
+
+let stopping = false;
+let inFlight = Promise.resolve(); // the frame being handled, if any
+
+// Any frame counts as a sign of life; send a heartbeat every HEARTBEAT/3
+// seconds so that silence never reaches HEARTBEAT, even when idle (§2.4).
+const beat = setInterval(() => send({ kind: "heartbeat" }), (HEARTBEAT / 3) * 1000);
+
+async function stop(signal) {
+  if (stopping) return;
+  stopping = true;
+  log("stopping", { signal });
+  clearInterval(beat);
+  await inFlight; // finish the signal in hand: its reply and ack go out
+  await send({ kind: "bye" }); // a clean goodbye
+  sock.close(); // the pending receive() rejects; main() returns; exit code 0
+}
+process.on("SIGTERM", () => stop("SIGTERM"));
+process.on("SIGINT", () => stop("SIGINT"));
+
+async function main() {
+  sock.connect(BUS);
+  announce();
+  log("ready", { incarnation: INCARNATION, bus: BUS, heartbeat: HEARTBEAT, ack: ACK });
+  for (;;) {
+    let parts;
+    try {
+      parts = await sock.receive();
+    } catch (err) {
+      if (stopping) break; // closed by stop()
+      throw err;
+    }
+    if (stopping) break; // not handled and not acked: the broker keeps it
+    if (parts.length !== 1) {
+      log("malformed", { frames: parts.length });
+      continue;
+    }
+    let frame;
+    try {
+      frame = decode(parts[0]);
+    } catch (err) {
+      log("malformed", { error: String(err) });
+      continue;
+    }
+    if (!frame || typeof frame !== "object") continue;
+    inFlight = onFrame(frame);
+    await inFlight;
+  }
+  log("stopped");
+}
+
+main().catch((err) => {
+  log("crashed", { error: String((err && err.stack) || err) });
+  process.exit(1);
+});
