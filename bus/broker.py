@@ -9,8 +9,10 @@ What it keeps per configured agent (the daemon's table): a bounded hold
 queue for signals that arrive while the agent is not connected, the
 configured subscriptions (held for, too), and, with `ack = true`, every
 delivered signal until it is acknowledged — redelivered, flagged, to the
-next incarnation. Anything it cannot handle is answered with an error frame
-and counted; nothing a peer sends can make it raise.
+next incarnation; or, if it was addressed to a pool's name, to another live
+member of the pool as soon as the member that took it goes down (held for
+the pool while no member is live). Anything it cannot handle is answered
+with an error frame and counted; nothing a peer sends can make it raise.
 """
 
 from __future__ import annotations
@@ -305,6 +307,31 @@ class Broker:
             self.trie.remove_subscriber(name)
         if event:
             self._event(event, name, peer.incarnation)
+        self._reroute_unacked(name)
+
+    def _reroute_unacked(self, name: str) -> None:
+        """A pool member went down: what it took for the pool goes to another member now.
+
+        Only signals addressed to the pool's name move: the sender asked for
+        "any member", so waiting for this member's next incarnation would only
+        delay the work (and a member that keeps crashing would keep it
+        forever). Signals addressed to the member by its own name stay for its
+        next incarnation, as for any ack = true agent.
+        """
+        entry = self.table.get(name)
+        pending = self.unacked.get(name)
+        if entry is None or entry.pool is None or not pending:
+            return
+        for sig_id, frame in list(pending.items()):
+            sig = self.dec.decode(frame)
+            if sig.to != entry.pool:
+                continue
+            del pending[sig_id]
+            again = self.enc.encode(msgspec.structs.replace(sig, redelivered=True))
+            self.counters["redelivered"] += 1
+            ok, why, _ = self._direct(entry.pool, again, sig_id)
+            if not ok:  # the pool's hold queue is full: nowhere left to keep it
+                self.log("bus.redelivery_dropped", pool=entry.pool, id=sig_id, reason=why)
 
     def _subscribe(self, name: str, patterns: list[str]) -> None:
         peer = self.peers.get(name)
@@ -418,7 +445,7 @@ class Broker:
         if sig.source != sender:
             return self._refuse(sender, sig, f"source {sig.source!r} is not your name {sender!r}")
         if sig.to is not None:
-            ok, why, count = self._direct(sig.to, payload, sig.id)
+            ok, why, count = self._direct(sig.to, payload, sig.id, track=not sig.reply)
         else:
             ok, why, count = True, None, 0
             for name in self.trie.match(sig.type):
@@ -437,26 +464,38 @@ class Broker:
             frame = Error(why, id=sig.id, to=sig.to)
         self._send(sender, self.enc.encode(frame))
 
-    def _direct(self, to: str, payload: bytes, sig_id: str) -> tuple[bool, str | None, int]:
+    def _direct(
+        self, to: str, payload: bytes, sig_id: str, track: bool = True
+    ) -> tuple[bool, str | None, int]:
         live = self.live.get(to)
         if live is not None:
             start = self.rr.get(to, 0)
             for k in range(len(live)):
                 member = live[(start + k) % len(live)]
                 self.rr[to] = (start + k + 1) % len(live)
-                if self._deliver(member, payload, sig_id)[0]:
+                # hold=False: a member that turns out to be gone must not keep a
+                # signal meant for any member; the next one (or the pool) takes it.
+                if self._deliver(member, payload, sig_id, track, hold=False)[0]:
                     return True, None, 1
             return self._hold(to, payload)
         if to in self.peers or to in self.table:
-            return self._deliver(to, payload, sig_id)
+            return self._deliver(to, payload, sig_id, track)
         return False, f"unknown recipient {to!r}", 0
 
-    def _deliver(self, name: str, payload: bytes, sig_id: str) -> tuple[bool, str | None, int]:
-        """Send now if connected, else hold it for a configured agent."""
+    def _deliver(
+        self, name: str, payload: bytes, sig_id: str, track: bool = True, hold: bool = True
+    ) -> tuple[bool, str | None, int]:
+        """Send now if connected, else hold it for a configured agent.
+
+        `track=False` is for replies: they resolve a request in the recipient
+        and are never acknowledged, so an ack = true agent must not keep them
+        (they would pile up until its unacked queue is full).
+        """
         entry = self.table.get(name)
+        acked = entry is not None and entry.ack and track
         if name in self.peers and not self.held.get(name):
             sink = self._sink
-            if sink is not None and (entry is None or not entry.ack):
+            if sink is not None and not acked:
                 items = sink.get(name)
                 if items is None:
                     sink[name] = [payload]
@@ -464,21 +503,23 @@ class Broker:
                     items.append(payload)
                 return True, None, 1
             payload = bytes(payload)
-            if entry is not None and entry.ack:
+            if acked:
                 pending = self.unacked.setdefault(name, OrderedDict())
                 if len(pending) >= self.queue_limit:
-                    return self._hold(name, payload)
+                    return self._hold(name, payload) if hold else (False, "full", 0)
                 pending[sig_id] = payload
             if self._send(name, payload):
                 self.counters["delivered"] += 1
                 return True, None, 1
-            if entry is not None and entry.ack:
+            if acked:
                 self.unacked[name].pop(sig_id, None)
             if self.last_send_error == zmq.EAGAIN:  # alive but not reading: its pipe is full
                 self.counters["dropped"] += 1
                 return False, f"{name} is not keeping up (its queue is full)", 0
             self._gone(name, "disconnected")
         if entry is None:
+            return False, f"{name} is not connected", 0
+        if not hold:
             return False, f"{name} is not connected", 0
         return self._hold(name, payload)
 
@@ -507,10 +548,10 @@ class Broker:
                 if not ok:
                     break
             else:
-                sig_id = self.dec.decode(payload).id
+                sig = self.dec.decode(payload)
                 entry = self.table.get(target)
-                if entry is not None and entry.ack:
-                    self.unacked.setdefault(target, OrderedDict())[sig_id] = payload
+                if entry is not None and entry.ack and not sig.reply:
+                    self.unacked.setdefault(target, OrderedDict())[sig.id] = payload
                 if not self._send(target, payload):
                     break
                 self.counters["delivered"] += 1
