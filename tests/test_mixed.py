@@ -24,6 +24,7 @@ import pytest
 from agentd.bus import BusError, Client
 from agentd.bus.envelope import encoder
 from agentd.bus.envelope import signal as make_signal
+from tests.conftest import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 NODE_DIR = ROOT / "agents" / "examples" / "node"
@@ -199,3 +200,25 @@ def test_node_worker_stops_gracefully_with_exit_0(pool) -> None:
     assert d.stop() == 0
     last = d.wait_event("agent.exited", "text@0")
     assert last["code"] == 0 and last["reason"] == "stopped"
+
+
+def test_node_workers_rejoin_a_restarted_broker(pool) -> None:
+    d = pool()
+    for m in MEMBERS:
+        d.wait_event("agent.ready", m)
+    broker = d.events("agent.ready", "bus")[-1]["pid"]
+    os.kill(broker, signal.SIGKILL)
+    d.wait_event("agent.ready", "bus", count=2)
+    # The new broker does not know them: their next heartbeat gets RECONNECT, and
+    # they say HELLO and READY again, so the pool has live members once more.
+    wait_for(lambda: _pool_answers(d), 15, "both members to answer through the new broker")
+    assert not d.events("agent.exited", "text@0") and not d.events("agent.exited", "text@1")
+
+
+def _pool_answers(d) -> bool:
+    with Client(f"ipc://{d.runtime_dir}/bus.sock", name="again") as c:
+        try:
+            by = {ask(c, "task.text.upper", {"text": "x"}, timeout=0.5).source for _ in range(4)}
+        except (AssertionError, BusError):
+            return False
+    return by == set(MEMBERS)
