@@ -166,6 +166,8 @@ class Runtime:
         loop = asyncio.get_running_loop()
         for sig in (signals.SIGTERM, signals.SIGINT):
             loop.add_signal_handler(sig, self._on_term)
+        if self.endpoint.startswith("tcp://"):
+            self._curve()
         self.sock.connect(self.endpoint)
         self.agent.name = self.name
         self.agent.incarnation = self.incarnation
@@ -193,6 +195,17 @@ class Runtime:
         self.sock.close(linger=2000)
         self.ctx_.term()
         return 0
+
+    def _curve(self) -> None:
+        """A tcp bus is CurveZMQ only: the client keys agentd hands over in AGENTD_KEYS_DIR."""
+        from pathlib import Path
+
+        from agentd.daemon.keys import client_curve
+
+        keys_dir = os.environ.get("AGENTD_KEYS_DIR")
+        if not keys_dir:
+            raise BusError("a tcp bus needs AGENTD_KEYS_DIR (CurveZMQ keys)")
+        client_curve(self.sock, Path(keys_dir))
 
     def _hello(self) -> Hello:
         patterns = sorted({p for p, _ in self.routes})
@@ -324,14 +337,16 @@ class Runtime:
             error=f"{type(exc).__name__}: {exc}",
             traceback="".join(traceback.format_exception(exc)),
         )
+        self._ack(sig)
         if sig.correlation_id is not None:
             self._reply(sig, None, f"{type(exc).__name__}: {exc}")
-        self._ack(sig)
 
     def _done_with(self, sig: Signal, result: Any) -> None:
+        # Ack first: the broker handles our frames in order, so by the time the requester
+        # has the reply the signal is settled and a crash now cannot bring it back.
+        self._ack(sig)
         if sig.correlation_id is not None:
             self._reply(sig, result, None)
-        self._ack(sig)
 
     def _reply(self, sig: Signal, data: Any, error: str | None) -> None:
         reply = make_signal(

@@ -67,6 +67,7 @@ class Client:
 
             from agentd.daemon.keys import client_curve
 
+            keys_dir = keys_dir or os.environ.get("AGENTD_KEYS_DIR")
             if not keys_dir:
                 raise BusError("a tcp bus endpoint needs keys_dir (CurveZMQ)")
             client_curve(self._sock, Path(keys_dir))

@@ -60,8 +60,14 @@ class BrokerEvent(msgspec.Struct, frozen=True):
 class BrokerLink:
     """Keeps the broker's agent table current and reports what the broker sees."""
 
-    def __init__(self, endpoint: str, on_event: Callable[[BrokerEvent], None]) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        on_event: Callable[[BrokerEvent], None],
+        keys_dir: str | None = None,
+    ) -> None:
         self.endpoint = endpoint
+        self.keys_dir = keys_dir
         self.on_event = on_event
         self.ctx = zmq.asyncio.Context()
         self.sock: zmq.asyncio.Socket | None = None
@@ -77,6 +83,12 @@ class BrokerLink:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY, DAEMON_ID)
         sock.setsockopt(zmq.LINGER, 0)
+        if self.endpoint.startswith("tcp://") and self.keys_dir:
+            from pathlib import Path
+
+            from agentd.daemon.keys import client_curve
+
+            client_curve(sock, Path(self.keys_dir))
         sock.connect(self.endpoint)
         self.sock = sock
         loop = asyncio.get_running_loop()

@@ -35,6 +35,8 @@ def broker_spec(daemon: DaemonSpec) -> AgentSpec:
         "--log-format",
         "json",
     )
+    if daemon.keys_dir and daemon.bus.startswith("tcp://"):
+        argv += ("--keys-dir", daemon.keys_dir)
     return AgentSpec(
         name=NAME, pool=None, argv=argv, bus_agent=False, start_seconds=0, shutdown=5.0
     )
@@ -76,7 +78,7 @@ class Broker:
 
         self.runtime.start(NAME, self.incarnation)
         await self._wait_bound(5.0)
-        self.link = BrokerLink(self.daemon.bus, self._on_event)
+        self.link = BrokerLink(self.daemon.bus, self._on_event, keys_dir=self.daemon.keys_dir)
         await self.link.start()
         self.set_agents(spec)
 

@@ -143,7 +143,13 @@ class Runtime:
         spec = self.agents[name]
         self.events.emit("agent.starting", name, incarnation=incarnation)
         try:
-            popen = spawn.spawn(spec, incarnation, self.daemon.bus, self.daemon.death_signal)
+            popen = spawn.spawn(
+                spec,
+                incarnation,
+                self.daemon.bus,
+                self.daemon.death_signal,
+                self.daemon.keys_dir,
+            )
         except (OSError, KeyError, subprocess.SubprocessError) as exc:
             error = f"{type(exc).__name__}: {exc}"
             proc = Proc(name, incarnation, spec, None, pid=0, start_error=error)

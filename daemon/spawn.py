@@ -72,8 +72,13 @@ def _apply_limits(pid: int, limits: Limits) -> None:
             resource.prlimit(pid, what, (value, value))
 
 
-def agent_env(spec: AgentSpec, incarnation: int, bus: str) -> dict[str, str]:
-    """The agent's environment: the daemon's, the contract's AGENTD_*, then its own."""
+def agent_env(
+    spec: AgentSpec, incarnation: int, bus: str, keys_dir: str | None = None
+) -> dict[str, str]:
+    """The agent's environment: the daemon's, the contract's AGENTD_*, then its own.
+
+    AGENTD_KEYS_DIR is set only for a tcp bus: the CurveZMQ client keys to connect with.
+    """
     env = dict(os.environ)
     for key in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID"):
         env.pop(key, None)
@@ -88,16 +93,22 @@ def agent_env(spec: AgentSpec, incarnation: int, bus: str) -> dict[str, str]:
         env["AGENTD_POOL"] = spec.pool
     if spec.ack:
         env["AGENTD_ACK"] = "1"
+    if keys_dir and bus.startswith("tcp://"):
+        env["AGENTD_KEYS_DIR"] = keys_dir
     env.update(dict(spec.env))
     return env
 
 
 def spawn(
-    spec: AgentSpec, incarnation: int, bus: str, death_signal: bool = True
+    spec: AgentSpec,
+    incarnation: int,
+    bus: str,
+    death_signal: bool = True,
+    keys_dir: str | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start the agent; raises OSError (missing program, bad cwd, ...) on failure."""
     creds = resolve_credentials(spec.user, spec.group)
-    env = agent_env(spec, incarnation, bus)
+    env = agent_env(spec, incarnation, bus, keys_dir)
     program = _executable(spec.argv[0], env.get("PATH"), spec.cwd)
     popen = subprocess.Popen(
         (*(PDEATHSIG_PREFIX if death_signal else ()), program, *spec.argv[1:]),
