@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import time
 import tomllib
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from agentd.bus import BusError, Client
@@ -222,3 +226,86 @@ def _pool_answers(d) -> bool:
         except (AssertionError, BusError):
             return False
     return by == set(MEMBERS)
+
+
+# --- the whole mixed hub, over HTTP ---------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _http(method: str, url: str, body: Any = None) -> tuple[int, Any]:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"null")
+
+
+def mixed_copy(port: int) -> str:
+    """mixed.toml, with agents run from the repo root and the ingress on `port`."""
+    text = MIXED.read_text().replace('cwd = "../.."', f"cwd = {json.dumps(str(ROOT))}")
+    text, n = re.subn(r'(AGENTD_HTTP_PORT\s*=\s*)"\d+"', rf'\g<1>"{port}"', text)
+    assert n == 1, "mixed.toml: the ingress port setting moved"
+    return text
+
+
+def test_mixed_hub_completes_jobs_over_http(daemon_factory, node_worker) -> None:
+    port = _free_port()
+    d = daemon_factory(mixed_copy(port))
+    d.start()
+    for m in [*MEMBERS, "math@0", "math@1", "orchestrator", "ingress", "audit"]:
+        d.wait_event("agent.ready", m, timeout=30)
+    base = f"http://127.0.0.1:{port}"
+    wait_for(lambda: _http("GET", f"{base}/healthz")[0] == 200, 10, "ingress /healthz")
+
+    jobs = {
+        "text.upper": ({"text": "mixed stacks"}, {"text": "MIXED STACKS"}),
+        "report": ({"text": "one two three", "numbers": [1, 2, 3.5]}, {"words": 3, "sum": 6.5}),
+    }
+    ids = {}
+    for kind, (payload, _) in jobs.items():
+        status, body = _http("POST", f"{base}/jobs", {"type": kind, "payload": payload})
+        assert status == 202, body
+        ids[kind] = body["id"]
+
+    def finished(job_id: str) -> Any:
+        status, body = _http("GET", f"{base}/jobs/{job_id}")
+        assert status == 200, body
+        return body if body["status"] != "pending" else None
+
+    for kind, (_, expected) in jobs.items():
+        body = wait_for(lambda k=kind: finished(ids[k]), 20, f"job {kind}")
+        assert body["status"] == "completed", body
+        assert body["result"] == expected
+    # The `text` pool the orchestrator sent those tasks to is Node.js, and nothing else.
+    assert {psutil.Process(d.pid(m)).name() for m in MEMBERS} == {"node"}
+    assert not d.events("agent.exited")
+    # The audit agent (Python, pub/sub) recorded each job's completion once.
+    audit = d.runtime_dir / "audit.jsonl"
+
+    def completions() -> list[dict[str, Any]]:
+        if not audit.exists():
+            return []
+        lines = [json.loads(line) for line in audit.read_text().splitlines()]
+        return [r for r in lines if r["type"] == "job.completed"]
+
+    wait_for(lambda: len(completions()) >= 2, 10, "job.completed in the audit file")
+    for job_id in ids.values():
+        assert sum(job_id in json.dumps(r["data"]) for r in completions()) == 1
+    # A Node.js worker killed with kill -9 is restarted, and text jobs still complete.
+    os.kill(d.pid("text@0"), signal.SIGKILL)
+    status, body = _http(
+        "POST", f"{base}/jobs", {"type": "text.wordcount", "payload": {"text": "a b"}}
+    )
+    assert status == 202, body
+    done = wait_for(lambda: finished(body["id"]), 30, "the job after the kill")
+    assert done["status"] == "completed" and done["result"] == {"words": 2}
+    d.wait_event("agent.ready", "text@0", count=2)
