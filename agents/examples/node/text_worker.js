@@ -142,6 +142,12 @@ async function handle(sig) {
     log("task_failed", { type: sig.type, id: sig.id, error });
   }
   if (sig.redelivered) log("redelivered", { type: sig.type, id: sig.id });
+  // ack = true: tell the broker we are done with it, once handled (§4).
+  // Until then it is kept, and would go to another pool member (or our next
+  // incarnation) if we died. The ack goes *before* the reply: the broker takes
+  // our frames in order, so once the requester has the reply, the task is
+  // settled and cannot come back.
+  if (ACK) send({ kind: "ack", ids: [sig.id] });
   if (sig.correlation_id) {
     // A request: answer it (§4, request/reply). The reply goes to reply_to
     // (or the sender), carries the request's correlation_id and reply: true,
@@ -161,9 +167,6 @@ async function handle(sig) {
   } else {
     log("not_a_request", { type: sig.type, id: sig.id });
   }
-  // ack = true: tell the broker we are done with it, after handling (§4).
-  // Until then it is kept, and would go to our next incarnation if we died.
-  if (ACK) await send({ kind: "ack", ids: [sig.id] });
 }
 
 async function onFrame(frame) {
