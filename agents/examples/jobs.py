@@ -9,6 +9,10 @@ in exactly one place:
     text.wordcount  {"text": s}                    -> {"words": n}
     math.sum        {"numbers": [..]}              -> {"sum": x}
     report          {"text": s, "numbers": [..]}   -> {"words": n, "sum": x}
+
+Any payload may also carry `"delay": seconds` (0..30): each of the job's
+tasks then takes that long in its worker. It exists so that a person (or a
+test) can kill a worker while it is busy and watch the task move on.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import msgspec
 
 MAX_TEXT = 100_000
 MAX_NUMBERS = 10_000
+MAX_DELAY = 30.0
 
 
 class JobError(ValueError):
@@ -55,19 +60,39 @@ def _numbers(payload: dict[str, Any]) -> list[float]:
     return numbers
 
 
+def _delay(payload: dict[str, Any]) -> dict[str, float]:
+    """The optional simulated work time, as a payload fragment ({} when absent)."""
+    if "delay" not in payload:
+        return {}
+    delay = payload["delay"]
+    if not isinstance(delay, int | float) or isinstance(delay, bool) or not 0 <= delay <= MAX_DELAY:
+        raise JobError(f"payload.delay must be a number of seconds from 0 to {MAX_DELAY:g}")
+    return {"delay": delay}
+
+
+def task_delay(payload: dict[str, Any]) -> float:
+    """Seconds a worker should spend on this task before answering (0 unless asked)."""
+    delay = payload.get("delay", 0)
+    ok = isinstance(delay, int | float) and not isinstance(delay, bool)
+    return min(max(float(delay), 0.0), MAX_DELAY) if ok else 0.0
+
+
 def split(job_id: str, job_type: str, payload: Any) -> list[Task]:
     """The tasks a job needs; JobError if the job is not one the hub knows."""
     if not isinstance(payload, dict):
         raise JobError("payload must be a JSON object")
+    extra = _delay(payload)
     if job_type in ("text.upper", "text.wordcount"):
-        return [Task(job_id, "result", "text", f"task.{job_type}", {"text": _text(payload)})]
+        text = {"text": _text(payload), **extra}
+        return [Task(job_id, "result", "text", f"task.{job_type}", text)]
     if job_type == "math.sum":
-        return [Task(job_id, "result", "math", "task.math.sum", {"numbers": _numbers(payload)})]
+        numbers = {"numbers": _numbers(payload), **extra}
+        return [Task(job_id, "result", "math", "task.math.sum", numbers)]
     if job_type == "report":
         text, numbers = _text(payload), _numbers(payload)
         return [
-            Task(job_id, "words", "text", "task.text.wordcount", {"text": text}),
-            Task(job_id, "sum", "math", "task.math.sum", {"numbers": numbers}),
+            Task(job_id, "words", "text", "task.text.wordcount", {"text": text, **extra}),
+            Task(job_id, "sum", "math", "task.math.sum", {"numbers": numbers, **extra}),
         ]
     raise JobError(f"unknown job type {job_type!r} (known: {', '.join(JOB_TYPES)})")
 
