@@ -78,6 +78,7 @@ class BrokerLink:
         self.entries: list[AgentEntry] = []
         self._tasks: list[asyncio.Task[Any]] = []
         self._changed = asyncio.Event()
+        self._confirmed = asyncio.Event()
 
     async def start(self) -> None:
         sock = self.ctx.socket(zmq.DEALER)
@@ -110,6 +111,14 @@ class BrokerLink:
         if self.sock is not None:
             with contextlib.suppress(zmq.ZMQError):
                 self.sock.send(self.enc.encode(Down(name, incarnation)), zmq.NOBLOCK)
+
+    async def wait_confirmed(self, timeout: float) -> bool:
+        """Until the broker has confirmed a table: it is up and knows where to report."""
+        try:
+            await asyncio.wait_for(self._confirmed.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
     async def _sync(self) -> None:
         assert self.sock is not None
@@ -145,6 +154,7 @@ class BrokerLink:
             elif isinstance(frame, TableOk):
                 if frame.version == self.version:
                     self.confirmed = frame.version
+                    self._confirmed.set()
                     self._changed.set()
             elif isinstance(frame, AgentEvent):
                 try:

@@ -81,6 +81,9 @@ class Broker:
         self.link = BrokerLink(self.daemon.bus, self._on_event, keys_dir=self.daemon.keys_dir)
         await self.link.start()
         self.set_agents(spec)
+        # Agents start after this: their READY must find the link already known to the broker.
+        if not await self.link.wait_confirmed(10.0):
+            self.events.emit("bus.slow_start", NAME, detail="no table confirmation in 10 s")
 
     async def _wait_bound(self, timeout: float) -> None:
         """For an ipc endpoint, the socket file appears once the broker has bound."""

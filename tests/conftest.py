@@ -127,7 +127,10 @@ class DaemonProc:
             matches = [r for r in self.events(event, agent) if where(r)]
             return matches[count - 1] if len(matches) >= count else None
 
-        return wait_for(found, timeout, f"{count}x {event} {agent or ''} (log: {self.tail()})")
+        try:
+            return wait_for(found, timeout, f"{count}x {event} {agent or ''}")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n--- daemon log, last lines:\n{self.tail()}") from None
 
     def tail(self, n: int = 15) -> str:
         with self._cond:
