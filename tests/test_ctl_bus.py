@@ -117,3 +117,23 @@ def test_two_ctl_requests_at_once(daemon_factory, monkeypatch) -> None:
     outputs = [p.communicate(timeout=30)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0, 0]
     assert [json.loads(o) for o in outputs] == [0, 1, 2, 3]
+
+
+def test_readme_request_to_the_text_pool(daemon_factory) -> None:
+    """The README's `ctl request text task.text.upper ...` line, against the hub's workers."""
+    d = daemon_factory("""
+[agents.text]
+module = "agentd.agents.examples.workers:TextWorker"
+replicas = 2
+ack = true
+""").start()
+    task = {
+        "job": "j1",
+        "key": "result",
+        "pool": "text",
+        "type": "task.text.upper",
+        "payload": {"text": "hi"},
+    }
+    result = d.ctl("request", "text", "task.text.upper", json.dumps(task))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"text": "HI"}
