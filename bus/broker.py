@@ -11,8 +11,11 @@ configured subscriptions (held for, too), and, with `ack = true`, every
 delivered signal until it is acknowledged — redelivered, flagged, to the
 next incarnation; or, if it was addressed to a pool's name, to another live
 member of the pool as soon as the member that took it goes down (held for
-the pool while no member is live). Anything it cannot handle is answered
-with an error frame and counted; nothing a peer sends can make it raise.
+the pool while no member is live). A *request* kept this way is settled by
+its reply passing through, not by the ack: an agent that acks first and dies
+before its reply left would otherwise leave the requester waiting for an
+answer that never comes. Anything it cannot handle is answered with an error
+frame and counted; nothing a peer sends can make it raise.
 """
 
 from __future__ import annotations
@@ -88,6 +91,10 @@ class Broker:
         self.peers: dict[str, Peer] = {}
         self.held: dict[str, deque[bytes]] = {}  # name or pool -> frames waiting
         self.unacked: dict[str, OrderedDict[str, bytes]] = {}
+        # Requests among the unacked, per agent: correlation id -> signal id (their
+        # reply settles them), and the signal ids themselves (their ack does not).
+        self.replies_due: dict[str, dict[str, str]] = {}
+        self.requests_due: dict[str, set[str]] = {}
         self.trie = Trie()
         self.daemon_connected = False
         self.counters: dict[str, int] = dict.fromkeys(
@@ -327,9 +334,10 @@ class Broker:
             if sig.to != entry.pool:
                 continue
             del pending[sig_id]
+            self._settled(name, sig_id, sig.correlation_id)
             again = self.enc.encode(msgspec.structs.replace(sig, redelivered=True))
             self.counters["redelivered"] += 1
-            ok, why, _ = self._direct(entry.pool, again, sig_id)
+            ok, why, _ = self._direct(entry.pool, again, sig_id, corr=sig.correlation_id)
             if not ok:  # the pool's hold queue is full: nowhere left to keep it
                 self.log("bus.redelivery_dropped", pool=entry.pool, id=sig_id, reason=why)
 
@@ -385,6 +393,8 @@ class Broker:
             if name not in self.table:  # gone for good: drop what we kept for it
                 self.held.pop(name, None)
                 self.unacked.pop(name, None)
+                self.replies_due.pop(name, None)
+                self.requests_due.pop(name, None)
                 if name not in self.peers:
                     self.trie.remove_subscriber(name)
                 for pattern in entry.subscribe:
@@ -444,8 +454,11 @@ class Broker:
         self.counters["routed"] += 1
         if sig.source != sender:
             return self._refuse(sender, sig, f"source {sig.source!r} is not your name {sender!r}")
+        if sig.reply and sig.correlation_id is not None and sender in self.replies_due:
+            self._reply_settles(sender, sig.correlation_id)
         if sig.to is not None:
-            ok, why, count = self._direct(sig.to, payload, sig.id, track=not sig.reply)
+            corr = None if sig.reply else sig.correlation_id
+            ok, why, count = self._direct(sig.to, payload, sig.id, track=not sig.reply, corr=corr)
         else:
             ok, why, count = True, None, 0
             for name in self.trie.match(sig.type):
@@ -465,7 +478,7 @@ class Broker:
         self._send(sender, self.enc.encode(frame))
 
     def _direct(
-        self, to: str, payload: bytes, sig_id: str, track: bool = True
+        self, to: str, payload: bytes, sig_id: str, track: bool = True, corr: str | None = None
     ) -> tuple[bool, str | None, int]:
         live = self.live.get(to)
         if live is not None:
@@ -475,21 +488,28 @@ class Broker:
                 self.rr[to] = (start + k + 1) % len(live)
                 # hold=False: a member that turns out to be gone must not keep a
                 # signal meant for any member; the next one (or the pool) takes it.
-                if self._deliver(member, payload, sig_id, track, hold=False)[0]:
+                if self._deliver(member, payload, sig_id, track, corr, hold=False)[0]:
                     return True, None, 1
             return self._hold(to, payload)
         if to in self.peers or to in self.table:
-            return self._deliver(to, payload, sig_id, track)
+            return self._deliver(to, payload, sig_id, track, corr)
         return False, f"unknown recipient {to!r}", 0
 
     def _deliver(
-        self, name: str, payload: bytes, sig_id: str, track: bool = True, hold: bool = True
+        self,
+        name: str,
+        payload: bytes,
+        sig_id: str,
+        track: bool = True,
+        corr: str | None = None,
+        hold: bool = True,
     ) -> tuple[bool, str | None, int]:
         """Send now if connected, else hold it for a configured agent.
 
         `track=False` is for replies: they resolve a request in the recipient
         and are never acknowledged, so an ack = true agent must not keep them
-        (they would pile up until its unacked queue is full).
+        (they would pile up until its unacked queue is full). `corr` is set for
+        a request: kept for an ack = true agent, its reply settles it.
         """
         entry = self.table.get(name)
         acked = entry is not None and entry.ack and track
@@ -508,11 +528,14 @@ class Broker:
                 if len(pending) >= self.queue_limit:
                     return self._hold(name, payload) if hold else (False, "full", 0)
                 pending[sig_id] = payload
+                if corr is not None:
+                    self._expect_reply(name, sig_id, corr)
             if self._send(name, payload):
                 self.counters["delivered"] += 1
                 return True, None, 1
             if acked:
                 self.unacked[name].pop(sig_id, None)
+                self._settled(name, sig_id, corr)
             if self.last_send_error == zmq.EAGAIN:  # alive but not reading: its pipe is full
                 self.counters["dropped"] += 1
                 return False, f"{name} is not keeping up (its queue is full)", 0
@@ -544,7 +567,7 @@ class Broker:
             payload = queue[0]
             if name in self.pools:
                 sig = self.dec.decode(payload)
-                ok, _, _ = self._direct(name, payload, sig.id)
+                ok, _, _ = self._direct(name, payload, sig.id, corr=sig.correlation_id)
                 if not ok:
                     break
             else:
@@ -552,6 +575,8 @@ class Broker:
                 entry = self.table.get(target)
                 if entry is not None and entry.ack and not sig.reply:
                     self.unacked.setdefault(target, OrderedDict())[sig.id] = payload
+                    if sig.correlation_id is not None:
+                        self._expect_reply(target, sig.id, sig.correlation_id)
                 if not self._send(target, payload):
                     break
                 self.counters["delivered"] += 1
@@ -574,7 +599,28 @@ class Broker:
     def _ack(self, name: str, ack: Ack) -> None:
         pending = self.unacked.get(name)
         if pending:
+            requests = self.requests_due.get(name, ())
             for sig_id in ack.ids:
+                if sig_id not in requests:  # a request waits for its reply instead
+                    pending.pop(sig_id, None)
+
+    def _expect_reply(self, name: str, sig_id: str, corr: str) -> None:
+        self.replies_due.setdefault(name, {})[corr] = sig_id
+        self.requests_due.setdefault(name, set()).add(sig_id)
+
+    def _settled(self, name: str, sig_id: str, corr: str | None) -> None:
+        """Forget the request bookkeeping of an unacked signal that left `name`'s list."""
+        if corr is not None and name in self.replies_due:
+            self.replies_due[name].pop(corr, None)
+            self.requests_due[name].discard(sig_id)
+
+    def _reply_settles(self, name: str, corr: str) -> None:
+        """`name` answered a request it was given: done with it, acked or not."""
+        sig_id = self.replies_due[name].pop(corr, None)
+        if sig_id is not None:
+            self.requests_due[name].discard(sig_id)
+            pending = self.unacked.get(name)
+            if pending is not None:
                 pending.pop(sig_id, None)
 
 

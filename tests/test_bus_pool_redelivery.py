@@ -7,8 +7,14 @@ acks it, so a signal in that handler is exactly "a task in flight".
 
 from __future__ import annotations
 
-import pytest
+import os
+import threading
+from typing import Any
 
+import pytest
+import zmq
+
+from agentd.bus.envelope import Ack, Hello, Ready, Signal, Stats, encoder, peer_decoder
 from agentd.bus.link import AgentEntry
 from tests.conftest_bus import Bus, wait_for
 
@@ -95,6 +101,44 @@ def test_replies_to_an_ack_agent_are_not_kept_unacked(bus) -> None:
     assert tx.request("asker", "relay.request", {"to": "echo", "value": 9}) == 9
     # Nothing (no reply, no handled request) was redelivered to the new incarnation.
     assert tx.stats()["redelivered"] == 0
+
+
+def test_a_request_acked_but_not_answered_goes_to_another_member(bus) -> None:
+    """An agent that acks a request and dies before its reply left: the reply settles it.
+
+    The first member is a raw DEALER, so the test controls exactly what it
+    sends: the ack, then nothing. The request must not be lost with it.
+    """
+    bus.table(*(AgentEntry(name=m, pool="w", ack=True) for m in MEMBERS))
+    enc, dec = encoder(), peer_decoder()
+    ctx = zmq.Context()
+    raw = ctx.socket(zmq.DEALER)
+    raw.setsockopt(zmq.IDENTITY, b"w@0")
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(bus.endpoint)
+    try:
+        raw.send(enc.encode(Hello("w@0", 0, os.getpid())))
+        raw.send(enc.encode(Ready()))
+        bus.link.wait_event("ready", "w@0", 0)
+        answer: dict[str, Any] = {}
+        asker = threading.Thread(
+            target=lambda: answer.update(r=bus.client("tx").request("w", "job", 7, timeout=15))
+        )
+        asker.start()
+        assert raw.poll(5000), "the request never reached w@0"
+        request = dec.decode(raw.recv())
+        assert isinstance(request, Signal) and request.correlation_id is not None
+        raw.send(enc.encode(Ack([request.id])))  # "done" ... and then it dies, no reply
+        raw.send(enc.encode(Stats()))
+        assert raw.poll(5000) and isinstance(dec.decode(raw.recv()), Stats)  # ack is in
+    finally:
+        raw.close()
+        ctx.term()
+    bus.link.agent_down("w@0", 0)
+    bus.agent("w@1", ack=True)  # the pool's only live member now
+    asker.join(20)
+    assert answer["r"] == {"got": 7, "by": "w@1"}
+    assert bus.got("w@1")[0]["redelivered"]
 
 
 def _anywhere(bus: Bus, data: str) -> bool:
