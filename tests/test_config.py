@@ -198,3 +198,16 @@ def test_run_refuses_bad_config_and_starts_nothing(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert f"{bad}:6: " in result.stderr
     assert not marker.exists()
+
+
+def test_readme_config_tour_validates(tmp_path: Path) -> None:
+    """The README's tour is a real config (its `user` swapped for one that exists here)."""
+    import getpass
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    tour = readme[readme.index("## A short tour of the config") :]
+    block = tour.split("```toml\n", 1)[1].split("```", 1)[0]
+    assert 'user = "app"' in block
+    spec = load(write(tmp_path, block.replace('user = "app"', f'user = "{getpass.getuser()}"')))
+    assert set(spec.agents) == {"ingress", "summarizer@0", "summarizer@1", "summarizer@2"}
+    assert spec.daemon.death_signal and spec.daemon.max_frame == 1048576
