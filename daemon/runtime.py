@@ -25,6 +25,7 @@ import psutil
 from . import spawn
 from .capture import LogFile, StreamReader
 from .events import EventLog
+from .proctable import ProcTable
 from .spec import AgentSpec, DaemonSpec
 
 
@@ -60,7 +61,7 @@ class Proc:
     start_error: str | None = None
     readers: list[StreamReader] = field(default_factory=list)
     timers: list[asyncio.TimerHandle] = field(default_factory=list)
-    ps: psutil.Process | None = None
+    cpu_mark: tuple[float, float] | None = None  # (when, CPU seconds) at the last cpu() call
 
     def cancel_timers(self) -> None:
         for timer in self.timers:
@@ -318,57 +319,34 @@ class Runtime:
             ]
             if not limited:
                 return
-            kids = children_map()
+            table = ProcTable()
             for proc, limit_mb in limited:
-                rss = self.rss(proc, kids)
+                rss = self.rss(proc, table)
                 if rss is not None and rss > limit_mb * 1024 * 1024:
                     self.events.emit(
                         "agent.memory", proc.name, rss=rss, limit=limit_mb * 1024 * 1024
                     )
                     self.kill(proc.name, "memory")
 
-    def _ps(self, proc: Proc) -> psutil.Process | None:
-        if proc.ps is None and proc.pid:
-            try:
-                proc.ps = psutil.Process(proc.pid)
-            except psutil.Error:
-                return None
-        return proc.ps
+    def rss(self, proc: Proc, table: ProcTable | None = None) -> int | None:
+        """Resident memory of the agent and everything it forked, in bytes.
 
-    def rss(self, proc: Proc, kids: dict[int, list[int]] | None = None) -> int | None:
-        """Resident memory of the agent and everything it forked.
-
-        `kids` (from `children_map()`) lets a caller asking about many agents walk
-        /proc once instead of once per agent: psutil's children() scans every process.
+        Pass one `ProcTable` when asking about many agents: /proc is read once.
         """
-        ps = self._ps(proc)
-        if ps is None:
-            return None
-        if kids is None:
-            kids = children_map()
-        try:
-            total = ps.memory_info().rss
-        except psutil.Error:
-            return None
-        stack = list(kids.get(proc.pid, ()))
-        while stack:
-            pid = stack.pop()
-            stack.extend(kids.get(pid, ()))
-            try:
-                total += psutil.Process(pid).memory_info().rss
-            except psutil.Error:
-                pass
-        return total
+        return (table or ProcTable()).tree_rss(proc.pid) if proc.pid else None
 
-    def cpu(self, proc: Proc) -> float | None:
-        """CPU% since the previous call (psutil's own bookkeeping)."""
-        ps = self._ps(proc)
-        if ps is None:
+    def cpu(self, proc: Proc, table: ProcTable | None = None) -> float | None:
+        """CPU% of one core used by the agent since the previous call (0.0 the first time)."""
+        if not proc.pid:
             return None
-        try:
-            return ps.cpu_percent(None)
-        except psutil.Error:
+        table = table or ProcTable()
+        seconds = table.cpu_seconds(proc.pid)
+        if seconds is None:
             return None
+        previous, proc.cpu_mark = proc.cpu_mark, (table.taken, seconds)
+        if previous is None or table.taken <= previous[0]:
+            return 0.0
+        return round(100.0 * (seconds - previous[1]) / (table.taken - previous[0]), 1)
 
     def reap_strays(self, known: set[int]) -> None:
         """Reap orphaned descendants reparented to us (we are a subreaper)."""
@@ -390,13 +368,3 @@ class Runtime:
         for log in self.logs.values():
             log.close()
         self.logs.clear()
-
-
-def children_map() -> dict[int, list[int]]:
-    """pid -> its children's pids, for every process, from one pass over /proc."""
-    kids: dict[int, list[int]] = {}
-    for ps in psutil.process_iter(["ppid"]):
-        ppid = ps.info["ppid"]
-        if ppid:
-            kids.setdefault(ppid, []).append(ps.pid)
-    return kids

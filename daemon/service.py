@@ -25,7 +25,8 @@ from . import spawn
 from .capture import tail
 from .events import EventLog
 from .log import get_logger
-from .runtime import ExitInfo, Guard, Runtime, children_map
+from .proctable import ProcTable
+from .runtime import ExitInfo, Guard, Runtime
 from .spec import AgentSpec, PoolSpec, Spec, pool_member
 from .tree import (
     Action,
@@ -40,6 +41,7 @@ from .tree import (
 )
 
 BUS = "bus"
+STRAYS_DELAY = 0.05  # seconds: orphans are reaped in one batch, after the restarts
 
 
 def tree_from_spec(spec: Spec) -> Tree:
@@ -79,6 +81,7 @@ class Daemon:
         self.stopping = False
         self._done: asyncio.Future[int] | None = None
         self._kill_timer: asyncio.TimerHandle | None = None
+        self._strays_timer: asyncio.TimerHandle | None = None
         self.started_at = time.time()
         self.control: Any = None
         self.broker: Any = None
@@ -258,6 +261,13 @@ class Daemon:
                 self.notifier.ready(status=f"{count} agents running")
 
     def _on_chld(self) -> None:
+        """SIGCHLD: reap orphans, soon — not ahead of the pidfd that restarts an agent."""
+        if self._strays_timer is None:
+            loop = asyncio.get_running_loop()
+            self._strays_timer = loop.call_later(STRAYS_DELAY, self._reap_strays)
+
+    def _reap_strays(self) -> None:
+        self._strays_timer = None
         assert self.runtime is not None and self.guard is not None
         known = {self.guard.popen.pid}
         if self.broker is not None and self.broker.proc() is not None:
@@ -433,28 +443,28 @@ class Daemon:
         """`ctl status --json` rows, the broker (`bus`) included."""
         assert self.runtime is not None
         now = time.time()
-        kids = children_map()
+        table = ProcTable()  # one pass over /proc for every row
         rows = []
         for name in self.tree.agents():
             child = self.tree.children[name]
             proc = self.runtime.procs.get(name)
             last = self.runtime.last_exit.get(name)
             rows.append(
-                self._row(name, child.state, child.restarts, child.parent, proc, last, now, kids)
+                self._row(name, child.state, child.restarts, child.parent, proc, last, now, table)
             )
-        rows.extend(self._extra_rows(now, kids))
+        rows.extend(self._extra_rows(now, table))
         return rows
 
-    def _extra_rows(self, now: float, kids: dict[int, list[int]]) -> list[dict[str, Any]]:
+    def _extra_rows(self, now: float, table: ProcTable) -> list[dict[str, Any]]:
         """The broker's row: it is supervised here, outside the user's tree."""
         if self.broker is None:
             return []
         proc = self.broker.proc()
         state = "running" if proc is not None else "stopped"
         last = self.broker.last_exit()
-        return [self._row("bus", state, self.broker.restarts, None, proc, last, now, kids)]
+        return [self._row("bus", state, self.broker.restarts, None, proc, last, now, table)]
 
-    def _row(self, name, state, restarts, supervisor, proc, last, now, kids) -> dict[str, Any]:
+    def _row(self, name, state, restarts, supervisor, proc, last, now, table) -> dict[str, Any]:
         assert self.runtime is not None
         alive = proc is not None and proc.pid and proc.popen is not None
         return {
@@ -471,8 +481,8 @@ class Daemon:
                 "signal": signal.Signals(last.signal).name if last.signal else None,
                 "reason": last.reason,
             },
-            "rss": self.runtime.rss(proc, kids) if alive else None,
-            "cpu": self.runtime.cpu(proc) if alive else None,
+            "rss": self.runtime.rss(proc, table) if alive else None,
+            "cpu": self.runtime.cpu(proc, table) if alive else None,
         }
 
     def tree_view(self) -> dict[str, Any]:
