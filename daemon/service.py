@@ -324,6 +324,7 @@ class Daemon:
 
     def _agent_exited(self, name: str, incarnation: int, info: ExitInfo) -> None:
         self.exits[name] = self.exits.get(name, 0) + 1
+        self._on_chld()  # an orphan's zombie may have been queued behind this agent's
         if self.broker is not None:
             self.broker.agent_exited(name, incarnation)
         self._apply(

@@ -203,6 +203,8 @@ start_seconds = 0.2
     assert alive(first)
     os.kill(d.pid("parent"), signal.SIGKILL)  # the agent crashes; its child must not linger
     wait_for(lambda: not alive(first), 5, "grandchild of crashed agent to die")
+    # It was reparented to agentd (a subreaper), which reaps it: no zombie left behind.
+    wait_for(lambda: not os.path.exists(f"/proc/{first}"), 5, "its zombie to be reaped")
     d.wait_event("agent.ready", "parent", count=2)
     second = int(grandchild_file.read_text().split()[-1])
     assert alive(second)
