@@ -226,3 +226,15 @@ def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., DaemonProc]]:
     yield make
     leftovers = [pid for d in made for pid in d.cleanup()]
     assert not leftovers, f"processes left behind: {leftovers}"
+
+
+@pytest.fixture
+def bus(tmp_path: Path) -> Iterator[Any]:
+    """A real broker process and the daemon's link to it, without a daemon (conftest_bus)."""
+    from tests.conftest_bus import Bus
+
+    b = Bus(tmp_path)
+    try:
+        yield b
+    finally:
+        b.close()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -201,18 +200,3 @@ def test_graceful_sigterm_finishes_handler(hub) -> None:
     assert d.stop() == 0
     exited = d.events("agent.exited", "a")[0]
     assert exited["code"] == 0 and exited["reason"] == "stopped"
-
-
-def test_standalone_sdk_runtime_needs_bus(tmp_path) -> None:
-    import subprocess
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTD_")}
-    result = subprocess.run(
-        [sys.executable, "-m", "agentd.agents", "tests.bus_agents:Recorder"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env=env,
-        cwd=ROOT,
-    )
-    assert result.returncode == 2 and "AGENTD_BUS" in result.stderr

@@ -15,15 +15,6 @@ from agentd.bus.link import AgentEntry
 from tests.conftest_bus import Bus, wait_for
 
 
-@pytest.fixture
-def bus(tmp_path):
-    b = Bus(tmp_path)
-    try:
-        yield b
-    finally:
-        b.close()
-
-
 def entry(name: str, **kw) -> AgentEntry:
     kw.setdefault("pool", None)
     kw.setdefault("subscribe", [])

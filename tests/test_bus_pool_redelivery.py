@@ -11,7 +11,6 @@ import os
 import threading
 from typing import Any
 
-import pytest
 import zmq
 
 from agentd.bus.envelope import Ack, Hello, Ready, Signal, Stats, encoder, peer_decoder
@@ -19,15 +18,6 @@ from agentd.bus.link import AgentEntry
 from tests.conftest_bus import Bus, wait_for
 
 MEMBERS = ["w@0", "w@1"]
-
-
-@pytest.fixture
-def bus(tmp_path):
-    b = Bus(tmp_path)
-    try:
-        yield b
-    finally:
-        b.close()
 
 
 def pool(bus: Bus) -> dict[str, object]:

@@ -11,16 +11,7 @@ import pytest
 
 from agentd.bus import BusError
 from agentd.bus.link import AgentEntry
-from tests.conftest_bus import ROOT, Bus, wait_for
-
-
-@pytest.fixture
-def bus(tmp_path):
-    b = Bus(tmp_path)
-    try:
-        yield b
-    finally:
-        b.close()
+from tests.conftest_bus import ROOT, wait_for
 
 
 def entry(name: str) -> AgentEntry:
