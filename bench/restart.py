@@ -221,8 +221,8 @@ def run_agentd(
         max_seconds=1,
     )
     if not death_signal:
-        # The kernel death signal costs an exec of setpriv per spawn; the guard
-        # process still kills every agent group if the daemon dies.
+        # The kernel death signal costs an exec of the trampoline per spawn; the
+        # guard process still kills every agent group if the daemon dies.
         config.write_text(
             config.read_text().replace("[daemon]\n", "[daemon]\ndeath_signal = false\n", 1)
         )
@@ -474,7 +474,7 @@ def report(
             over = median(agentd.samples_ms) - bare_med
             verdict = "MET" if over < 2.0 else "MISSED"
             print(f"target: {name} adds < 2 ms over bare median -> {over:+.2f} ms  {verdict}")
-    print("agentd-nopd: `death_signal = false` (no setpriv exec; the guard still reaps)")
+    print("agentd-nopd: `death_signal = false` (no death-signal trampoline; the guard still reaps)")
     if breakdown and any(breakdown.values()):
         print()
         print("agentd restart, from its own event timestamps (median / p90 ms)")

@@ -73,7 +73,7 @@ class DaemonSpec(msgspec.Struct, frozen=True):
     memory_check_interval: float = 2.0
     keys_dir: str | None = None
     max_frame: int = 1024 * 1024
-    death_signal: bool = True  # PR_SET_PDEATHSIG via setpriv (about 1.5 ms per spawn)
+    death_signal: bool = True  # PR_SET_PDEATHSIG via an exec trampoline (spawn.py)
 
 
 class PoolSpec(msgspec.Struct, frozen=True):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import zipfile
@@ -24,6 +25,9 @@ def test_wheel_installs_and_runs(tmp_path: Path) -> None:
     tops = {n.split("/")[0] for n in names}
     assert tops <= {"agentd", next(n for n in tops if n.endswith(".dist-info"))}, tops
     assert "agentd/daemon/guard.py" in names and "agentd/bus/__init__.py" in names
+    # The death-signal trampoline is compiled into the wheel, executable.
+    helper = zipfile.ZipFile(wheel).getinfo("agentd/daemon/agentd-pdeathsig")
+    assert (helper.external_attr >> 16) & 0o111
     venv = tmp_path / "venv"
     subprocess.run(
         [sys.executable, "-m", "venv", "--system-site-packages", str(venv)],
@@ -50,3 +54,5 @@ def test_wheel_installs_and_runs(tmp_path: Path) -> None:
         timeout=60,
     )
     assert str(venv) in where.stdout, where.stdout
+    installed = Path(where.stdout.strip()).with_name("agentd-pdeathsig")
+    assert os.access(installed, os.X_OK)
