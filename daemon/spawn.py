@@ -39,13 +39,25 @@ _HAVE_HELPER = os.access(_HELPER, os.X_OK)
 _SETPRIV = shutil.which("setpriv")
 
 
-def death_signal_prefix() -> tuple[str, ...]:
+def _everyone_can_run(path: Path) -> bool:
+    """o+x on the file and every directory above it (a checkout under /root is not)."""
+    try:
+        return all(os.stat(p).st_mode & 0o001 for p in (path, *path.parents))
+    except OSError:
+        return False
+
+
+# An agent with `user` set has dropped privileges before the trampoline runs.
+_HELPER_FOR_ANYONE = _HAVE_HELPER and _everyone_can_run(_HELPER)
+
+
+def death_signal_prefix(other_user: bool = False) -> tuple[str, ...]:
     """argv prefix that arms PR_SET_PDEATHSIG=SIGKILL in the agent, then execs it.
 
     The helper takes our PID and refuses to run the agent if its parent is no
     longer us (the daemon died between fork and prctl); setpriv cannot check that.
     """
-    if _HAVE_HELPER:
+    if _HELPER_FOR_ANYONE if other_user else _HAVE_HELPER:
         return (str(_HELPER), str(os.getpid()))
     if _SETPRIV:
         return (_SETPRIV, "--pdeathsig", "KILL", "--")
@@ -127,7 +139,15 @@ def spawn(
     env = agent_env(spec, incarnation, bus, keys_dir)
     program = _executable(spec.argv[0], env.get("PATH"), spec.cwd)
     popen = subprocess.Popen(
-        (*(death_signal_prefix() if death_signal else ()), program, *spec.argv[1:]),
+        (
+            *(
+                death_signal_prefix(creds.uid is not None or creds.gid is not None)
+                if death_signal
+                else ()
+            ),
+            program,
+            *spec.argv[1:],
+        ),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pwd
 import signal
 import subprocess
 import sys
@@ -65,3 +66,20 @@ def test_helper_refuses_an_orphan() -> None:
         timeout=10,
     )
     assert result.returncode == 0 and result.stdout == "ran\n"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping to another user needs root")
+def test_agent_runs_as_its_user_with_the_death_signal(daemon_factory) -> None:
+    """`user = "nobody"`: the trampoline must be one that user can run (else setpriv)."""
+    d = daemon_factory("""
+[agents.low]
+command = ["/bin/sleep", "60"]
+user = "nobody"
+start_seconds = 0.2
+""").start()
+    pid = d.pid("low")
+    status = Path(f"/proc/{pid}/status").read_text()
+    uid = next(line.split()[1] for line in status.splitlines() if line.startswith("Uid:"))
+    assert int(uid) == pwd.getpwnam("nobody").pw_uid
+    assert Path(f"/proc/{pid}/exe").resolve().name == "sleep"
+    assert d.stop() == 0
