@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,9 @@ from .runtime import ExitInfo, Guard, Proc, Runtime
 from .spec import AgentSpec, DaemonSpec, Spec
 
 NAME = "bus"
+QUICK = 1.0  # seconds: a broker that dies sooner than this after starting failed to start
+BACKOFF_FIRST = 0.1  # then 0.2, 0.4, ... seconds before the next try
+BACKOFF_MAX = 5.0
 
 
 def broker_spec(daemon: DaemonSpec) -> AgentSpec:
@@ -71,18 +75,28 @@ class Broker:
         self._stopped: asyncio.Future[None] | None = None
         self.link: Any = None
         self._table: list[Any] = []
+        self._started = 0.0
+        self._quick_fails = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._abort = asyncio.Event()
 
     async def start(self, spec: Spec) -> None:
         """Spawn the broker, wait for its socket, connect the link, send the table."""
         from agentd.bus.link import BrokerLink
 
-        self.runtime.start(NAME, self.incarnation)
+        self._spawn()
         await self._wait_bound(5.0)
         self.link = BrokerLink(self.daemon.bus, self._on_event, keys_dir=self.daemon.keys_dir)
         await self.link.start()
         self.set_agents(spec)
         # Agents start after this: their READY must find the link already known to the broker.
-        if not await self.link.wait_confirmed(10.0):
+        confirmed = asyncio.ensure_future(self.link.wait_confirmed(10.0))
+        aborted = asyncio.ensure_future(self._abort.wait())
+        await asyncio.wait([confirmed, aborted], return_when=asyncio.FIRST_COMPLETED)
+        aborted.cancel()
+        if not confirmed.done():
+            confirmed.cancel()  # stopping already
+        elif not confirmed.result():
             self.events.emit("bus.slow_start", NAME, detail="no table confirmation in 10 s")
 
     async def _wait_bound(self, timeout: float) -> None:
@@ -123,17 +137,42 @@ class Broker:
             if self._stopped is not None and not self._stopped.done():
                 self._stopped.set_result(None)
             return
-        # Restarted at once: every agent's traffic depends on it.
-        self.incarnation += 1
+        # Restarted at once: every agent's traffic depends on it. One that cannot even
+        # start (its tcp port taken, say) backs off instead of spinning a core.
+        ran = time.monotonic() - self._started
+        self._quick_fails = self._quick_fails + 1 if ran < QUICK else 0
+        delay = 0.0
+        if self._quick_fails:
+            delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (self._quick_fails - 1))
         self.restarts += 1
-        self.events.emit("agent.restarting", NAME, restarts=self.restarts)
-        self.runtime.start(NAME, self.incarnation)
+        self.events.emit("agent.restarting", NAME, restarts=self.restarts, delay=delay)
+        if delay:
+            self._timer = asyncio.get_running_loop().call_later(delay, self._restart)
+        else:
+            self._restart()
+
+    def _restart(self) -> None:
+        self._timer = None
+        if self.stopping:
+            return
+        self.incarnation += 1
+        self._spawn()
         if self.link is not None:
             self.link.broker_restarted()
+
+    def _spawn(self) -> None:
+        self._started = time.monotonic()
+        self.runtime.start(NAME, self.incarnation)
+
+    def abort_start(self) -> None:
+        """The daemon is stopping: do not wait any longer for a broker that will not bind."""
+        self._abort.set()
 
     async def stop(self) -> None:
         """Stop the broker last, after the tree."""
         self.stopping = True
+        if self._timer is not None:
+            self._timer.cancel()
         if self.link is not None:
             await self.link.close()
             self.link = None

@@ -160,7 +160,8 @@ class Daemon:
                 on_hung=self._bus_hung,
             )
             await self.broker.start(self.spec)
-            self._apply(self.tree.start(self.now()))
+            if not self.stopping:  # SIGTERM while the broker was starting: no tree at all
+                self._apply(self.tree.start(self.now()))
             code = await self._done
             await self.broker.stop()
             for future in self._stopped_waiters:
@@ -192,6 +193,8 @@ class Daemon:
         if self.stopping:
             return
         self.stopping = True
+        if self.broker is not None:
+            self.broker.abort_start()
         if self.notifier is not None:
             self.notifier.stopping()
         self.events.emit("daemon.stopping", "agentd")

@@ -55,3 +55,23 @@ cwd = "{ROOT}"
     # And no key at all is refused before anything is sent.
     with pytest.raises(Exception, match="keys"):
         Client(bus, name="nokeys")
+
+
+def test_broker_that_cannot_bind_backs_off(daemon_factory, tmp_path) -> None:
+    """The bus port is taken: the broker is retried with growing delays, not in a loop."""
+    keys = tmp_path / "keys"
+    create_keys_dir(keys)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        d = daemon_factory('[agents.a]\ncommand = ["/bin/sleep", "60"]\nstart_seconds = 0\n')
+        text = d.config.read_text()
+        head = f'bus = "tcp://127.0.0.1:{port}"\nkeys_dir = "{keys}"\n'
+        d.config.write_text(text.replace("[daemon]\n", "[daemon]\n" + head, 1))
+        d.start(wait_ready=False)
+        d.wait_event("agent.restarting", "bus", count=4, timeout=10)
+        delays = [e["delay"] for e in d.events("agent.restarting", "bus")][:4]
+        assert delays == [0.1, 0.2, 0.4, 0.8]
+        assert d.stop() == 0  # SIGTERM while the broker is still failing: a clean exit
+        assert not d.events("agent.starting", "a")  # the tree never started without a bus
