@@ -5,6 +5,6 @@ pkg.mod:Class` runs an agent class under agentd (or standalone, given
 AGENTD_BUS).
 """
 
-from .sdk import Agent, BusError, BusTimeout, Context, Signal, on
+from .sdk import Agent, BusError, BusTimeout, Context, RemoteError, Signal, on
 
-__all__ = ["Agent", "BusError", "BusTimeout", "Context", "Signal", "on"]
+__all__ = ["Agent", "BusError", "BusTimeout", "Context", "RemoteError", "Signal", "on"]

@@ -33,7 +33,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from agentd.bus.client import BusError, BusTimeout
+from agentd.bus.client import BusError, BusTimeout, RemoteError
 from agentd.bus.envelope import (
     Ack,
     Batch,
@@ -256,7 +256,7 @@ class Runtime:
             self.requests.pop(sig.id, None)
             self.request_ids.pop(sig.id, None)
         if reply.error is not None:
-            raise BusError(f"{to}: {reply.error}")
+            raise RemoteError(f"{to}: {reply.error}")
         return reply.data
 
     # --- receiving -------------------------------------------------------------------------
@@ -342,8 +342,8 @@ class Runtime:
             self._reply(sig, None, f"{type(exc).__name__}: {exc}")
 
     def _done_with(self, sig: Signal, result: Any) -> None:
-        # Ack first: the broker handles our frames in order, so by the time the requester
-        # has the reply the signal is settled and a crash now cannot bring it back.
+        # The broker settles a request by its reply and anything else by this ack,
+        # so their order does not matter.
         self._ack(sig)
         if sig.correlation_id is not None:
             self._reply(sig, result, None)

@@ -3,6 +3,6 @@
 `from agentd.bus import Client, BusError` is all a script needs.
 """
 
-from .client import BusError, BusTimeout, Client
+from .client import BusError, BusTimeout, Client, RemoteError
 
-__all__ = ["BusError", "BusTimeout", "Client"]
+__all__ = ["BusError", "BusTimeout", "Client", "RemoteError"]

@@ -41,6 +41,10 @@ class BusTimeout(BusError, TimeoutError):
     """No receipt or reply in time."""
 
 
+class RemoteError(BusError):
+    """The request reached its handler, which answered with an error (asking again won't help)."""
+
+
 class Client:
     """A named DEALER on the bus; one request at a time."""
 
@@ -133,7 +137,7 @@ class Client:
             frame = self._next(deadline, f"no reply from {to} within {timeout}s")
             if isinstance(frame, Signal) and frame.reply and frame.correlation_id == correlation:
                 if frame.error is not None:
-                    raise BusError(f"{to}: {frame.error}")
+                    raise RemoteError(f"{to}: {frame.error}")
                 return frame.data
             if isinstance(frame, Error) and frame.id == sig.id:
                 raise BusError(frame.reason)

@@ -84,6 +84,9 @@ class BrokerLink:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY, DAEMON_ID)
         sock.setsockopt(zmq.LINGER, 0)
+        # The broker may not have bound yet: retry soon (ZeroMQ's default is 100 ms).
+        sock.setsockopt(zmq.RECONNECT_IVL, 10)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         if self.endpoint.startswith("tcp://") and self.keys_dir:
             from pathlib import Path
 

@@ -14,7 +14,6 @@ import asyncio
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from .events import EventLog
@@ -74,18 +73,16 @@ class Broker:
         self.stopping = False
         self._stopped: asyncio.Future[None] | None = None
         self.link: Any = None
-        self._table: list[Any] = []
         self._started = 0.0
         self._quick_fails = 0
         self._timer: asyncio.TimerHandle | None = None
         self._abort = asyncio.Event()
 
     async def start(self, spec: Spec) -> None:
-        """Spawn the broker, wait for its socket, connect the link, send the table."""
+        """Spawn the broker, connect the link, and wait until the broker confirms the table."""
         from agentd.bus.link import BrokerLink
 
         self._spawn()
-        await self._wait_bound(5.0)
         self.link = BrokerLink(self.daemon.bus, self._on_event, keys_dir=self.daemon.keys_dir)
         await self.link.start()
         self.set_agents(spec)
@@ -99,21 +96,11 @@ class Broker:
         elif not confirmed.result():
             self.events.emit("bus.slow_start", NAME, detail="no table confirmation in 10 s")
 
-    async def _wait_bound(self, timeout: float) -> None:
-        """For an ipc endpoint, the socket file appears once the broker has bound."""
-        if not self.daemon.bus.startswith("ipc://"):
-            return
-        path = Path(self.daemon.bus[len("ipc://") :])
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while not path.exists() and loop.time() < deadline and NAME in self.runtime.procs:
-            await asyncio.sleep(0.005)
-
     def set_agents(self, spec: Spec) -> None:
         """Tell the broker which agents exist (for hold queues, pools, acks, heartbeats)."""
         from agentd.bus.link import AgentEntry
 
-        self._table = [
+        entries = [
             AgentEntry(
                 name=a.name,
                 pool=a.pool,
@@ -124,7 +111,7 @@ class Broker:
             for a in spec.agents.values()
         ]
         if self.link is not None:
-            self.link.set_agents(self._table)
+            self.link.set_agents(entries)
 
     def _on_event(self, event: Any) -> None:
         if event.kind == "ready":

@@ -41,7 +41,6 @@ from .tree import (
 )
 
 BUS = "bus"
-STRAYS_DELAY = 0.05  # seconds: orphans are reaped in one batch, after the restarts
 
 
 def tree_from_spec(spec: Spec) -> Tree:
@@ -81,7 +80,6 @@ class Daemon:
         self.stopping = False
         self._done: asyncio.Future[int] | None = None
         self._kill_timer: asyncio.TimerHandle | None = None
-        self._strays_timer: asyncio.TimerHandle | None = None
         self.started_at = time.time()
         self.control: Any = None
         self.broker: Any = None
@@ -264,13 +262,7 @@ class Daemon:
                 self.notifier.ready(status=f"{count} agents running")
 
     def _on_chld(self) -> None:
-        """SIGCHLD: reap orphans, soon — not ahead of the pidfd that restarts an agent."""
-        if self._strays_timer is None:
-            loop = asyncio.get_running_loop()
-            self._strays_timer = loop.call_later(STRAYS_DELAY, self._reap_strays)
-
-    def _reap_strays(self) -> None:
-        self._strays_timer = None
+        """SIGCHLD: reap orphans (a waitid peek; agents are reaped through their pidfds)."""
         assert self.runtime is not None and self.guard is not None
         known = {self.guard.popen.pid}
         if self.broker is not None and self.broker.proc() is not None:
@@ -327,7 +319,7 @@ class Daemon:
 
     def _agent_exited(self, name: str, incarnation: int, info: ExitInfo) -> None:
         self.exits[name] = self.exits.get(name, 0) + 1
-        self._on_chld()  # an orphan's zombie may have been queued behind this agent's
+        self._on_chld()  # an orphan's zombie may have been waiting behind this agent's
         if self.broker is not None:
             self.broker.agent_exited(name, incarnation)
         self._apply(

@@ -200,3 +200,15 @@ def test_graceful_sigterm_finishes_handler(hub) -> None:
     assert d.stop() == 0
     exited = d.events("agent.exited", "a")[0]
     assert exited["code"] == 0 and exited["reason"] == "stopped"
+
+
+def test_error_reply_is_a_remote_error(hub) -> None:
+    """A handler's error is told apart from the broker refusing: RemoteError vs BusError."""
+    from agentd.bus import RemoteError
+
+    d = hub(agent("w", "Worker"))
+    with pytest.raises(RemoteError, match="w: ValueError: cannot do x"):
+        d.client.request("w", "work.fail", "x")
+    with pytest.raises(BusError) as refused:
+        d.client.request("nobody", "work.fail", "x")
+    assert not isinstance(refused.value, RemoteError)

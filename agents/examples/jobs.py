@@ -72,9 +72,7 @@ def _delay(payload: dict[str, Any]) -> dict[str, float]:
 
 def task_delay(payload: dict[str, Any]) -> float:
     """Seconds a worker should spend on this task before answering (0 unless asked)."""
-    delay = payload.get("delay", 0)
-    ok = isinstance(delay, int | float) and not isinstance(delay, bool)
-    return min(max(float(delay), 0.0), MAX_DELAY) if ok else 0.0
+    return float(_delay(payload).get("delay", 0.0))
 
 
 def split(job_id: str, job_type: str, payload: Any) -> list[Task]:

@@ -37,7 +37,7 @@ from typing import Any
 
 import msgspec
 
-from agentd.agents import Agent, BusError, BusTimeout, Context, Signal, on
+from agentd.agents import Agent, BusError, BusTimeout, Context, RemoteError, Signal, on
 from agentd.daemon.log import get_logger
 
 from .jobs import JobError, Task, join, split
@@ -93,11 +93,11 @@ class Orchestrator(Agent):
         for attempt in range(1, self.attempts + 1):
             try:
                 return await ctx.request(task.pool, task.type, data, timeout=self.timeout)
+            except RemoteError:
+                raise  # an error *reply*: the worker refused the task itself
             except BusTimeout as exc:
                 why: BusError = exc
             except BusError as exc:
-                if str(exc).startswith(f"{task.pool}: "):
-                    raise  # an error *reply*: the worker refused the task itself
                 why = exc  # the broker refused it (a full queue ...): try again
                 await asyncio.sleep(min(0.1 * 2**attempt, 2.0))
             self.log.warning(
