@@ -15,12 +15,16 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from collections.abc import Iterable
 from typing import Any
 
 import zmq
 
 from .envelope import (
     Batch,
+    DeadLetter,
+    Dlq,
+    DlqReply,
     Error,
     Hello,
     Receipt,
@@ -126,6 +130,68 @@ class Client:
         """Many signals in one frame (no receipts): [(to or None, type, data), ...]."""
         batch = [make_signal(t, d, self.name, to=to) for to, t, d in signals]
         self._sock.send(self._enc.encode(Batch(batch)))
+
+    def send_confirmed(
+        self, signals: Iterable[tuple[str | None, str, Any]], *, window: int = 256
+    ) -> list[Receipt]:
+        """Pipelined receipted sends: up to `window` unconfirmed at a time.
+
+        `signals` are (to or None, type, data). Returns one receipt per signal,
+        in order; a refused one has `ok=False` and its `error` (for example
+        "full") — nothing raises for a refusal, so a caller sees exactly which
+        signals the broker accepted. BusTimeout if the broker stops answering.
+        """
+        receipts: dict[str, Receipt] = {}
+        order: list[str] = []
+        waiting: set[str] = set()
+        enc, sock = self._enc, self._sock
+        for to, type_, data in signals:
+            sig = make_signal(type_, data, self.name, to=to, receipt=True)
+            order.append(sig.id)
+            waiting.add(sig.id)
+            sock.send(enc.encode(sig))
+            while len(waiting) >= window:
+                self._collect(waiting, receipts)
+        while waiting:
+            self._collect(waiting, receipts)
+        return [receipts[i] for i in order]
+
+    def _collect(self, waiting: set[str], receipts: dict[str, Receipt]) -> None:
+        """Take the next frame: a receipt (or error) for one of `waiting`, or keep it."""
+        frame = self._next(time.monotonic() + self.receipt_timeout, "no receipt from the broker")
+        if isinstance(frame, Receipt) and frame.id in waiting:
+            waiting.discard(frame.id)
+            receipts[frame.id] = frame
+        elif isinstance(frame, Error) and frame.id in waiting:
+            waiting.discard(frame.id)
+            receipts[frame.id] = Receipt(frame.id, False, error=frame.reason)
+        else:
+            self._keep(frame)
+
+    def dead_letters(self, agent: str | None = None) -> list[DeadLetter]:
+        """The broker's dead-letter queue (of one agent, or all)."""
+        return self._dlq(Dlq("list", agent))
+
+    def redrive(self, agent: str | None = None, id: str | None = None) -> list[DeadLetter]:
+        """Deliver dead letters again (their count reset); returns those moved."""
+        return self._dlq(Dlq("redrive", agent, id))
+
+    def purge(self, agent: str | None = None, id: str | None = None) -> list[DeadLetter]:
+        """Drop dead letters for good; returns those dropped."""
+        return self._dlq(Dlq("purge", agent, id))
+
+    def _dlq(self, query: Dlq) -> list[DeadLetter]:
+        self._sock.send(self._enc.encode(query))
+        deadline = time.monotonic() + self.receipt_timeout
+        while True:
+            frame = self._next(deadline, f"no answer from the broker at {self.endpoint}")
+            if isinstance(frame, DlqReply):
+                if frame.error:
+                    raise BusError(frame.error)
+                return frame.dead_letters
+            if isinstance(frame, Error) and frame.id is None:
+                raise BusError(frame.reason)
+            self._keep(frame)
 
     def request(self, to: str, type: str, data: Any = None, timeout: float = 5.0) -> Any:
         """Send a request and wait for its reply's data."""

@@ -69,6 +69,7 @@ class Signal(_Frame, tag="signal"):
     reply: bool = False  # this is the reply to the request with correlation_id
     error: str | None = None  # an error reply (the handler raised)
     redelivered: bool = False  # set by the broker on redelivery (ack = true agents)
+    deliveries: int = 0  # set by the broker for ack = true agents: 1 on the first delivery
 
 
 class RawSignal(Signal, tag="signal"):
@@ -110,6 +111,38 @@ class Ack(_Frame, tag="ack"):
     ids: list[str]
 
 
+class Nack(_Frame, tag="nack"):
+    """An ack = true agent failed these signals (its handler raised): retry after backoff."""
+
+    ids: list[str]
+    error: str = ""
+
+
+class DeadLetter(msgspec.Struct, frozen=True):
+    """A signal an ack = true agent never finished: `max_deliveries` failed deliveries."""
+
+    id: str
+    agent: str  # the agent (or pool) it was kept for
+    type: str
+    source: str
+    deliveries: int
+    error: str
+    time: float  # when it was dead-lettered (unix seconds)
+
+
+class Dlq(_Frame, tag="dlq"):
+    """Ask the broker about its dead letters: list, redrive or purge (answer: DlqReply)."""
+
+    op: str = "list"  # list | redrive | purge
+    agent: str | None = None  # None: every agent
+    id: str | None = None  # None: every dead letter of `agent`
+
+
+class DlqReply(_Frame, tag="dlq_reply"):
+    dead_letters: list[DeadLetter] = []  # list: what matched; redrive/purge: what was moved
+    error: str | None = None
+
+
 class Stats(_Frame, tag="stats"):
     """Ask the broker for its counters (the answer is a Stats with `counters`)."""
 
@@ -127,6 +160,10 @@ class AgentEntry(msgspec.Struct, frozen=True, omit_defaults=True):
     subscribe: list[str] = []  # configured patterns (held while down)
     ack: bool = False
     heartbeat: float = 10.0  # seconds of silence after which the agent is hung
+    max_deliveries: int = 5  # ack = true: failed deliveries before the dead-letter queue
+    retry_backoff: float = 0.5  # ack = true: seconds before a failed delivery is retried
+    max_in_flight: int = 100  # ack = true: delivered and not yet acknowledged, at most
+    max_pending: int = 10_000  # ack = true: kept for the agent in all, at most
 
 
 class Table(_Frame, tag="table"):
@@ -155,6 +192,19 @@ class AgentEvent(_Frame, tag="event"):
     incarnation: int
 
 
+class Notice(_Frame, tag="notice"):
+    """Broker → daemon: something the operator should see as an event.
+
+    `event` is the event name (`bus.dead_lettered`, `bus.dropped`,
+    `bus.journal_unavailable`, `bus.journal_recovered`, `bus.journal_corrupt`),
+    `agent` what it is about ("bus" for the broker itself), `info` its fields.
+    """
+
+    event: str
+    agent: str
+    info: dict[str, Any] = {}
+
+
 Frame = (
     Hello
     | Ready
@@ -167,11 +217,15 @@ Frame = (
     | Receipt
     | Error
     | Ack
+    | Nack
+    | Dlq
+    | DlqReply
     | Stats
     | Table
     | TableOk
     | Down
     | AgentEvent
+    | Notice
 )
 BrokerFrame = (
     Hello
@@ -185,11 +239,15 @@ BrokerFrame = (
     | Receipt
     | Error
     | Ack
+    | Nack
+    | Dlq
+    | DlqReply
     | Stats
     | Table
     | TableOk
     | Down
     | AgentEvent
+    | Notice
 )
 
 DAEMON_ID = b"agentd"
