@@ -4,7 +4,8 @@ The daemon connects a DEALER with the reserved routing id `agentd`. It sends
 the full agent table (`table`, versioned) and re-sends it until the broker
 confirms that version — which also covers a broker that was just restarted
 and knows nothing. The broker answers with `event` frames: connected, ready,
-hung, disconnected.
+hung, disconnected; and with `notice` frames, things the operator should see
+(`bus.dead_lettered`, `bus.journal_unavailable`, ...), handed to `on_notice`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from .envelope import (
     AgentEvent,
     Down,
     Heartbeat,
+    Notice,
     Reconnect,
     Table,
     TableOk,
@@ -31,7 +33,7 @@ from .envelope import (
     peer_decoder,
 )
 
-__all__ = ["AgentEntry", "BrokerEvent", "BrokerLink"]
+__all__ = ["AgentEntry", "BrokerEvent", "BrokerLink", "Notice"]
 
 
 def _log() -> Any:
@@ -65,10 +67,12 @@ class BrokerLink:
         endpoint: str,
         on_event: Callable[[BrokerEvent], None],
         keys_dir: str | None = None,
+        on_notice: Callable[[Notice], None] | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.keys_dir = keys_dir
         self.on_event = on_event
+        self.on_notice = on_notice
         self.ctx = zmq.asyncio.Context()
         self.sock: zmq.asyncio.Socket | None = None
         self.enc = encoder()
@@ -160,10 +164,19 @@ class BrokerLink:
                     self._confirmed.set()
                     self._changed.set()
             elif isinstance(frame, AgentEvent):
-                try:
-                    self.on_event(BrokerEvent(frame.event, frame.name, frame.incarnation))
-                except Exception:  # the daemon's callback must not kill the link
-                    _log().exception("bus.link_callback_failed", event=frame.event)
+                event = BrokerEvent(frame.event, frame.name, frame.incarnation)
+                self._call(self.on_event, event, frame.event)
+            elif isinstance(frame, Notice) and self.on_notice is not None:
+                self._call(self.on_notice, frame, frame.event)
+
+    @staticmethod
+    def _call(callback: Callable[[Any], None], arg: Any, about: str) -> None:
+        try:
+            callback(arg)
+        except Exception:  # the daemon's callback must not kill the link
+            # Not `event=`: that is structlog's own first argument (a TypeError here
+            # would end the receive loop, the very thing this guards against).
+            _log().exception("bus.link_callback_failed", about=about)
 
     async def close(self) -> None:
         for task in self._tasks:

@@ -5,28 +5,40 @@ the tree and stopped after it. If it dies it is restarted at once — no
 intensity, no delay: agents reconnect by themselves and the daemon re-sends
 the agent table. The daemon hears from the broker through a `BrokerLink`:
 READY makes a bus agent *started* in the tree, heartbeat silence makes it
-`hung`.
+`hung`, and the broker's notices (a dead letter, a journal that cannot be
+written) become events in the daemon's event log.
+
+The broker keeps its journal in `state_dir` (`bus.journal`): acknowledged
+delivery survives the broker, the daemon and a stop and start of both.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .events import EventLog
+from .events import Event, EventLog
 from .runtime import ExitInfo, Guard, Proc, Runtime
 from .spec import AgentSpec, DaemonSpec, Spec
+
+if TYPE_CHECKING:  # the bus modules load when the broker starts, not on import
+    from agentd.bus.link import AgentEntry, Notice
 
 NAME = "bus"
 QUICK = 1.0  # seconds: a broker that dies sooner than this after starting failed to start
 BACKOFF_FIRST = 0.1  # then 0.2, 0.4, ... seconds before the next try
 BACKOFF_MAX = 5.0
+# emit()'s own arguments and the keys of a JSON log line: an info key may not shadow them.
+_OWN_FIELDS = frozenset({"event", "name", "agent", "level", "timestamp"})
+JOURNAL = "bus.journal"  # the broker's journal file, in state_dir
 
 
 def broker_spec(daemon: DaemonSpec) -> AgentSpec:
+    """The broker as a process: its endpoint, limits and journal come from [daemon]."""
     argv = (
         sys.executable,
         "-m",
@@ -37,12 +49,46 @@ def broker_spec(daemon: DaemonSpec) -> AgentSpec:
         str(daemon.max_frame),
         "--log-format",
         "json",
+        "--journal",
+        os.path.join(daemon.state_dir, JOURNAL),
+        "--journal-sync",
+        daemon.journal_sync,
     )
     if daemon.keys_dir and daemon.bus.startswith("tcp://"):
         argv += ("--keys-dir", daemon.keys_dir)
     return AgentSpec(
         name=NAME, pool=None, argv=argv, bus_agent=False, start_seconds=0, shutdown=5.0
     )
+
+
+def agent_table(spec: Spec) -> list[AgentEntry]:
+    """The broker's view of the configured agents: `AgentEntry` rows, one per instance."""
+    from agentd.bus.link import AgentEntry
+
+    return [
+        AgentEntry(
+            name=a.name,
+            pool=a.pool,
+            subscribe=list(a.subscribe),
+            ack=a.ack,
+            heartbeat=a.heartbeat,
+            max_deliveries=a.max_deliveries,
+            retry_backoff=a.retry_backoff,
+            max_in_flight=a.max_in_flight,
+            max_pending=a.max_pending,
+        )
+        for a in spec.agents.values()
+    ]
+
+
+def notice_event(events: EventLog, notice: Notice) -> Event:
+    """A broker notice (bus.dead_lettered, bus.dropped, bus.journal_*) as a daemon event.
+
+    `ctl events` and the daemon's JSON log then show it like any other event. An
+    info key that would clash with the event's own fields gets a trailing `_`.
+    """
+    data = {(f"{k}_" if k in _OWN_FIELDS else k): v for k, v in notice.info.items()}
+    return events.emit(notice.event, notice.agent, **data)
 
 
 class Broker:
@@ -83,7 +129,12 @@ class Broker:
         from agentd.bus.link import BrokerLink
 
         self._spawn()
-        self.link = BrokerLink(self.daemon.bus, self._on_event, keys_dir=self.daemon.keys_dir)
+        self.link = BrokerLink(
+            self.daemon.bus,
+            self._on_event,
+            keys_dir=self.daemon.keys_dir,
+            on_notice=self._on_notice,
+        )
         await self.link.start()
         self.set_agents(spec)
         # Agents start after this: their READY must find the link already known to the broker.
@@ -98,26 +149,17 @@ class Broker:
 
     def set_agents(self, spec: Spec) -> None:
         """Tell the broker which agents exist (for hold queues, pools, acks, heartbeats)."""
-        from agentd.bus.link import AgentEntry
-
-        entries = [
-            AgentEntry(
-                name=a.name,
-                pool=a.pool,
-                subscribe=list(a.subscribe),
-                ack=a.ack,
-                heartbeat=a.heartbeat,
-            )
-            for a in spec.agents.values()
-        ]
         if self.link is not None:
-            self.link.set_agents(entries)
+            self.link.set_agents(agent_table(spec))
 
     def _on_event(self, event: Any) -> None:
         if event.kind == "ready":
             self.on_ready(event.name, event.incarnation)
         elif event.kind == "hung":
             self.on_hung(event.name, event.incarnation)
+
+    def _on_notice(self, notice: Notice) -> None:
+        notice_event(self.events, notice)
 
     def _exited(self, name: str, incarnation: int, info: ExitInfo) -> None:
         if self.stopping:

@@ -16,6 +16,7 @@ import os
 import pwd
 import re
 import signal
+import stat
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,12 +24,19 @@ from typing import Any, Literal
 
 import msgspec
 
-from .locate import ConfigError, ConfigIssue, find_config, runtime_dir_default
+from .locate import (
+    ConfigError,
+    ConfigIssue,
+    find_config,
+    runtime_dir_default,
+    state_dir_default,
+)
 from .spec import (
     RESERVED_NAMES,
     ROOT,
     AgentSpec,
     DaemonSpec,
+    JournalSync,
     Limits,
     PoolSpec,
     RestartType,
@@ -52,6 +60,8 @@ class _Strict(msgspec.Struct, forbid_unknown_fields=True):
 class DaemonConfig(_Strict):
     runtime_dir: str | None = None
     log_dir: str | None = None
+    state_dir: str | None = None
+    journal_sync: JournalSync = "batch"
     control: str = "ipc://{runtime_dir}/control.sock"
     bus: str = "ipc://{runtime_dir}/bus.sock"
     shutdown_timeout: float = 30.0
@@ -88,6 +98,19 @@ class AgentConfig(_Strict):
     ack: bool = False
     restart_delay: float = 0.0
     limits: Limits = Limits()
+    max_deliveries: int = 5
+    retry_backoff: float = 0.5
+    max_in_flight: int = 100
+    max_pending: int = 10_000
+
+
+# Durable delivery bounds (SPEC §10): (key, lowest, highest) for the integer keys.
+DELIVERY_BOUNDS = (
+    ("max_deliveries", 1, 1000),
+    ("max_in_flight", 1, 100_000),
+    ("max_pending", 1, 10_000_000),
+)
+RETRY_BACKOFF_MAX = 30.0  # seconds; the broker's doubling stops there too
 
 
 # --- locating keys in the TOML text ------------------------------------------
@@ -347,6 +370,9 @@ def _daemon_spec(v: _Validator, main: _Source, cfg: DaemonConfig) -> DaemonSpec:
 
     log_dir = sub(cfg.log_dir) if cfg.log_dir else f"{runtime_dir}/log"
     log_dir = str(base / log_dir) if not os.path.isabs(log_dir) else log_dir
+    state_dir = sub(cfg.state_dir) if cfg.state_dir else state_dir_default()
+    state_dir = str(base / state_dir) if not os.path.isabs(state_dir) else state_dir
+    _check_state_dir(v, main, state_dir, runtime_dir, explicit=cfg.state_dir is not None)
     keys_dir = sub(cfg.keys_dir) if cfg.keys_dir else None
     for key, endpoint in (("control", sub(cfg.control)), ("bus", sub(cfg.bus))):
         line = ("daemon", key)
@@ -374,6 +400,8 @@ def _daemon_spec(v: _Validator, main: _Source, cfg: DaemonConfig) -> DaemonSpec:
         log_dir=log_dir,
         control=sub(cfg.control),
         bus=sub(cfg.bus),
+        state_dir=state_dir,
+        journal_sync=cfg.journal_sync,
         shutdown_timeout=cfg.shutdown_timeout,
         log_max_bytes=cfg.log_max_bytes,
         log_backups=cfg.log_backups,
@@ -382,6 +410,49 @@ def _daemon_spec(v: _Validator, main: _Source, cfg: DaemonConfig) -> DaemonSpec:
         max_frame=cfg.max_frame,
         death_signal=cfg.death_signal,
     )
+
+
+def _check_state_dir(
+    v: _Validator, main: _Source, state_dir: str, runtime_dir: str, explicit: bool
+) -> None:
+    """state_dir must survive a reboot (not on the runtime dir's tmpfs) and be writable."""
+    where = "daemon.state_dir" if explicit else "daemon.state_dir (default)"
+    state, run = os.path.realpath(state_dir), os.path.realpath(runtime_dir)
+    if state == run or state.startswith(run.rstrip("/") + "/"):
+        v.issue(
+            main,
+            ("daemon", "state_dir"),
+            f"{where}: {state_dir} is under runtime_dir {runtime_dir}, which does not "
+            "survive a reboot; durable state needs a directory of its own",
+        )
+        return
+    problem = state_dir_problem(state_dir)
+    if problem:
+        v.issue(main, ("daemon", "state_dir"), f"{where}: {problem}")
+
+
+def state_dir_problem(path: str) -> str | None:
+    """Why the daemon could not create or write `path` (None: it can), touching nothing.
+
+    `agentd check` must not create directories, so this finds the nearest existing
+    ancestor and asks whether it is a directory we may write. access(2) also answers
+    for root on a read-only file system (EROFS).
+    """
+    target = Path(path)
+    for candidate in (target, *target.parents):
+        try:
+            mode = os.stat(candidate).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # not there yet (or under a file: that file is found further up)
+        except OSError as exc:
+            return f"cannot create {path}: {candidate}: {exc.strerror}"
+        verb = "write" if candidate == target else "create"
+        if not stat.S_ISDIR(mode):
+            return f"cannot {verb} {path}: {candidate} is not a directory"
+        if not os.access(candidate, os.W_OK | os.X_OK):
+            return f"cannot {verb} {path}: {candidate} is not writable"
+        return None
+    return f"cannot create {path}"
 
 
 def _signal_number(name: str) -> int | None:
@@ -437,6 +508,7 @@ def _agent_specs(
         bad = [(key, why) for key, failed, why in checks if failed]
         for key, why in bad:
             v.issue(src, (*path, key), f"agents.{name}.{key}: {why}")
+        bad += _delivery_issues(v, src, path, name, cfg)
         for key, value in (
             ("memory_mb", cfg.limits.memory_mb),
             ("nofile", cfg.limits.nofile),
@@ -472,6 +544,10 @@ def _agent_specs(
             ack=cfg.ack,
             restart_delay=cfg.restart_delay,
             limits=cfg.limits,
+            max_deliveries=cfg.max_deliveries,
+            retry_backoff=cfg.retry_backoff,
+            max_in_flight=cfg.max_in_flight,
+            max_pending=cfg.max_pending,
         )
         if cfg.replicas is None:
             names = [name]
@@ -482,6 +558,22 @@ def _agent_specs(
                 specs[member] = AgentSpec(name=member, pool=name, **common)
         instances[name] = names
     return specs, instances
+
+
+def _delivery_issues(
+    v: _Validator, src: _Source, path: tuple[str, ...], name: str, cfg: AgentConfig
+) -> list[tuple[str, str]]:
+    """Bounds of the durable delivery keys: each one out of range is an issue."""
+    bad: list[tuple[str, str]] = []
+    for key, lowest, highest in DELIVERY_BOUNDS:
+        value = getattr(cfg, key)
+        if not lowest <= value <= highest:
+            bad.append((key, f"must be between {lowest} and {highest}"))
+    if not 0 < cfg.retry_backoff <= RETRY_BACKOFF_MAX:
+        bad.append(("retry_backoff", f"must be > 0 and <= {RETRY_BACKOFF_MAX:g} (seconds)"))
+    for key, why in bad:
+        v.issue(src, (*path, key), f"agents.{name}.{key}: {why}")
+    return bad
 
 
 def member_spec(template: AgentSpec, pool: str, index: int) -> AgentSpec:

@@ -17,6 +17,17 @@ import msgspec
 from .log import get_logger
 
 HISTORY = 100
+#: Logged as warnings: something an operator should look at.
+WARNINGS = frozenset(
+    {
+        "agent.hung",
+        "supervisor.gave_up",
+        "bus.dead_lettered",
+        "bus.dropped",
+        "bus.journal_unavailable",
+        "bus.journal_corrupt",
+    }
+)
 
 
 class Event(msgspec.Struct, frozen=True):
@@ -39,7 +50,7 @@ class EventLog:
     def emit(self, event: str, name: str, **data: Any) -> Event:
         record = Event(time.time(), event, name, data)
         self.history.append(record)
-        level = "warning" if event in ("agent.hung", "supervisor.gave_up") else "info"
+        level = "warning" if event in WARNINGS else "info"
         getattr(self.log, level)(event, agent=name, **data)
         for queue in list(self.followers):
             try:

@@ -7,6 +7,7 @@ without importing the whole validator.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,3 +54,24 @@ def find_config(explicit: str | None = None) -> Path:
 def runtime_dir_default() -> str:
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     return f"{xdg}/agentd" if xdg else f"/tmp/agentd-{os.getuid()}"
+
+
+def state_dir_default(environ: Mapping[str, str] | None = None, uid: int | None = None) -> str:
+    """Where durable state lives unless `daemon.state_dir` says (SPEC §10).
+
+    systemd's StateDirectory= sets $STATE_DIRECTORY (a colon-separated list when the
+    unit names several: ours is the first); outside systemd, /var/lib/agentd for
+    root and the XDG state home for anyone else. `environ` and `uid` default to this
+    process's: a test can ask about another user without becoming one.
+    """
+    env = os.environ if environ is None else environ
+    systemd = env.get("STATE_DIRECTORY")
+    if systemd:
+        return systemd.split(":")[0]
+    if (os.getuid() if uid is None else uid) == 0:
+        return "/var/lib/agentd"
+    xdg = env.get("XDG_STATE_HOME")
+    if xdg and os.path.isabs(xdg):  # the XDG spec says to ignore a relative one
+        return f"{xdg}/agentd"
+    home = env.get("HOME") or str(Path.home())
+    return f"{home}/.local/state/agentd"

@@ -64,6 +64,18 @@ def prepare_runtime_dir(path: str) -> None:
         pass
 
 
+def prepare_state_dir(path: str) -> None:
+    """Create state_dir 0750 if it is missing; an existing one keeps its owner and mode.
+
+    Under systemd it already exists (StateDirectory=, with StateDirectoryMode=).
+    """
+    directory = Path(path)
+    if directory.is_dir():
+        return
+    directory.mkdir(mode=0o750, parents=True, exist_ok=True)
+    os.chmod(directory, 0o750)  # whatever the umask
+
+
 class Daemon:
     """A running agentd: owns the loop-side state of everything."""
 
@@ -104,6 +116,12 @@ class Daemon:
         self._done = loop.create_future()
         prepare_runtime_dir(self.spec.daemon.runtime_dir)
         Path(self.spec.daemon.log_dir).mkdir(parents=True, exist_ok=True)
+        try:
+            prepare_state_dir(self.spec.daemon.state_dir)
+        except OSError as exc:  # load() checked it: a race, or a full disk
+            state_dir = self.spec.daemon.state_dir
+            self.log.error("daemon.state_dir_failed", path=state_dir, error=str(exc))
+            return 1
         spawn.set_child_subreaper()
         _raise_nofile_limit()
         from .notify import Notifier

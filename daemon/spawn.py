@@ -101,11 +101,17 @@ def _apply_limits(pid: int, limits: Limits) -> None:
 
 
 def agent_env(
-    spec: AgentSpec, incarnation: int, bus: str, keys_dir: str | None = None
+    spec: AgentSpec,
+    incarnation: int,
+    bus: str,
+    keys_dir: str | None = None,
+    state_dir: str | None = None,
 ) -> dict[str, str]:
     """The agent's environment: the daemon's, the contract's AGENTD_*, then its own.
 
     AGENTD_KEYS_DIR is set only for a tcp bus: the CurveZMQ client keys to connect with.
+    AGENTD_STATE_DIR is the daemon's state_dir: where an agent keeps what must outlive
+    it (the hub's job store), next to the bus journal.
     """
     env = dict(os.environ)
     for key in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID"):
@@ -123,6 +129,8 @@ def agent_env(
         env["AGENTD_ACK"] = "1"
     if keys_dir and bus.startswith("tcp://"):
         env["AGENTD_KEYS_DIR"] = keys_dir
+    if state_dir:
+        env["AGENTD_STATE_DIR"] = state_dir
     env.update(dict(spec.env))
     return env
 
@@ -133,10 +141,11 @@ def spawn(
     bus: str,
     death_signal: bool = True,
     keys_dir: str | None = None,
+    state_dir: str | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start the agent; raises OSError (missing program, bad cwd, ...) on failure."""
     creds = resolve_credentials(spec.user, spec.group)
-    env = agent_env(spec, incarnation, bus, keys_dir)
+    env = agent_env(spec, incarnation, bus, keys_dir, state_dir)
     program = _executable(spec.argv[0], env.get("PATH"), spec.cwd)
     popen = subprocess.Popen(
         (

@@ -14,6 +14,7 @@ import msgspec
 
 Strategy = Literal["one_for_one", "one_for_all", "rest_for_one"]
 RestartType = Literal["permanent", "transient", "temporary"]
+JournalSync = Literal["batch", "always"]
 
 #: Names an agent may not take: the broker, the daemon's bus identity, ctl.
 RESERVED_NAMES = frozenset({"bus", "agentd", "ctl"})
@@ -47,6 +48,12 @@ class AgentSpec(msgspec.Struct, frozen=True):
     ack: bool = False
     restart_delay: float = 0.0
     limits: Limits = Limits()
+    # Durable delivery (SPEC §10), passed to the broker in the agent table; they only
+    # change anything for an ack = true agent.
+    max_deliveries: int = 5  # failed deliveries before the dead-letter queue
+    retry_backoff: float = 0.5  # seconds before a failed delivery is retried (doubling)
+    max_in_flight: int = 100  # handed to the agent and not yet acknowledged, at most
+    max_pending: int = 10_000  # kept by the broker for the agent, at most
 
 
 class SupervisorSpec(msgspec.Struct, frozen=True):
@@ -67,6 +74,8 @@ class DaemonSpec(msgspec.Struct, frozen=True):
     log_dir: str
     control: str
     bus: str
+    state_dir: str  # durable state (the bus journal); never under runtime_dir
+    journal_sync: JournalSync = "batch"  # always: fsync before each receipt
     shutdown_timeout: float = 30.0
     log_max_bytes: int = 10 * 1024 * 1024
     log_backups: int = 3

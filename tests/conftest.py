@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -54,12 +55,13 @@ class DaemonProc:
         self.dir = tmp / "rec"
         self.dir.mkdir(exist_ok=True)
         self.runtime_dir = tmp / "run"
-        head = f'[daemon]\nruntime_dir = "{self.runtime_dir}"\n'
+        # Never the real /var/lib/agentd (tests run as root in CI): a state dir of our own.
+        self.state_dir = tmp / "state"
         body = textwrap.dedent(config)
         if "[daemon]" in body:
             body = body.replace("[daemon]\n", "")
         self.config = tmp / name
-        self.config.write_text(head + body)
+        self.config.write_text(self._head(body) + body)
         self.lines: list[dict[str, Any]] = []
         self.raw: list[str] = []
         self._cond = threading.Condition()
@@ -194,10 +196,17 @@ class DaemonProc:
         assert result.returncode == 0, result.stderr
         return json.loads(result.stdout)
 
-    def rewrite(self, config: str) -> None:
-        """Replace the config file (keeping our [daemon] runtime_dir)."""
+    def _head(self, body: str) -> str:
+        """Our [daemon] table's start: runtime_dir, and state_dir unless the test sets one."""
         head = f'[daemon]\nruntime_dir = "{self.runtime_dir}"\n'
-        self.config.write_text(head + textwrap.dedent(config))
+        if not re.search(r"^\s*state_dir\s*=", body, re.M):
+            head += f'state_dir = "{self.state_dir}"\n'
+        return head
+
+    def rewrite(self, config: str) -> None:
+        """Replace the config file (keeping our [daemon] runtime_dir and state_dir)."""
+        body = textwrap.dedent(config)
+        self.config.write_text(self._head(body) + body)
 
     def started(self) -> list[tuple[str, int, int]]:
         path = self.dir / "started"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -211,3 +212,143 @@ def test_readme_config_tour_validates(tmp_path: Path) -> None:
     spec = load(write(tmp_path, block.replace('user = "app"', f'user = "{getpass.getuser()}"')))
     assert set(spec.agents) == {"ingress", "summarizer@0", "summarizer@1", "summarizer@2"}
     assert spec.daemon.death_signal and spec.daemon.max_frame == 1048576
+
+
+# --- durable delivery (SPEC §10): state_dir, journal_sync, the per-agent keys ------------
+
+
+def test_durable_delivery_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+    spec = load(write(tmp_path, '[agents.a]\ncommand = ["x"]\nack = true\n'))
+    assert spec.daemon.journal_sync == "batch"
+    if os.getuid() == 0:
+        assert spec.daemon.state_dir == "/var/lib/agentd"
+    a = spec.agents["a"]
+    assert (a.max_deliveries, a.retry_backoff, a.max_in_flight, a.max_pending) == (
+        5,
+        0.5,
+        100,
+        10_000,
+    )
+
+
+def test_state_dir_default_is_systemds_state_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("STATE_DIRECTORY", f"{tmp_path}/lib/agentd:{tmp_path}/other")
+    spec = load(write(tmp_path, '[agents.a]\ncommand = ["x"]\n'))
+    assert spec.daemon.state_dir == f"{tmp_path}/lib/agentd"  # the first of the list
+
+
+def test_state_dir_setting_and_substitution(tmp_path: Path) -> None:
+    spec = load(write(tmp_path, '[daemon]\nstate_dir = "state"\njournal_sync = "always"\n'))
+    assert spec.daemon.state_dir == f"{tmp_path}/state"  # relative to the config file
+    assert spec.daemon.journal_sync == "always"
+    text = f'[daemon]\nruntime_dir = "{tmp_path}/rt"\nstate_dir = "{{runtime_dir}}/../st"\n'
+    assert load(write(tmp_path, text)).daemon.state_dir == f"{tmp_path}/rt/../st"
+
+
+def test_state_dir_default_for_other_users(tmp_path: Path) -> None:
+    """Not root: $XDG_STATE_HOME/agentd, else ~/.local/state/agentd; root: /var/lib/agentd."""
+    from agentd.daemon.locate import state_dir_default
+
+    home = {"HOME": str(tmp_path)}
+    assert state_dir_default({**home, "XDG_STATE_HOME": "/xdg"}, uid=1000) == "/xdg/agentd"
+    relative = {**home, "XDG_STATE_HOME": "rel"}  # the XDG spec: ignored
+    assert state_dir_default(relative, uid=1000) == f"{tmp_path}/.local/state/agentd"
+    assert state_dir_default(home, uid=1000) == f"{tmp_path}/.local/state/agentd"
+    assert state_dir_default({**home, "XDG_STATE_HOME": "/xdg"}, uid=0) == "/var/lib/agentd"
+    systemd = {**home, "STATE_DIRECTORY": "/var/lib/agentd:/var/lib/other"}
+    assert state_dir_default(systemd, uid=1000) == "/var/lib/agentd"
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "needle"),
+    [
+        ("max_deliveries", "0", "between 1 and 1000"),
+        ("max_deliveries", "1001", "between 1 and 1000"),
+        ("max_in_flight", "0", "between 1 and 100000"),
+        ("max_in_flight", "100001", "between 1 and 100000"),
+        ("max_pending", "0", "between 1 and 10000000"),
+        ("max_pending", "10000001", "between 1 and 10000000"),
+        ("retry_backoff", "0", "must be > 0 and <= 30"),
+        ("retry_backoff", "-1.5", "must be > 0 and <= 30"),
+        ("retry_backoff", "30.5", "must be > 0 and <= 30"),
+        ("retry_backoff", "nan", "must be > 0 and <= 30"),
+        ("max_pending", '"lots"', "Expected `int`"),
+        ("max_deliveries", "2.5", "Expected `int`"),
+    ],
+)
+def test_durable_delivery_bounds(tmp_path: Path, key: str, value: str, needle: str) -> None:
+    path = write(tmp_path, f'[agents.a]\ncommand = ["x"]\nack = true\n{key} = {value}\n')
+    found = errors(path)
+    assert any(e.startswith(f"{path}:4: ") and key in e and needle in e for e in found), found
+
+
+def test_durable_delivery_bounds_are_inclusive(tmp_path: Path) -> None:
+    spec = load(
+        write(
+            tmp_path,
+            '[agents.lo]\ncommand = ["x"]\nmax_deliveries = 1\nmax_in_flight = 1\n'
+            "max_pending = 1\nretry_backoff = 0.001\n"
+            '[agents.hi]\ncommand = ["x"]\nmax_deliveries = 1000\nmax_in_flight = 100000\n'
+            "max_pending = 10000000\nretry_backoff = 30\n",
+        )
+    )
+    hi = spec.agents["hi"]
+    assert (hi.max_deliveries, hi.max_in_flight, hi.max_pending) == (1000, 100_000, 10_000_000)
+    assert hi.retry_backoff == 30.0 and spec.agents["lo"].retry_backoff == 0.001
+
+
+def test_journal_sync_must_be_batch_or_always(tmp_path: Path) -> None:
+    path = write(tmp_path, '[daemon]\njournal_sync = "sometimes"\n')
+    assert any(f"{path}:2: " in e and "Invalid enum value" in e for e in errors(path))
+
+
+@pytest.mark.parametrize(
+    "state_dir", ["{rt}", "{rt}/state", "{rt}/a/../state", "{{runtime_dir}}/s"]
+)
+def test_state_dir_under_runtime_dir_is_an_error(tmp_path: Path, state_dir: str) -> None:
+    rt = f"{tmp_path}/rt"
+    text = f'[daemon]\nruntime_dir = "{rt}"\nstate_dir = "{state_dir.format(rt=rt)}"\n'
+    path = write(tmp_path, text)
+    found = errors(path)
+    assert any(f"{path}:3: " in e and "under runtime_dir" in e for e in found), found
+
+
+def test_state_dir_next_to_runtime_dir_is_fine(tmp_path: Path) -> None:
+    """A sibling whose name starts like runtime_dir's is not under it."""
+    text = f'[daemon]\nruntime_dir = "{tmp_path}/rt"\nstate_dir = "{tmp_path}/rt-state"\n'
+    assert load(write(tmp_path, text)).daemon.state_dir == f"{tmp_path}/rt-state"
+
+
+def test_values_reach_the_agent_table_and_the_broker_argv(tmp_path: Path) -> None:
+    from agentd.bus.link import AgentEntry
+    from agentd.daemon.bus import agent_table, broker_spec
+
+    spec = load(
+        write(
+            tmp_path,
+            f'[daemon]\nstate_dir = "{tmp_path}/st"\njournal_sync = "always"\n'
+            '[agents.w]\ncommand = ["x"]\nack = true\nreplicas = 2\nmax_deliveries = 3\n'
+            "retry_backoff = 2\nmax_in_flight = 7\nmax_pending = 50\n"
+            '[agents.plain]\ncommand = ["y"]\n',
+        )
+    )
+    table = {e.name: e for e in agent_table(spec)}
+    assert table["w@1"] == AgentEntry(
+        name="w@1",
+        pool="w",
+        ack=True,
+        max_deliveries=3,
+        retry_backoff=2.0,
+        max_in_flight=7,
+        max_pending=50,
+    )
+    assert table["plain"] == AgentEntry(name="plain")  # every default
+    argv = broker_spec(spec.daemon).argv
+    journal = argv.index("--journal")
+    assert argv[journal + 1] == f"{tmp_path}/st/bus.journal"
+    assert argv[argv.index("--journal-sync") + 1] == "always"
+    default = load(write(tmp_path, f'[daemon]\nstate_dir = "{tmp_path}/st"\n')).daemon
+    assert broker_spec(default).argv[-2:] == ("--journal-sync", "batch")

@@ -61,6 +61,9 @@ def test_required_directives() -> None:
     assert d["KillMode"] == "mixed" and d["Restart"] == "on-failure"
     assert d["RuntimeDirectory"] == "agentd" and d["RuntimeDirectoryMode"] == "0750"
     assert d["LogsDirectory"] == "agentd"
+    # Durable state (SPEC §10): systemd makes /var/lib/agentd and passes $STATE_DIRECTORY,
+    # which is the daemon's default state_dir.
+    assert d["StateDirectory"] == "agentd" and d["StateDirectoryMode"] == "0750"
     # Room for the daemon's orderly stop (daemon.shutdown_timeout defaults to 30 s).
     assert 30 < seconds(d["TimeoutStopSec"]) <= 120
     assert d["Delegate"] == "yes"
@@ -81,6 +84,10 @@ def test_hardening_leaves_agents_working() -> None:
         "RestrictRealtime": "yes",
     }.items():
         assert d.get(key) == value, f"{key}={d.get(key)}"
+    # ProtectSystem=full leaves /var writable; nothing else may make the state dir
+    # read-only or hide it.
+    for key in ("ReadOnlyPaths", "InaccessiblePaths", "TemporaryFileSystem"):
+        assert "/var" not in d.get(key, ""), f"{key}= hides the state dir"
     # Each of these would break some agent; the unit's comments say which and why.
     for key in (
         "NoNewPrivileges",  # agents running setuid programs
