@@ -149,6 +149,7 @@ class Runtime:
                 self.daemon.bus,
                 self.daemon.death_signal,
                 self.daemon.keys_dir,
+                self.daemon.state_dir,
             )
         except (OSError, KeyError, subprocess.SubprocessError) as exc:
             error = f"{type(exc).__name__}: {exc}"

@@ -70,7 +70,7 @@ def test_pool_signal_is_held_for_the_pool_while_no_member_is_live(bus) -> None:
     for m in MEMBERS:
         bus.kill(procs[m], m, 0)
     # Neither was lost, neither waits for its dead member: both are held for the pool.
-    wait_for(lambda: tx.stats()["held_now"] == 2, 5, "both held for the pool")
+    wait_for(lambda: tx.stats()["pending_now"] == 2, 5, "both kept for the pool")
     bus.agent("w@0", incarnation=1, ack=True)  # the first member back takes both
     wait_for(lambda: _count(bus, "w@0", "a", "b") >= 2, 5, "both redelivered to w@0")
     late = [r for r in bus.got("w@0") if r["incarnation"] == 1]
