@@ -392,3 +392,146 @@ def request(c: Ctl, name: str, type_: str, data: str | None, timeout: float) -> 
     payload = _json_arg(data)
     reply = _bus_call(c, lambda client: client.request(name, type_, payload, timeout=timeout))
     click.echo(json.dumps(reply))
+
+
+# --- the dead-letter queue ------------------------------------------------------------
+
+
+class _DlqGroup(click.Group):
+    """`dlq [AGENT]` lists, `dlq redrive|purge [AGENT]` act: one optional name, two verbs.
+
+    A click group would take the first word for its own optional argument, so
+    AGENT is not one: before parsing, a first word that is not a subcommand
+    becomes the hidden `--agent` option. Subcommand names win; `--` marks the
+    next word as an agent name whatever it is (`ctl dlq -- redrive`).
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        args = list(args)
+        for i, word in enumerate(args):
+            if word == "--":
+                if i + 1 < len(args):
+                    args[i : i + 2] = ["--agent", args[i + 1]]
+                break
+            if word.startswith("-"):
+                continue
+            if word not in self.commands:
+                args[i : i + 1] = ["--agent", word]
+            break
+        return super().parse_args(ctx, args)
+
+
+def _letter_json(letter: Any) -> dict[str, Any]:
+    """One dead letter as `ctl dlq --json` prints it (these keys, no others)."""
+    return {
+        "id": letter.id,
+        "agent": letter.agent,
+        "type": letter.type,
+        "source": letter.source,
+        "deliveries": letter.deliveries,
+        "error": letter.error,
+        "time": letter.time,
+    }
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: max(1, width - 1)] + "…"
+
+
+TABLE_WIDTH = 80
+
+
+def _letters_table(letters: list[Any]) -> str:
+    """ID, AGENT, TYPE, DELIVERIES, AGE, then `from SOURCE: ERROR` indented below each row.
+
+    The id is never clipped (it is what `--id` takes); AGENT and TYPE are, so a
+    row fits in 80 columns, and so is the detail line.
+    """
+    import time
+
+    now = time.time()
+    fixed = 28 + len("DELIVERIES") + len("AGE") + 5 + 4 * 2  # id, deliveries, age, gaps
+    agent_w = max([len("AGENT")] + [len(x.agent) for x in letters])
+    type_w = max([len("TYPE")] + [len(x.type) for x in letters])
+    room = TABLE_WIDTH - fixed
+    if agent_w + type_w > room:
+        agent_w = min(agent_w, max(len("AGENT"), room // 3))
+        type_w = room - agent_w
+    rows = [["ID", "AGENT", "TYPE", "DELIVERIES", "AGE"]]
+    for x in letters:
+        age = _duration(max(0.0, now - x.time))
+        rows.append([x.id, _clip(x.agent, agent_w), _clip(x.type, type_w), str(x.deliveries), age])
+    lines = _table(rows).split("\n")
+    out = [lines[0]]
+    for line, x in zip(lines[1:], letters, strict=True):
+        error = " ".join((x.error or "-").split())  # a traceback's lines, on one line
+        out += [line, _clip(f"    from {x.source}: {error}", TABLE_WIDTH)]
+    return "\n".join(out)
+
+
+def _print_letters(letters: list[Any], as_json: bool, verb: str | None) -> None:
+    """The list (verb None) or what redrive/purge moved: JSON, a table or a count line."""
+    if as_json:
+        click.echo(json.dumps({"dead_letters": [_letter_json(x) for x in letters]}))
+    elif verb is not None:
+        click.echo(f"{verb} {len(letters)} dead letter{'' if len(letters) == 1 else 's'}")
+    elif not letters:
+        click.echo("no dead letters")
+    else:
+        click.echo(_letters_table(letters))
+
+
+def _json_flag(ctx: click.Context, own: bool) -> bool:
+    """--json given after the subcommand, or before it (`ctl dlq --json purge`)."""
+    return own or bool(ctx.parent is not None and ctx.parent.params.get("as_json"))
+
+
+@ctl.group(
+    cls=_DlqGroup,
+    invoke_without_command=True,
+    subcommand_metavar="[AGENT] | redrive|purge [AGENT] [--id ID]",
+)
+@click.option("--agent", hidden=True, help="The agent or pool (given as the first word).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (stable).")
+@click.pass_context
+def dlq(ctx: click.Context, agent: str | None, as_json: bool) -> None:
+    """Dead letters: signals an ack = true agent failed max_deliveries times.
+
+    `ctl dlq [AGENT]` lists them (of one agent or pool, or all), `ctl dlq
+    redrive` delivers them again with the count reset, `ctl dlq purge` drops
+    them. `redrive` and `purge` are read as the verbs; to list an agent with
+    one of those names, write `ctl dlq -- redrive`.
+    """
+    if ctx.invoked_subcommand is not None:
+        if agent is not None:
+            raise click.UsageError(f"AGENT goes after {ctx.invoked_subcommand!r}")
+        return
+    c = ctx.find_object(Ctl)
+    letters = _bus_call(c, lambda client: client.dead_letters(agent))
+    _print_letters(letters, as_json, None)
+
+
+def _dlq_move(op: str, verb: str) -> Callable[..., None]:
+    """`dlq redrive` / `dlq purge`: the same arguments, the same output, another Client call."""
+
+    @click.argument("agent", required=False)
+    @click.option("--id", "id_", metavar="ID", help="Only this dead letter.")
+    @click.option("--json", "as_json", is_flag=True, help="Print what moved as JSON.")
+    @click.pass_context
+    def command(ctx: click.Context, agent: str | None, id_: str | None, as_json: bool) -> None:
+        c = ctx.find_object(Ctl)
+        letters = _bus_call(c, lambda client: getattr(client, op)(agent, id_))
+        if id_ is not None and not letters:
+            where = f" of {agent}" if agent else ""
+            fail(f"no dead letter{where} with id {id_}", REFUSED)
+        _print_letters(letters, _json_flag(ctx, as_json), verb)
+
+    command.__doc__ = {
+        "redrive": "Deliver dead letters (of AGENT, or all) again, their count reset.",
+        "purge": "Drop dead letters (of AGENT, or all) for good.",
+    }[op]
+    return command
+
+
+dlq.command("redrive")(_dlq_move("redrive", "redrove"))
+dlq.command("purge")(_dlq_move("purge", "purged"))

@@ -40,7 +40,7 @@ const NAME = required("AGENTD_NAME"); // also our ZeroMQ routing id, e.g. "text@
 const BUS = required("AGENTD_BUS"); // e.g. "ipc:///run/agentd/bus.sock"
 const INCARNATION = Number(process.env.AGENTD_INCARNATION || 0); // restarts so far
 const HEARTBEAT = Number(process.env.AGENTD_HEARTBEAT || 10); // seconds of silence = hung
-const ACK = process.env.AGENTD_ACK === "1"; // ack = true: acknowledge every signal (§4)
+const ACK = process.env.AGENTD_ACK === "1"; // ack = true: acknowledge every signal (§4.1)
 
 function log(event, fields = {}) {
   const extra = Object.entries(fields).map(([k, v]) => ` ${k}=${JSON.stringify(v)}`);
@@ -90,10 +90,12 @@ const sock = new zmq.Dealer({ routingId: NAME, linger: 1000 });
 
 // zeromq.js allows one send() in flight per socket, so every frame goes
 // through this queue. Each frame is one ZeroMQ message holding one
-// MessagePack map (§1).
+// MessagePack map (§1). lastSent: any frame counts as a heartbeat (§2.4).
 let sending = Promise.resolve();
+let lastSent = 0;
 function send(frame) {
   const bytes = encode(frame);
+  lastSent = Date.now();
   sending = sending
     .then(() => sock.send(bytes))
     .catch((err) => log("send_failed", { kind: frame.kind, error: String(err) }));
@@ -128,6 +130,18 @@ function announce() {
   ready = true;
 }
 
+// --- Heartbeats (§2.4) ------------------------------------------------------------------
+
+// Silence for HEARTBEAT seconds makes us hung, so something goes out at least
+// every HEARTBEAT/3: when idle, from a timer; when busy, from the receive loop
+// between two handlers. A timer alone is not enough: while we work through a
+// backlog (the broker hands us up to max_in_flight signals at once, §4.1) the
+// event loop may never get to it.
+const BEAT_MS = (HEARTBEAT / 3) * 1000;
+function beatIfDue() {
+  if (Date.now() - lastSent >= BEAT_MS) send({ kind: "heartbeat" });
+}
+
 // --- Handling one signal ---------------------------------------------------------------
 
 async function handle(sig) {
@@ -141,13 +155,20 @@ async function handle(sig) {
     error = err instanceof JobError ? `JobError: ${err.message}` : `Error: ${err}`;
     log("task_failed", { type: sig.type, id: sig.id, error });
   }
-  if (sig.redelivered) log("redelivered", { type: sig.type, id: sig.id });
-  // ack = true: tell the broker we are done with it, once handled (§4).
-  // Until then it is kept, and would go to another pool member (or our next
-  // incarnation) if we died. The ack goes *before* the reply: the broker takes
-  // our frames in order, so once the requester has the reply, the task is
-  // settled and cannot come back.
-  if (ACK) send({ kind: "ack", ids: [sig.id] });
+  if (sig.redelivered) {
+    log("redelivered", { type: sig.type, id: sig.id, deliveries: sig.deliveries });
+  }
+  // ack = true: settle it with the broker only now that the handler is done,
+  // never before (§4.1). Until then the broker keeps it (in its journal), and
+  // would deliver it again, to another pool member or to us, if we or the
+  // broker died. A request is settled by its reply; the ack may go ahead of
+  // it (the broker takes our frames in order). A signal that is not a request
+  // has no reply to carry the error: a failed one is nacked instead, and the
+  // broker retries it after retry_backoff, then dead-letters it (§4.2).
+  if (ACK) {
+    if (error !== null && !sig.correlation_id) send({ kind: "nack", ids: [sig.id], error });
+    else send({ kind: "ack", ids: [sig.id] });
+  }
   if (sig.correlation_id) {
     // A request: answer it (§4, request/reply). The reply goes to reply_to
     // (or the sender), carries the request's correlation_id and reply: true,
@@ -169,14 +190,25 @@ async function handle(sig) {
   }
 }
 
+// One signal, then a heartbeat if one is due and a turn of the event loop,
+// so that the queued frames (acks, replies, heartbeats) leave and the timers
+// run even when the signals keep coming.
+async function handled(sig) {
+  await handle(sig);
+  beatIfDue();
+  await new Promise((resolve) => setImmediate(resolve));
+}
+
 async function onFrame(frame) {
   switch (frame.kind) {
     case "signal":
-      return handle(frame);
+      return handled(frame);
     case "batch": // several signals in one frame, in order
-      for (const sig of frame.signals) await handle(sig);
+      for (const sig of frame.signals) await handled(sig);
       return;
-    case "reconnect": // the broker restarted and does not know us (§2.6)
+    case "reconnect":
+      // The broker restarted and does not know us (§2.6). After our HELLO it
+      // delivers again, from its journal, what we had not acked (§4.1).
       log("reconnect");
       send(hello);
       if (ready) send({ kind: "ready" });
@@ -194,16 +226,15 @@ async function onFrame(frame) {
 let stopping = false;
 let inFlight = Promise.resolve(); // the frame being handled, if any
 
-// Any frame counts as a sign of life; send a heartbeat every HEARTBEAT/3
-// seconds so that silence never reaches HEARTBEAT, even when idle (§2.4).
-const beat = setInterval(() => send({ kind: "heartbeat" }), (HEARTBEAT / 3) * 1000);
+// When idle: check twice per HEARTBEAT/3 whether a heartbeat is due (§2.4).
+const beat = setInterval(beatIfDue, BEAT_MS / 2);
 
 async function stop(signal) {
   if (stopping) return;
   stopping = true;
   log("stopping", { signal });
   clearInterval(beat);
-  await inFlight; // finish the signal in hand: its reply and ack go out
+  await inFlight; // finish the signal in hand: its reply and ack (or nack) go out
   await send({ kind: "bye" }); // a clean goodbye
   sock.close(); // the pending receive() rejects; main() returns; exit code 0
 }
