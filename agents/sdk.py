@@ -41,6 +41,7 @@ from agentd.bus.envelope import (
     Error,
     Heartbeat,
     Hello,
+    Nack,
     Ready,
     Receipt,
     Reconnect,
@@ -148,6 +149,7 @@ class Runtime:
         self.requests: dict[str, asyncio.Future[Signal]] = {}
         self.request_ids: dict[str, str] = {}  # signal id -> correlation id
         self.inflight: set[asyncio.Task[Any]] = set()
+        self._acks: list[str] = []  # handled, not yet acknowledged (sent once per turn)
         self.stopping = False
         self.ready = False
         self.ctx_ = zmq.asyncio.Context()
@@ -191,6 +193,7 @@ class Runtime:
         if inspect.isawaitable(result):
             await result
         beat.cancel()
+        self._flush_acks()
         self.send(Bye())
         self.sock.close(linger=2000)
         self.ctx_.term()
@@ -285,6 +288,7 @@ class Runtime:
                 self.send(self._hello())
                 if self.ready:
                     self.send(Ready())
+            self._flush_acks()
 
     def _error(self, error: Error) -> None:
         if error.id is not None:
@@ -320,6 +324,9 @@ class Runtime:
             self._failed(sig, exc)
         else:
             self._done_with(sig, result)
+        # A busy agent is not a hung one: between two `def` handlers the loop runs its
+        # timers, so heartbeats keep going out however long the backlog.
+        await asyncio.sleep(0)
 
     async def _run_async(self, handler: Handler, sig: Signal, ctx: Context) -> None:
         try:
@@ -337,9 +344,13 @@ class Runtime:
             error=f"{type(exc).__name__}: {exc}",
             traceback="".join(traceback.format_exception(exc)),
         )
-        self._ack(sig)
+        error = f"{type(exc).__name__}: {exc}"
         if sig.correlation_id is not None:
-            self._reply(sig, None, f"{type(exc).__name__}: {exc}")
+            self._ack(sig)  # on a request, the error reply is the outcome
+            self._reply(sig, None, error)
+        elif self.ack:
+            self._flush_acks()
+            self.send(Nack([sig.id], error))  # a failed delivery: retried after a backoff
 
     def _done_with(self, sig: Signal, result: Any) -> None:
         # The broker settles a request by its reply and anything else by this ack,
@@ -359,8 +370,17 @@ class Runtime:
         self.send(msgspec.structs.replace(reply, reply=True, error=error))
 
     def _ack(self, sig: Signal) -> None:
-        if self.ack:
-            self.send(Ack([sig.id]))
+        """Acks go out together: at the end of the frame in hand, or on the next loop turn."""
+        if not self.ack:
+            return
+        self._acks.append(sig.id)
+        if len(self._acks) == 1:
+            asyncio.get_running_loop().call_soon(self._flush_acks)
+
+    def _flush_acks(self) -> None:
+        if self._acks:
+            ids, self._acks = self._acks, []
+            self.send(Ack(ids))
 
 
 def _specificity(pattern: str) -> tuple[int, int, int]:

@@ -12,7 +12,7 @@ CRC-framed records, replay on start, and compaction.
 Layout: a sequence of records, each `u32 length | u32 crc32 | body`, the body
 a MessagePack array whose first item names it:
 
-    ("p", box, id, frame, deliveries, error, dead_at)  keep a signal (or replace it)
+    ("p", box, id, frame, deliveries, error, dead_at)  keep a signal (dead_at: nil = live)
     ("n", box, id, deliveries, error)                  a failed delivery was counted
     ("x", box, id, deliveries, error, dead_at)         dead-lettered
     ("r", box, id)                                     redriven: pending again, count 0
@@ -63,7 +63,7 @@ class Stored:
     frame: bytes
     deliveries: int = 0
     error: str = ""
-    dead_at: float = 0.0  # unix seconds; 0 = live
+    dead_at: float | None = None  # unix seconds; None = live
 
 
 @dataclass
@@ -249,7 +249,7 @@ def _apply(state: dict[tuple[str, str], Stored], rec: list[Any]) -> None:
         elif op == "x":
             s.deliveries, s.error, s.dead_at = rec[3], rec[4], rec[5]
         else:
-            s.deliveries, s.dead_at = 0, 0.0
+            s.deliveries, s.dead_at = 0, None
     elif op == "d":
         state.pop((rec[1], rec[2]), None)
     elif op == "D":

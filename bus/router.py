@@ -118,7 +118,7 @@ class Kept:
     error: str = ""  # the last failure
     recovered: bool = False  # loaded from the journal: may have been delivered already
     holder: str | None = None  # the agent it is in flight with
-    dead_at: float = 0.0  # unix seconds; 0 = not dead
+    dead_at: float | None = None  # unix seconds; None = not dead
 
 
 @dataclass
@@ -674,7 +674,7 @@ class Router:
             if box is None:
                 self._loaded.append(k)  # dropped below, with its box
                 continue
-            if k.dead_at:
+            if k.dead_at is not None:
                 box.dead[k.id] = k
             else:
                 box.pending[k.id] = k
@@ -848,7 +848,7 @@ class Router:
         box.pending[k.id] = k
         box.kept += 1
         self._fresh.append(k)
-        self._records.append(("p", box.name, k.id, frame, 0, "", 0.0))
+        self._records.append(("p", box.name, k.id, frame, 0, "", None))
         self._dirty.add(box.name)
         self.counters["kept"] += 1
         return True, None
@@ -1066,7 +1066,7 @@ class Router:
         if query.id is not None and not chosen:
             return self._control(sender, DlqReply(error=f"no dead letter with id {query.id}"))
         letters = [
-            DeadLetter(k.id, k.box, k.type, k.source, k.deliveries, k.error, k.dead_at)
+            DeadLetter(k.id, k.box, k.type, k.source, k.deliveries, k.error, k.dead_at or 0.0)
             for _, k in chosen
         ]
         for box, k in chosen:
@@ -1076,7 +1076,7 @@ class Router:
             if query.op == "purge":
                 self._records.append(("d", k.box, k.id))
                 continue
-            k.deliveries, k.dead_at, k.recovered = 0, 0.0, False
+            k.deliveries, k.dead_at, k.recovered = 0, None, True  # flagged: it was delivered
             box.pending[k.id] = k
             box.kept += 1
             self._records.append(("r", k.box, k.id))
