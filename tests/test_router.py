@@ -7,6 +7,7 @@ sends, and report the ones that fail as the socket would (`gone`, `full`).
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import msgspec
@@ -408,7 +409,7 @@ def test_nack_retries_after_a_doubling_backoff_then_dead_letters() -> None:
         assert [s.id for s in got] == [sig.id]
         times.append(net.now)
         net.send("w", Nack([sig.id], "ValueError: nope"))
-    gaps = [round(b - a, 2) for a, b in zip(times, times[1:], strict=False)]
+    gaps = [round(b - a, 2) for a, b in itertools.pairwise(times)]
     assert 0.5 <= gaps[0] < 0.6 and 1.0 <= gaps[1] < 1.1
     net.advance(5.0)
     assert net.signals("w") == []
@@ -417,8 +418,9 @@ def test_nack_retries_after_a_doubling_backoff_then_dead_letters() -> None:
     net.send("ops", Dlq("list"))
     [reply] = [f for f in net.take("ops") if isinstance(f, DlqReply)]
     [dead] = reply.dead_letters
-    assert (dead.id, dead.agent, dead.deliveries, dead.error) == (sig.id, "w", 3, "ValueError: nope")
-    assert net.stored()[("w", sig.id)].dead_at > 0
+    assert (dead.id, dead.agent, dead.deliveries) == (sig.id, "w", 3)
+    assert dead.error == "ValueError: nope"
+    assert net.stored()[("w", sig.id)].dead_at is not None
 
 
 def test_redrive_delivers_again_with_the_count_reset_and_purge_drops() -> None:
