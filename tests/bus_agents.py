@@ -89,3 +89,26 @@ class SlowSetup(Agent):
     def setup(self) -> None:
         while True:
             time.sleep(1)
+
+
+class Ledger(Agent):
+    """An ack = true sink: writes down each signal it handles (id, flags), then returns.
+
+    The ledger file is the ground truth of the durability tests: a line is
+    written (write(2), so it survives a kill -9 of the agent) before the SDK
+    acks, so a signal that is acked is always in it, and a signal handled
+    twice shows up twice.
+    """
+
+    @on("**")
+    def take(self, signal, ctx):
+        time.sleep(float(os.environ.get("LEDGER_SLEEP", "0")))
+        record(
+            ctx.name,
+            {
+                "id": signal.id,
+                "redelivered": signal.redelivered,
+                "deliveries": signal.deliveries,
+                "pid": os.getpid(),
+            },
+        )

@@ -1,0 +1,192 @@
+"""Durable delivery through real daemons: kill -9 the broker, the daemon; floods; backlogs.
+
+A receipt that said "accepted" for an `ack = true` agent is a promise: the
+signal is in the journal in state_dir, and it reaches the agent (the Ledger
+in tests/bus_agents.py, which writes down every signal it handles) however
+the broker or the daemon dies in between. A signal handled twice is only
+ever a flagged redelivery.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from agentd.bus import BusError, Client
+from tests.conftest import wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def config(sync: str = "batch", **agent: Any) -> str:
+    lines = [
+        "[daemon]",
+        f'journal_sync = "{sync}"',
+        "[agents.sink]",
+        'module = "tests.bus_agents:Ledger"',
+        f'cwd = "{ROOT}"',
+        "ack = true",
+    ]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in agent.items()]
+    return "\n".join(lines) + "\n"
+
+
+def ledger(d) -> list[dict[str, Any]]:
+    path = d.dir / "sink.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+
+
+def bus_pid(d) -> int:
+    [row] = [a for a in d.ctl_json("status")["agents"] if a["name"] == "bus"]
+    return row["pid"]
+
+
+class Sender(threading.Thread):
+    """Receipted sends, one at a time; remembers which ids the broker accepted."""
+
+    def __init__(self, endpoint: str, count: int) -> None:
+        super().__init__(daemon=True)
+        self.endpoint, self.count = endpoint, count
+        self.accepted: list[str] = []
+        self.refused = 0
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        with Client(self.endpoint, name="loader", receipt_timeout=1.0) as c:
+            for i in range(self.count):
+                ids: list[str] = []
+                try:
+                    [receipt] = c.send_confirmed([("sink", "load.item", i)], window=1)
+                except BusError:  # no broker answering (it is being restarted)
+                    self.refused += 1
+                    time.sleep(0.05)
+                    continue
+                if receipt.ok:
+                    ids.append(receipt.id)
+                else:
+                    self.refused += 1
+                self.accepted += ids
+        self.done.set()
+
+
+def check_promise(d, accepted: list[str]) -> dict[str, int]:
+    """Every accepted id reaches the ledger; every repeat of an id is flagged."""
+    wait_for(
+        lambda: set(accepted) <= {r["id"] for r in ledger(d)},
+        90,
+        "every accepted signal in the ledger",
+    )
+    seen: dict[str, int] = {}
+    unflagged = []
+    for r in ledger(d):
+        seen[r["id"]] = seen.get(r["id"], 0) + 1
+        if seen[r["id"]] > 1 and not r["redelivered"]:
+            unflagged.append(r)
+    assert unflagged == [], f"duplicates not flagged: {unflagged[:3]}"
+    return {"accepted": len(accepted), "dups": sum(n - 1 for n in seen.values())}
+
+
+@pytest.mark.parametrize("sync", ["batch", "always"])
+def test_kill_9_of_the_broker_loses_no_accepted_signal(daemon_factory, monkeypatch, sync) -> None:
+    d = daemon_factory(config(sync))
+    monkeypatch.setenv("REC_DIR", str(d.dir))
+    monkeypatch.setenv("LEDGER_SLEEP", "0.002")
+    d.start()
+    sender = Sender(f"ipc://{d.runtime_dir}/bus.sock", 3000)
+    sender.start()
+    wait_for(lambda: len(sender.accepted) >= 1500, 30, "half the stream accepted")
+    os.kill(bus_pid(d), signal.SIGKILL)
+    d.wait_event("agent.restarting", "bus", timeout=10)
+    assert sender.done.wait(90), "the sender never finished"
+    assert (d.state_dir / "bus.journal").exists()
+    result = check_promise(d, sender.accepted)
+    assert result["accepted"] >= 2900
+    print(f"\n[{sync}] broker kill: {result}, refused {sender.refused}")
+
+
+def test_kill_9_of_the_daemon_then_a_new_daemon_loses_none(daemon_factory, monkeypatch) -> None:
+    first = daemon_factory(config())
+    monkeypatch.setenv("REC_DIR", str(first.dir))
+    monkeypatch.setenv("LEDGER_SLEEP", "0.002")
+    first.start()
+    sender = Sender(f"ipc://{first.runtime_dir}/bus.sock", 3000)
+    sender.start()
+    wait_for(lambda: len(sender.accepted) >= 1500, 30, "half the stream accepted")
+    assert first.popen is not None
+    os.kill(first.popen.pid, signal.SIGKILL)
+    first.wait()
+    second = daemon_factory(config())
+    second.start(wait_ready=True)
+    assert sender.done.wait(120), "the sender never finished"
+    result = check_promise(second, sender.accepted)
+    assert result["accepted"] >= 2000  # the rest were refused (or unanswered) while it was down
+    print(f"\ndaemon kill: {result}, refused {sender.refused}")
+
+
+def test_a_flood_at_a_busy_agent_is_bounded_and_never_taken_for_hung(
+    daemon_factory, monkeypatch
+) -> None:
+    """100,000 signals at a 10 ms def handler: the broker keeps max_pending, hands out
+    max_in_flight, says "full" for the rest; the agent keeps its heartbeat and is
+    never restarted."""
+    d = daemon_factory(config(max_in_flight=20, max_pending=2000, heartbeat=1.0))
+    monkeypatch.setenv("REC_DIR", str(d.dir))
+    monkeypatch.setenv("LEDGER_SLEEP", "0.01")
+    d.start()
+    bus = psutil.Process(bus_pid(d))
+    rss_before = bus.memory_info().rss
+    peak_in_flight = 0
+    with Client(f"ipc://{d.runtime_dir}/bus.sock", name="flooder") as c:
+        receipts = []
+        for start in range(0, 100_000, 10_000):
+            batch = [("sink", "flood.item", i) for i in range(start, start + 10_000)]
+            receipts += c.send_confirmed(batch, window=256)
+            peak_in_flight = max(peak_in_flight, c.stats()["in_flight_now"])
+        accepted = [r for r in receipts if r.ok]
+        full = [r for r in receipts if not r.ok]
+        assert full and all("full" in (r.error or "") for r in full)
+        # max_pending, plus what the agent finished meanwhile
+        assert 2000 <= len(accepted) <= 2000 + len(ledger(d))
+        deadline = time.monotonic() + 3.0  # three heartbeats of a working agent
+        while time.monotonic() < deadline:
+            peak_in_flight = max(peak_in_flight, c.stats()["in_flight_now"])
+            time.sleep(0.05)
+        stats = c.stats()
+    rss_after = bus.memory_info().rss
+    print(
+        f"\nflood: accepted {len(accepted)}, full {len(full)}, peak in flight {peak_in_flight},"
+        f" broker RSS {rss_before / 2**20:.1f} -> {rss_after / 2**20:.1f} MiB"
+    )
+    assert peak_in_flight <= 20
+    assert stats["pending_now"] + stats["in_flight_now"] <= 2000
+    assert rss_after - rss_before < 64 * 2**20
+    assert d.events("agent.hung", "sink") == [] and d.events("agent.exited", "sink") == []
+    assert len(d.events("agent.ready", "sink")) == 1
+    assert len(ledger(d)) > 100  # it was working all along
+
+
+def test_an_ack_agent_far_behind_gets_everything_nothing_stranded(daemon_factory, monkeypatch):
+    """More than the broker's queue limit (10,000) behind, sent in batches without
+    receipts: all of it arrives once the agent catches up."""
+    d = daemon_factory(config(max_pending=50_000))
+    monkeypatch.setenv("REC_DIR", str(d.dir))
+    d.start()
+    with Client(f"ipc://{d.runtime_dir}/bus.sock", name="batcher") as c:
+        for start in range(0, 20_000, 500):
+            c.send_batch([("sink", "batch.item", i) for i in range(start, start + 500)])
+        c.stats()  # the broker has routed them all
+        wait_for(lambda: len({r["id"] for r in ledger(d)}) >= 20_000, 60, "all 20,000 handled")
+        wait_for(lambda: c.stats()["pending_now"] + c.stats()["in_flight_now"] == 0, 10, "drained")
+        stats = c.stats()
+    assert stats["held_now"] == 0 and stats["errors"] == 0
+    assert len(ledger(d)) == 20_000  # each once
