@@ -69,7 +69,7 @@ class Signal(_Frame, tag="signal"):
     reply: bool = False  # this is the reply to the request with correlation_id
     error: str | None = None  # an error reply (the handler raised)
     redelivered: bool = False  # set by the broker on redelivery (ack = true agents)
-    deliveries: int = 0  # set by the broker for ack = true agents: 1 on the first delivery
+    deliveries: int = 0  # set by the broker on a redelivery (ack = true): the count; 0 first
 
 
 class RawSignal(Signal, tag="signal"):
