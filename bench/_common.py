@@ -444,3 +444,81 @@ def time_command(
         if i >= warmup:
             samples.append(elapsed)
     return samples
+
+
+# --- anchors for bench/bus.py's durable rows ---------------------------------------
+
+
+def ensure_debian(binaries: dict[str, str]) -> dict[str, str]:
+    """Paths of `binaries` ({binary: Debian package}), apt-get installing those missing.
+
+    A package's maintainer scripts may start its service (redis-server ships a
+    unit): any such server process that appears during the install is stopped
+    again, so the bench leaves the machine as it found it apart from the packages.
+    """
+    missing = {b: p for b, p in binaries.items() if not _which_sbin(b)}
+    if missing:
+        pkgs = sorted(set(missing.values()))
+        print(f"installing {' '.join(pkgs)} (apt-get) ...", file=sys.stderr, flush=True)
+        before = {p.pid for p in psutil.process_iter()}
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+        subprocess.run(
+            ["apt-get", "install", "-y", "-qq", *pkgs],
+            check=True,
+            env=env,
+            stdout=subprocess.DEVNULL,
+        )
+        _stop_started_services(before, set(missing))
+    paths = {b: _which_sbin(b) for b in binaries}
+    absent = [b for b, p in paths.items() if not p]
+    if absent:
+        raise RuntimeError(f"not found after apt-get install: {', '.join(absent)}")
+    return {b: str(p) for b, p in paths.items()}
+
+
+def _which_sbin(binary: str) -> str | None:
+    """shutil.which, also in /usr/sbin (nats-server lives there; not on every user's PATH)."""
+    return shutil.which(binary) or shutil.which(binary, path="/usr/local/sbin:/usr/sbin:/sbin")
+
+
+def _stop_started_services(before: set[int], names: set[str]) -> None:
+    """Stop servers named `names` that an install started (pids not in `before`)."""
+    for p in psutil.process_iter(["name"]):
+        if p.pid in before or p.info["name"] not in names:
+            continue
+        service = p.info["name"]
+        if shutil.which("systemctl") and os.path.isdir("/run/systemd/system"):
+            subprocess.run(["systemctl", "disable", "--now", service], capture_output=True)
+        else:
+            subprocess.run(["service", service, "stop"], capture_output=True)
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+
+
+def bench_python(modules: dict[str, str]) -> Path:
+    """The python of bench/.venv-bench, pip installing `modules` ({PyPI name: import name}).
+
+    The venv is outside git (a `.gitignore` of `*` inside it) and kept between runs.
+    """
+    py = VENV_DIR / "bin" / "python"
+    probe = "import " + ", ".join(modules.values())
+    ok = py.exists() and subprocess.run([str(py), "-c", probe], capture_output=True).returncode == 0
+    if not ok:
+        print(f"installing {' '.join(modules)} into {VENV_DIR} ...", file=sys.stderr, flush=True)
+        if not py.exists():
+            subprocess.run([sys.executable, "-m", "venv", str(VENV_DIR)], check=True)
+        subprocess.run([str(py), "-m", "pip", "install", "-q", *modules], check=True)
+    ignore = VENV_DIR / ".gitignore"
+    if not ignore.exists():
+        ignore.write_text("*\n")
+    return py
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -8,9 +8,15 @@
 (b) the ceiling: a raw DEALER -> ROUTER -> DEALER forwarder, no envelope;
 (c) request/reply round trip p50/p99, broker (Client.request to an envelope
     echo peer) vs raw forwarder (raw echo);
-(d) pub/sub fan-out to 10 subscribers.
+(d) pub/sub fan-out to 10 subscribers;
+(e) durable delivery to an ack = true consumer (bench/durable.py): sync receipted
+    sends, pipelined receipted sends (window 256), end-to-end, and what a kill -9
+    of the server loses, for the journaling broker in both journal_sync modes, the
+    broker in memory, NATS JetStream and Redis Streams (installed when missing).
 Every role runs in its own process (no GIL sharing); each figure is the median
 of --repeat runs. Everything started is killed by pid at the end.
+
+    python bench/bus.py --part durable [--durable-n 20000] [--kill-runs 3] [--no-anchors]
 """
 
 from __future__ import annotations
@@ -293,12 +299,65 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=200_000)
     ap.add_argument("--rtt", type=int, default=5_000)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--part", choices=["all", "classic", "durable"], default="all")
+    ap.add_argument("--durable-n", type=int, default=20_000)
+    ap.add_argument("--kill-runs", type=int, default=3)
+    ap.add_argument("--no-anchors", action="store_true", help="durable rows of agentd only")
+    ap.add_argument("--only", default="", help="durable rows whose system contains this")
+    ap.add_argument(
+        "--agentd-rev",
+        default=None,
+        help="run agentd from this committed revision (git archive), not the working tree",
+    )
     args = ap.parse_args()
     if args.role:
         role, *rest = args.role
         fn = globals()[f"role_{role}"]
         fn(*[int(x) if x.isdigit() else x for x in rest])
         return
+    if args.agentd_rev:
+        use_revision(args.agentd_rev)
+    if args.part != "durable":
+        classic(args)
+    if args.part != "classic":
+        durable(args)
+
+
+def use_revision(rev: str) -> None:
+    """Import agentd, here and in every process started from now on, from `git archive REV`.
+
+    The working tree may hold someone's half-finished edit; a revision is what was
+    committed. The export lives in a temp dir removed at exit.
+    """
+    import atexit
+    import shutil
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from pathlib import Path
+
+    from _common import export_agentd
+
+    dest = Path(tempfile.mkdtemp(prefix="agentd-rev-", dir="/tmp"))
+    atexit.register(shutil.rmtree, dest, True)
+    path = str(export_agentd(rev, dest))
+    sys.path.insert(0, path)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [path, os.environ.get("PYTHONPATH")]))
+    print(f"agentd from {rev} ({path})", file=sys.stderr, flush=True)
+
+
+def durable(args: argparse.Namespace) -> None:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _common import install_sigterm_as_interrupt
+    from durable import format_table, run_durable
+
+    install_sigterm_as_interrupt()
+    n, repeat, kills = args.durable_n, args.repeat, args.kill_runs
+    rows = run_durable(n, repeat, kills, anchors=not args.no_anchors, only=args.only)
+    print()
+    print(format_table(rows, n, repeat, kills), flush=True)
+
+
+def classic(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="agentd-bench-") as tmp:
         med = statistics.median
         r = args.repeat
@@ -330,7 +389,7 @@ def main() -> None:
     w = max(len(r[0]) for r in rows)
     print(f"{'measure':<{w}}  {'value':>22}  vs raw")
     for name, value, rel in rows:
-        print(f"{name:<{w}}  {value:>22}  {rel}")
+        print(f"{name:<{w}}  {value:>22}  {rel}", flush=True)
 
 
 if __name__ == "__main__":
