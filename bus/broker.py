@@ -199,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         broker.serve(rfd)
     finally:
+        router.sync_all()
         broker.carry_out(time.monotonic())
         logger.info("bus.stopping", **router.stats())
         if journal is not None:

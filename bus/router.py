@@ -72,6 +72,7 @@ BACKOFF_MAX = 30.0  # seconds: the longest retry backoff
 STALL = 0.05  # seconds before a peer whose pipe was full is tried again
 HEARTBEAT_CHECK = 0.05  # seconds between heartbeat checks
 PROBE = 1.0  # seconds between probes of a journal that failed
+DONE_BATCH = 4096  # "done" records written at the latest with this many waiting
 
 # What a Send carries, for `send_failed`.
 CONTROL = 0  # receipts, errors, events: nothing to do if it fails
@@ -138,6 +139,7 @@ class Mailbox:
     replies: dict[str, str] = field(default_factory=dict)
     dead: OrderedDict[str, Kept] = field(default_factory=OrderedDict)
     kept: int = 0  # pending + retry + in flight of this box's own signals
+    known: set[str] = field(default_factory=set)  # ids kept here, dead ones too (resends)
 
 
 class Router:
@@ -201,6 +203,10 @@ class Router:
         self._forwards: dict[str, list[tuple[str, str, Any]]] = {}
         self._records: list[tuple[Any, ...]] = []
         self._taken: list[tuple[Any, ...]] = []  # the records being written
+        # "done" records wait for the next write, or a tick: losing them in a crash
+        # costs a flagged redelivery, not a promise, and an ack need not cost a write.
+        self._done: list[tuple[Any, ...]] = []
+        self._done_due = False
         self._fresh: list[Kept] = []  # accepted this turn: undone if the commit fails
         self._receipts: list[Send] = []  # for signals with fresh entries: after the commit
         self._dirty: set[str] = set()  # agents and pools to hand signals to
@@ -211,9 +217,17 @@ class Router:
 
     def take_records(self) -> list[tuple[Any, ...]]:
         """This turn's journal records. Write them, then call `committed`."""
-        records, self._records = self._records, []
+        records = self._records
+        if self._done and (records or self._done_due or len(self._done) >= DONE_BATCH):
+            records = self._done + records
+            self._done = []
+        self._records, self._done_due = [], False
         self._taken = records
         return records
+
+    def sync_all(self) -> None:
+        """Write everything with the next turn (the broker is stopping)."""
+        self._done_due = True
 
     def committed(self, ok: bool, now: float, error: str = "") -> None:
         """The journal write of the records taken last succeeded (or failed with `error`)."""
@@ -276,6 +290,7 @@ class Router:
             return
         self._next_check = now + HEARTBEAT_CHECK
         self._check_heartbeats(now)
+        self._done_due = bool(self._done)
         for box in self.boxes.values():
             if box.retry and box.retry[0][0] <= now:
                 self._retry_due(box, now)
@@ -674,6 +689,7 @@ class Router:
             if box is None:
                 self._loaded.append(k)  # dropped below, with its box
                 continue
+            box.known.add(k.id)
             if k.dead_at is not None:
                 box.dead[k.id] = k
             else:
@@ -830,7 +846,7 @@ class Router:
         if not self.journal_ok:
             self.counters["dropped"] += 1
             return False, "journal unavailable"
-        if sig.id in box.pending or self._in_flight_anywhere(box.name, sig.id):
+        if sig.id in box.known:
             return True, None  # the same signal again (a resend): kept once
         if box.kept >= settings.max_pending:
             self.counters["dropped"] += 1
@@ -847,14 +863,12 @@ class Router:
         )
         box.pending[k.id] = k
         box.kept += 1
+        box.known.add(k.id)
         self._fresh.append(k)
         self._records.append(("p", box.name, k.id, frame, 0, "", None))
         self._dirty.add(box.name)
         self.counters["kept"] += 1
         return True, None
-
-    def _in_flight_anywhere(self, box: str, sig_id: str) -> bool:
-        return any(sig_id in self.boxes[h].in_flight for h in self._holders_of(box))
 
     def _undo_fresh(self, taken: list[tuple[Any, ...]]) -> None:
         """The commit failed: the signals accepted this turn were never kept; tell senders.
@@ -867,6 +881,7 @@ class Router:
             box = self.boxes.get(k.box)
             if box is not None and box.pending.pop(k.id, None) is not None:
                 box.kept -= 1
+                box.known.discard(k.id)
         self._fresh.clear()
         again = [r for r in taken if r[0] != "z" and not (r[0] == "p" and (r[1], r[2]) in fresh)]
         self._records[:0] = again
@@ -882,12 +897,14 @@ class Router:
         entry = self.table.get(name)
         if peer is None or holder is None or entry is None or peer.stalled_until > now:
             return
+        pool = self.boxes.get(entry.pool) if entry.pool else None
+        if not holder.pending and (pool is None or not pool.pending):
+            return  # the common case after an ack: nothing waits
         room = entry.max_in_flight - len(holder.in_flight)
         if room <= 0:
             return
         out: list[Kept] = []
         self._take(holder, holder, room, out, now)
-        pool = self.boxes.get(entry.pool) if entry.pool else None
         if pool is not None and peer.ready and len(out) < room:
             self._take(pool, holder, room - len(out), out, now)
         self._deliver(name, out)
@@ -977,7 +994,8 @@ class Router:
             box.kept -= 1
             if k.box != holder.name:
                 self._dirty.add(k.box)
-        self._records.append(("d", k.box, k.id))
+            box.known.discard(k.id)
+        self._done.append(("d", k.box, k.id))
         self.counters["acked"] += 1
 
     def _reply_settles(self, name: str, corr: str, now: float) -> None:
@@ -1074,6 +1092,7 @@ class Router:
                 continue
             del box.dead[k.id]
             if query.op == "purge":
+                box.known.discard(k.id)
                 self._records.append(("d", k.box, k.id))
                 continue
             k.deliveries, k.dead_at, k.recovered = 0, None, True  # flagged: it was delivered
