@@ -18,7 +18,7 @@ a MessagePack array whose first item names it:
     ("r", box, id)                                     redriven: pending again, count 0
     ("d", box, id)                                     done: acknowledged, settled, purged
     ("D", box)                                         every entry of `box` dropped
-    ("z",)                                             nothing (a probe of a failed disk)
+    ("z", padding)                                     nothing (a probe of a failed disk)
 
 A turn's records go out in one `write()` (group commit); `sync = "always"`
 adds an `fdatasync` before the caller sends receipts. kill -9 cannot tear a

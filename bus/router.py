@@ -236,8 +236,9 @@ class Router:
             self._fresh.clear()
             self._sends.extend(self._receipts)
             self._receipts.clear()
-            if not self.journal_ok:
-                self.journal_ok = True
+            if not self.journal_ok and any(r[0] == "z" for r in taken):
+                self.journal_ok = True  # the probe, as large as any signal, went in
+                self.log("bus.journal_recovered")
                 self._notice("bus.journal_recovered", "bus")
             return
         self.counters["journal_errors"] += 1
@@ -305,7 +306,9 @@ class Router:
                 self._flush_held(pool, now)
         if not self.journal_ok and now >= self._probe_at:
             self._probe_at = now + PROBE
-            self._records.append(("z",))
+            # As large as the largest signal: a disk with a few bytes left that takes
+            # a small record must not end the episode only to fail the next signal.
+            self._records.append(("z", bytes(self.max_frame)))
 
     def timeout(self) -> float:
         """Seconds the broker may sleep before the next `tick` matters."""

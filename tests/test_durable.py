@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -190,3 +192,52 @@ def test_an_ack_agent_far_behind_gets_everything_nothing_stranded(daemon_factory
         stats = c.stats()
     assert stats["held_now"] == 0 and stats["errors"] == 0
     assert len(ledger(d)) == 20_000  # each once
+
+
+@pytest.fixture
+def small_state_dir(tmp_path: Path):
+    """tmp/state on a 2 MiB tmpfs of its own (root only): a disk that can fill up."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    state = tmp_path / "state"
+    state.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(state)])
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    yield state
+    subprocess.run(["umount", "-l", str(state)], check=False)
+
+
+def test_a_full_disk_turns_receipts_into_errors_never_a_false_accepted(
+    small_state_dir, daemon_factory, monkeypatch
+) -> None:
+    d = daemon_factory(config() + agent_free())
+    monkeypatch.setenv("REC_DIR", str(d.dir))
+    d.start()
+    filler = small_state_dir / "filler"
+    with Client(f"ipc://{d.runtime_dir}/bus.sock", name="filler", receipt_timeout=5) as c:
+        c.send("sink", "before", 0)
+        free = shutil.disk_usage(small_state_dir).free
+        filler.write_bytes(b"\0" * max(0, free - 200_000))
+        accepted, refused = [], []
+        for i in range(40):  # 40 x 20 KB: past the 200 KB left
+            [r] = c.send_confirmed([("sink", "big", {"i": i, "pad": "x" * 20_000})], window=1)
+            (accepted if r.ok else refused).append(r)
+        assert refused and all(r.error == "journal unavailable" for r in refused)
+        c.send("free", "still.works", 1)  # agents without ack keep working
+        d.wait_event("bus.journal_unavailable", timeout=10)
+        filler.unlink()
+        wait_for(
+            lambda: c.send_confirmed([("sink", "after", 1)], window=1)[0].ok, 10, "recovery"
+        )
+        d.wait_event("bus.journal_recovered", timeout=10)
+    assert len(d.events("bus.journal_unavailable")) == 1  # once per episode
+    handled = {r["id"] for r in ledger(d)}
+    wait_for(lambda: {r.id for r in accepted} <= {x["id"] for x in ledger(d)}, 20, "accepted")
+    assert not {r.id for r in refused} & handled  # nothing refused was delivered
+
+
+def agent_free() -> str:
+    return "\n".join(
+        ["[agents.free]", 'module = "tests.bus_agents:Recorder"', f'cwd = "{ROOT}"']
+    ) + "\n"
