@@ -98,6 +98,7 @@ def check_promise(d, accepted: list[str]) -> dict[str, int]:
     return {"accepted": len(accepted), "dups": sum(n - 1 for n in seen.values())}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sync", ["batch", "always"])
 def test_kill_9_of_the_broker_loses_no_accepted_signal(daemon_factory, monkeypatch, sync) -> None:
     d = daemon_factory(config(sync))
@@ -116,6 +117,7 @@ def test_kill_9_of_the_broker_loses_no_accepted_signal(daemon_factory, monkeypat
     print(f"\n[{sync}] broker kill: {result}, refused {sender.refused}")
 
 
+@pytest.mark.slow
 def test_kill_9_of_the_daemon_then_a_new_daemon_loses_none(daemon_factory, monkeypatch) -> None:
     first = daemon_factory(config())
     monkeypatch.setenv("REC_DIR", str(first.dir))
@@ -135,6 +137,7 @@ def test_kill_9_of_the_daemon_then_a_new_daemon_loses_none(daemon_factory, monke
     print(f"\ndaemon kill: {result}, refused {sender.refused}")
 
 
+@pytest.mark.slow
 def test_a_flood_at_a_busy_agent_is_bounded_and_never_taken_for_hung(
     daemon_factory, monkeypatch
 ) -> None:
