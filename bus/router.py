@@ -1053,6 +1053,13 @@ class Router:
     def _dead_letter(self, box: Mailbox, k: Kept, now: float) -> None:
         k.dead_at = now + self.wall_offset
         box.kept -= 1
+        settings = self._settings(box.name)
+        if settings is not None and len(box.dead) >= settings.max_pending:
+            # The queue is bounded like the mailbox: the oldest letter makes room.
+            _, oldest = box.dead.popitem(last=False)
+            box.known.discard(oldest.id)
+            self._records.append(("d", oldest.box, oldest.id))
+            self.log("bus.dead_letter_dropped", agent=box.name, id=oldest.id)
         box.dead[k.id] = k
         self._records.append(("x", k.box, k.id, k.deliveries, k.error, k.dead_at))
         self.counters["dead_lettered"] += 1
