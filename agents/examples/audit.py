@@ -2,46 +2,104 @@
 
 Pub/sub doing real work: nobody sends to this agent; it subscribes to
 `job.*` (the `@on` route; put the same pattern in the config's `subscribe`
-so the broker also holds job signals for it while it restarts) and appends
+so the broker also keeps job signals for it while it restarts) and appends
 
     {"signal": <id>, "type": "job.completed", "source": "orchestrator",
      "time": <unix seconds>, "redelivered": false, "data": {...}}
 
 to the file named by `AUDIT_FILE` — in the bundled configs
 `{runtime_dir}/audit.jsonl`, next to the daemon's sockets; without the
-variable, `audit.jsonl` in the agent's working directory. Each line is one
-`write()` on a file opened with O_APPEND, so lines never interleave, and
-with `ack = true` a signal counts as handled only once its line is written:
-a crash between the two means the line may appear twice (at least once,
-never lost), never that it is missing.
+variable, `audit.jsonl` in the agent's working directory.
+
+Exactly once. With `ack = true` a signal counts as handled only once its
+line is written, so nothing is lost; what can come twice is a signal
+redelivered after a crash between the write and the ack, or an outcome
+the orchestrator published again (it does that for a job it sees again
+after recording it). So the trail is deduplicated: one line per job
+outcome (`job.completed` / `job.failed`, by type and `data.id`) and per
+signal id for any other `job.*` type. The file itself is the record of
+what was written — read back at start — because a second store could not
+be written in the same step as the line. Each line is one `write()` on a
+file opened with O_APPEND, so lines never interleave. A line torn by a
+`kill -9` in the middle of its write (a line longer than a page) or by a
+power loss is ended with a newline at the next start and skipped, and its
+signal, never acknowledged, is written again when it comes back. The
+newest `AUDIT_REMEMBER` keys (default 1,000,000) are kept for the check.
 """
 
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
+from typing import Any
 
 import msgspec
 
 from agentd.agents import Agent, Context, Signal, on
 from agentd.daemon.log import get_logger
 
+OUTCOMES = ("job.completed", "job.failed")
+
+
+class Line(msgspec.Struct):
+    """The fields of a trail line that make up its key."""
+
+    signal: str
+    type: str
+    data: Any = None
+
+
+def key(signal_id: str, signal_type: str, data: Any) -> str:
+    """What makes a line a duplicate: the job, for an outcome; the signal, otherwise."""
+    if signal_type in OUTCOMES and isinstance(data, dict) and "id" in data:
+        return f"{signal_type} {data['id']}"
+    return f"signal {signal_id}"
+
 
 class Audit(Agent):
-    """Appends each `job.*` signal to the audit file."""
+    """Appends each `job.*` signal to the audit file, once."""
 
     def setup(self) -> None:
         self.path = os.path.abspath(os.environ.get("AUDIT_FILE", "audit.jsonl"))
+        self.remember = int(os.environ.get("AUDIT_REMEMBER", "1000000"))
+        self.log = get_logger("agentd.audit").bind(agent=self.name)
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        self.seen: OrderedDict[str, None] = OrderedDict()
+        self.fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o640)
+        self._read_back()
         self.encode = msgspec.json.Encoder().encode
-        get_logger("agentd.audit").info("audit.file", agent=self.name, path=self.path)
+        self.log.info("audit.file", path=self.path, lines=len(self.seen))
 
     def teardown(self) -> None:
         os.close(self.fd)
 
+    def _read_back(self) -> None:
+        """The keys of the lines already written (by earlier incarnations)."""
+        decode = msgspec.json.Decoder(Line).decode
+        with open(self.path, "rb") as f:
+            content = f.read()
+        for raw in content.splitlines():
+            try:
+                line = decode(raw)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                self.log.warning("audit.bad_line", line=raw[:200].decode(errors="replace"))
+                continue
+            self._remember(key(line.signal, line.type, line.data))
+        if content and not content.endswith(b"\n"):  # a torn write: end it
+            os.write(self.fd, b"\n")
+
+    def _remember(self, k: str) -> None:
+        self.seen[k] = None
+        if len(self.seen) > self.remember:
+            self.seen.popitem(last=False)
+
     @on("job.*")
     def record(self, signal: Signal, ctx: Context) -> None:
         """A plain `def`: a local append is quick, and the SDK acks after it returns."""
+        k = key(signal.id, signal.type, signal.data)
+        if k in self.seen:
+            self.log.info("audit.duplicate", key=k, redelivered=signal.redelivered)
+            return
         line = {
             "signal": signal.id,
             "type": signal.type,
@@ -51,3 +109,4 @@ class Audit(Agent):
             "data": signal.data,
         }
         os.write(self.fd, self.encode(line) + b"\n")
+        self._remember(k)
