@@ -82,9 +82,15 @@ class Context:
     def incarnation(self) -> int:
         return self._runtime.incarnation
 
-    async def emit(self, type: str, data: Any = None, *, subject: str | None = None) -> None:
-        """Publish: to every agent subscribed to a matching pattern."""
-        self._runtime.send(make_signal(type, data, self.name, subject=subject))
+    async def emit(self, type: str, data: Any = None, *, subject: str | None = None) -> int:
+        """Publish to every agent subscribed to a matching pattern; how many it reached.
+
+        Returns once the broker has it (journaled, for `ack = true` subscribers), so an
+        agent that acks its own signal after an emit never acks work whose result was
+        lost; BusError if the broker refused it.
+        """
+        sig = make_signal(type, data, self.name, subject=subject, receipt=True)
+        return (await self._runtime.send_with_receipt(sig)).delivered
 
     async def send(self, to: str, type: str, data: Any = None) -> None:
         """Direct to an agent, a pool (one member) or a client; BusError if refused."""

@@ -206,12 +206,14 @@ class Router:
         # "done" records wait for the next write, or a tick: losing them in a crash
         # costs a flagged redelivery, not a promise, and an ack need not cost a write.
         self._done: list[tuple[Any, ...]] = []
+        self._done_keys: set[tuple[str, str]] = set()
         self._done_due = False
         self._fresh: list[Kept] = []  # accepted this turn: undone if the commit fails
         self._receipts: list[Send] = []  # for signals with fresh entries: after the commit
         self._dirty: set[str] = set()  # agents and pools to hand signals to
         self._loaded: list[Kept] = []  # from the journal, waiting for the first table
         self.pending_notices: list[tuple[str, dict[str, Any]]] = []  # until the daemon is here
+        self._before_table: list[tuple[str, RawSignal, bytes]] = []  # signals, until the table
 
     # === the broker's protocol =========================================================
 
@@ -219,8 +221,11 @@ class Router:
         """This turn's journal records. Write them, then call `committed`."""
         records = self._records
         if self._done and (records or self._done_due or len(self._done) >= DONE_BATCH):
-            records = self._done + records
+            # After this turn's records: a write cut short loses acks (a flagged
+            # redelivery), never a signal whose ack made it in.
+            records = records + self._done
             self._done = []
+            self._done_keys.clear()
         self._records, self._done_due = [], False
         self._taken = records
         return records
@@ -392,10 +397,11 @@ class Router:
             peer.last_seen = now
         elif kind in (RawSignal, RawBatch, Heartbeat, Ready, Ack, Nack):
             # A peer from before a broker restart (or a client that skipped HELLO):
-            # known from now on, and an agent is asked to announce itself again.
+            # known from now on, and asked to announce itself again — whatever its
+            # first frame was. An agent whose first frame to a new broker is a reply
+            # would otherwise never say READY again, and a pool would never use it.
             self.peers[sender] = Peer(sender, last_seen=now)
-            if kind is not RawSignal and kind is not RawBatch:
-                self._control(sender, Reconnect())
+            self._control(sender, Reconnect())
         if kind is RawSignal:
             self._route(sender, frame, payload, now)
         elif kind is RawBatch:
@@ -672,6 +678,9 @@ class Router:
                 if valid(pattern):
                     self.trie.add(pattern, entry.name)
         self._place_boxes(now)
+        early, self._before_table = self._before_table, []
+        for sender, sig, payload in early:
+            self._route(sender, sig, payload, now)
 
     def _settings(self, box: str) -> AgentEntry | None:
         """The ack settings of a mailbox: its agent's, or for a pool its first member's."""
@@ -736,6 +745,8 @@ class Router:
             self._route(sender, sig, raw, now)
 
     def _route(self, sender: str, sig: RawSignal, payload: Any, now: float) -> None:
+        if self.table_version == -1:
+            return self._early(sender, sig, payload)
         self.counters["routed"] += 1
         if sig.source != sender:
             return self._refuse(sender, sig, f"source {sig.source!r} is not your name {sender!r}")
@@ -758,6 +769,14 @@ class Router:
                 self._receipts.append(receipt)  # after the commit: "accepted" = journaled
             else:
                 self._sends.append(receipt)
+
+    def _early(self, sender: str, sig: RawSignal, payload: Any) -> None:
+        """Before the daemon's table: a new broker cannot tell a configured agent from an
+        unknown name, nor an ack agent from another. Signals wait (bounded) for the table.
+        """
+        if len(self._before_table) >= self.queue_limit:
+            return self._refuse(sender, sig, "the broker is starting: try again")
+        self._before_table.append((sender, sig, bytes(payload)))
 
     def _refuse(self, sender: str, sig: RawSignal, why: str) -> None:
         self.counters["errors"] += 1
@@ -855,6 +874,9 @@ class Router:
             self.counters["dropped"] += 1
             why = f"{box.name} is full: {settings.max_pending} signals pending (max_pending)"
             return False, why
+        if (box.name, sig.id) in self._done_keys:  # kept again after its ack: done goes first
+            self._records[:0] = self._done
+            self._done, self._done_keys = [], set()
         frame = bytes(payload)
         k = Kept(
             box.name,
@@ -999,6 +1021,7 @@ class Router:
                 self._dirty.add(k.box)
             box.known.discard(k.id)
         self._done.append(("d", k.box, k.id))
+        self._done_keys.add((k.box, k.id))
         self.counters["acked"] += 1
 
     def _reply_settles(self, name: str, corr: str, now: float) -> None:

@@ -163,9 +163,29 @@ def test_direct_signal_goes_to_a_connected_agent_with_a_receipt() -> None:
 
 
 def test_unknown_recipient_is_refused() -> None:
-    net = Net()
+    net = Net(AgentEntry(name="w"))
     r = net.receipt("c", net.post("c", "nobody"))
     assert not r.ok and "unknown recipient" in (r.error or "")
+
+
+def test_before_the_table_signals_wait_for_it() -> None:
+    """A new broker does not know yet which names are configured, or which are ack."""
+    net = Net()
+    sig = net.post("c", "w", data=1)
+    assert net.take("c") == [Reconnect()]  # no receipt yet; asked to say hello
+    net.table(acked("w"))
+    assert net.receipt("c", sig).ok
+    assert ("w", sig.id) in net.stored()
+
+
+def test_a_peer_whose_first_frame_is_a_signal_is_asked_to_say_hello() -> None:
+    net = Net(acked("p@0", pool="p"))
+    reply = msgspec.structs.replace(
+        make_signal("q.reply", 2, "p@0", to="c", correlation_id="x"), reply=True
+    )
+    net.send("c", Hello("c"))
+    net.send("p@0", reply)  # e.g. an answer to a request from before a broker restart
+    assert Reconnect() in net.take("p@0")
 
 
 def test_configured_agent_that_is_down_gets_its_backlog_in_order_on_hello() -> None:
