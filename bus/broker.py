@@ -131,6 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keys-dir", default=None)
     parser.add_argument("--journal", default=None, help="the journal file (default: memory only)")
     parser.add_argument("--journal-sync", choices=["batch", "always"], default="batch")
+    parser.add_argument(
+        "--table-wait",
+        type=float,
+        default=0.0,
+        help="seconds signals wait for the daemon's first table (default 0: route at once)",
+    )
     args = parser.parse_args(argv)
 
     from agentd.daemon.log import configure, get_logger
@@ -147,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         log=log,
         wall_offset=time.time() - time.monotonic(),
         durable=args.journal is not None,
+        table_wait=args.table_wait,
     )
     journal = None
     if args.journal:

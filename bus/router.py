@@ -153,12 +153,17 @@ class Router:
         log: Callable[..., None] = lambda event, **kw: None,
         wall_offset: float = 0.0,
         durable: bool = False,
+        table_wait: float = 0.0,
     ) -> None:
         self.max_frame = max_frame
         self.queue_limit = queue_limit
         self.log = log
         self.wall_offset = wall_offset  # unix time = monotonic now + this
         self.durable = durable  # a journal is behind the records (for the log only)
+        # Seconds signals wait for the daemon's first table (0: a broker of its own,
+        # routing among whoever connects). Counted from the first frame.
+        self.table_wait = table_wait
+        self._table_deadline: float | None = None
         self.enc = encoder()
         self.dec = broker_decoder()
         self.table: dict[str, AgentEntry] = {}
@@ -297,6 +302,8 @@ class Router:
         self._next_check = now + HEARTBEAT_CHECK
         self._check_heartbeats(now)
         self._done_due = bool(self._done)
+        if self._before_table and not self._waiting_for_table(now):
+            self._route_early(now)  # no table came: route with none (unknown names refused)
         for box in self.boxes.values():
             if box.retry and box.retry[0][0] <= now:
                 self._retry_due(box, now)
@@ -678,9 +685,7 @@ class Router:
                 if valid(pattern):
                     self.trie.add(pattern, entry.name)
         self._place_boxes(now)
-        early, self._before_table = self._before_table, []
-        for sender, sig, payload in early:
-            self._route(sender, sig, payload, now)
+        self._route_early(now)
 
     def _settings(self, box: str) -> AgentEntry | None:
         """The ack settings of a mailbox: its agent's, or for a pool its first member's."""
@@ -745,7 +750,7 @@ class Router:
             self._route(sender, sig, raw, now)
 
     def _route(self, sender: str, sig: RawSignal, payload: Any, now: float) -> None:
-        if self.table_version == -1:
+        if self.table_version == -1 and self._waiting_for_table(now):
             return self._early(sender, sig, payload)
         self.counters["routed"] += 1
         if sig.source != sender:
@@ -769,6 +774,16 @@ class Router:
                 self._receipts.append(receipt)  # after the commit: "accepted" = journaled
             else:
                 self._sends.append(receipt)
+
+    def _waiting_for_table(self, now: float) -> bool:
+        if self._table_deadline is None:
+            self._table_deadline = now + self.table_wait
+        return now < self._table_deadline
+
+    def _route_early(self, now: float) -> None:
+        early, self._before_table = self._before_table, []
+        for sender, sig, payload in early:
+            self._route(sender, sig, payload, now)
 
     def _early(self, sender: str, sig: RawSignal, payload: Any) -> None:
         """Before the daemon's table: a new broker cannot tell a configured agent from an

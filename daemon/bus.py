@@ -35,6 +35,7 @@ BACKOFF_MAX = 5.0
 # emit()'s own arguments and the keys of a JSON log line: an info key may not shadow them.
 _OWN_FIELDS = frozenset({"event", "name", "agent", "level", "timestamp"})
 JOURNAL = "bus.journal"  # the broker's journal file, in state_dir
+TABLE_WAIT = 5.0  # seconds a new broker holds signals for the daemon's table
 
 
 def broker_spec(daemon: DaemonSpec) -> AgentSpec:
@@ -53,6 +54,10 @@ def broker_spec(daemon: DaemonSpec) -> AgentSpec:
         os.path.join(daemon.state_dir, JOURNAL),
         "--journal-sync",
         daemon.journal_sync,
+        # Its table comes from us: until it does, a new broker cannot tell which names
+        # are configured (or ack) and would refuse signals to agents it has not seen.
+        "--table-wait",
+        str(TABLE_WAIT),
     )
     if daemon.keys_dir and daemon.bus.startswith("tcp://"):
         argv += ("--keys-dir", daemon.keys_dir)

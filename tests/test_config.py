@@ -351,4 +351,5 @@ def test_values_reach_the_agent_table_and_the_broker_argv(tmp_path: Path) -> Non
     assert argv[journal + 1] == f"{tmp_path}/st/bus.journal"
     assert argv[argv.index("--journal-sync") + 1] == "always"
     default = load(write(tmp_path, f'[daemon]\nstate_dir = "{tmp_path}/st"\n')).daemon
-    assert broker_spec(default).argv[-2:] == ("--journal-sync", "batch")
+    argv = broker_spec(default).argv
+    assert argv[argv.index("--journal-sync") + 1] == "batch"

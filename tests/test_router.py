@@ -170,12 +170,22 @@ def test_unknown_recipient_is_refused() -> None:
 
 def test_before_the_table_signals_wait_for_it() -> None:
     """A new broker does not know yet which names are configured, or which are ack."""
-    net = Net()
+    net = Net(table_wait=5.0)
     sig = net.post("c", "w", data=1)
     assert net.take("c") == [Reconnect()]  # no receipt yet; asked to say hello
     net.table(acked("w"))
     assert net.receipt("c", sig).ok
     assert ("w", sig.id) in net.stored()
+
+
+def test_without_a_table_in_time_signals_are_routed_with_none() -> None:
+    net = Net(table_wait=1.0)
+    sig = net.post("c", "w")
+    net.advance(0.5)
+    assert not [f for f in net.take("c") if isinstance(f, Receipt)]
+    net.advance(0.6)
+    r = net.receipt("c", sig)
+    assert not r.ok and "unknown recipient" in (r.error or "")
 
 
 def test_a_peer_whose_first_frame_is_a_signal_is_asked_to_say_hello() -> None:
