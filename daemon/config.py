@@ -28,6 +28,7 @@ from .locate import (
     ConfigError,
     ConfigIssue,
     find_config,
+    log_dir_default,
     runtime_dir_default,
     state_dir_default,
 )
@@ -368,7 +369,7 @@ def _daemon_spec(v: _Validator, main: _Source, cfg: DaemonConfig) -> DaemonSpec:
     def sub(value: str) -> str:
         return value.replace("{runtime_dir}", runtime_dir)
 
-    log_dir = sub(cfg.log_dir) if cfg.log_dir else f"{runtime_dir}/log"
+    log_dir = sub(cfg.log_dir) if cfg.log_dir else log_dir_default(runtime_dir)
     log_dir = str(base / log_dir) if not os.path.isabs(log_dir) else log_dir
     state_dir = sub(cfg.state_dir) if cfg.state_dir else state_dir_default()
     state_dir = str(base / state_dir) if not os.path.isabs(state_dir) else state_dir

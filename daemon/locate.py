@@ -51,9 +51,44 @@ def find_config(explicit: str | None = None) -> Path:
     return path
 
 
-def runtime_dir_default() -> str:
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    return f"{xdg}/agentd" if xdg else f"/tmp/agentd-{os.getuid()}"
+def _systemd_directory(env: Mapping[str, str], name: str) -> str | None:
+    """The first path of a systemd `*_DIRECTORY` variable (a colon-separated list)."""
+    value = env.get(name)
+    return value.split(":")[0] if value else None
+
+
+def runtime_dir_default(environ: Mapping[str, str] | None = None, uid: int | None = None) -> str:
+    """Where the sockets are unless `daemon.runtime_dir` says (SPEC §3).
+
+    `agentd ctl` computes this too, to find the daemon, so it must come out the
+    same in the unit and in a root shell or under sudo: systemd's
+    RuntimeDirectory= sets $RUNTIME_DIRECTORY (/run/agentd) for the daemon only,
+    and root gets /run/agentd whatever its $XDG_RUNTIME_DIR (unset under sudo,
+    /run/user/0 in a login session). Anyone else: $XDG_RUNTIME_DIR/agentd, else
+    /tmp/agentd-$UID. `uid` is the effective uid (whose permissions count).
+    """
+    env = os.environ if environ is None else environ
+    systemd = _systemd_directory(env, "RUNTIME_DIRECTORY")
+    if systemd:
+        return systemd
+    uid = os.geteuid() if uid is None else uid
+    if uid == 0:
+        return "/run/agentd"
+    xdg = env.get("XDG_RUNTIME_DIR")
+    if xdg and os.path.isabs(xdg):  # the XDG spec says to ignore a relative one
+        return f"{xdg}/agentd"
+    return f"/tmp/agentd-{uid}"
+
+
+def log_dir_default(runtime_dir: str, environ: Mapping[str, str] | None = None) -> str:
+    """Where agent logs go unless `daemon.log_dir` says.
+
+    Under systemd, $LOGS_DIRECTORY (LogsDirectory=, /var/log/agentd): systemd
+    empties RuntimeDirectory= on every stop and restart, so logs kept there would
+    lose the lines of the incarnation that crashed. Elsewhere <runtime_dir>/log.
+    """
+    env = os.environ if environ is None else environ
+    return _systemd_directory(env, "LOGS_DIRECTORY") or f"{runtime_dir}/log"
 
 
 def state_dir_default(environ: Mapping[str, str] | None = None, uid: int | None = None) -> str:
@@ -65,9 +100,9 @@ def state_dir_default(environ: Mapping[str, str] | None = None, uid: int | None 
     process's: a test can ask about another user without becoming one.
     """
     env = os.environ if environ is None else environ
-    systemd = env.get("STATE_DIRECTORY")
+    systemd = _systemd_directory(env, "STATE_DIRECTORY")
     if systemd:
-        return systemd.split(":")[0]
+        return systemd
     if (os.getuid() if uid is None else uid) == 0:
         return "/var/lib/agentd"
     xdg = env.get("XDG_STATE_HOME")

@@ -248,6 +248,40 @@ def test_state_dir_setting_and_substitution(tmp_path: Path) -> None:
     assert load(write(tmp_path, text)).daemon.state_dir == f"{tmp_path}/rt/../st"
 
 
+def test_runtime_dir_default_agrees_between_the_unit_and_a_root_shell() -> None:
+    """`agentd ctl` from a root shell or sudo must find the daemon the unit started."""
+    from agentd.daemon.locate import runtime_dir_default
+
+    unit = {"RUNTIME_DIRECTORY": "/run/agentd", "STATE_DIRECTORY": "/var/lib/agentd"}
+    assert runtime_dir_default(unit, uid=0) == "/run/agentd"  # systemd's RuntimeDirectory=
+    assert runtime_dir_default({}, uid=0) == "/run/agentd"  # sudo: no XDG_RUNTIME_DIR
+    assert runtime_dir_default({"XDG_RUNTIME_DIR": "/run/user/0"}, uid=0) == "/run/agentd"
+    listed = {"RUNTIME_DIRECTORY": "/run/a:/run/b", "XDG_RUNTIME_DIR": "/run/user/1000"}
+    assert runtime_dir_default(listed, uid=1000) == "/run/a"  # the first of the list
+    xdg = {"XDG_RUNTIME_DIR": "/run/user/1000"}
+    assert runtime_dir_default(xdg, uid=1000) == "/run/user/1000/agentd"
+    assert runtime_dir_default({"XDG_RUNTIME_DIR": "rel"}, uid=1000) == "/tmp/agentd-1000"
+    assert runtime_dir_default({}, uid=1000) == "/tmp/agentd-1000"
+
+
+def test_runtime_and_log_dir_defaults_are_systemds_directories(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under the unit: sockets in RuntimeDirectory=, logs in LogsDirectory= (kept on restart)."""
+    monkeypatch.setenv("RUNTIME_DIRECTORY", f"{tmp_path}/run/agentd")
+    monkeypatch.setenv("LOGS_DIRECTORY", f"{tmp_path}/log/agentd:{tmp_path}/log/other")
+    daemon = load(write(tmp_path, '[agents.a]\ncommand = ["x"]\n')).daemon
+    assert daemon.runtime_dir == f"{tmp_path}/run/agentd"
+    assert daemon.control == f"ipc://{tmp_path}/run/agentd/control.sock"
+    assert daemon.log_dir == f"{tmp_path}/log/agentd"
+    text = '[daemon]\nlog_dir = "{runtime_dir}/mine"\n[agents.a]\ncommand = ["x"]\n'
+    assert load(write(tmp_path, text)).daemon.log_dir == f"{tmp_path}/run/agentd/mine"
+    monkeypatch.delenv("LOGS_DIRECTORY")  # outside systemd: <runtime_dir>/log
+    assert load(write(tmp_path, '[agents.a]\ncommand = ["x"]\n')).daemon.log_dir == (
+        f"{tmp_path}/run/agentd/log"
+    )
+
+
 def test_state_dir_default_for_other_users(tmp_path: Path) -> None:
     """Not root: $XDG_STATE_HOME/agentd, else ~/.local/state/agentd; root: /var/lib/agentd."""
     from agentd.daemon.locate import state_dir_default

@@ -71,8 +71,13 @@ def start_hub(d: DaemonProc, port: int) -> str:
     return base
 
 
+def audit_file(d: DaemonProc) -> Path:
+    """The hub's audit trail: hub/audit.jsonl in state_dir, durable like its stores."""
+    return d.state_dir / "hub" / "audit.jsonl"
+
+
 def audit_lines(d: DaemonProc) -> list[dict[str, Any]]:
-    path = d.runtime_dir / "audit.jsonl"
+    path = audit_file(d)
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 

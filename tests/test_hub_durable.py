@@ -29,13 +29,21 @@ from typing import Any
 import msgspec
 import pytest
 
-from agentd.agents.examples.audit import Audit
+from agentd.agents.examples.audit import Audit, trail_path
 from agentd.agents.examples.ingress import JobStore
 from agentd.agents.examples.orchestrator import Orchestrator, Outcomes
 from agentd.agents.examples.store import HubDb
 from agentd.daemon.log import get_logger
 from tests.conftest import DaemonProc, wait_for
-from tests.test_hub import ROOT, audit_lines, free_port, http, hub_config, start_hub
+from tests.test_hub import (
+    ROOT,
+    audit_file,
+    audit_lines,
+    free_port,
+    http,
+    hub_config,
+    start_hub,
+)
 
 
 class CrashingOrchestrator(Orchestrator):
@@ -201,7 +209,9 @@ def test_a_job_redelivered_after_its_outcome_was_recorded_completes_once(
     daemon_factory, tmp_path: Path, crash_at: str
 ) -> None:
     port = free_port()
-    d = daemon_factory(crashing_config(port, crash_at, tmp_path / "run" / "audit.jsonl"))
+    trail = tmp_path / "state" / "hub" / "audit.jsonl"  # audit_file(d), before there is a d
+    d = daemon_factory(crashing_config(port, crash_at, trail))
+    assert audit_file(d) == trail
     base = start_hub(d, port)
     job = post(base, upper("once"))
 
@@ -302,3 +312,19 @@ def test_the_audit_trail_has_each_outcome_once_across_restarts(tmp_path, monkeyp
     good = [json.loads(line) for line in lines if line.endswith(b"}")]
     assert [r["data"]["id"] for r in good] == ["a", "b", "c"]
     assert len(lines) == 4  # and the torn one, on its own line
+
+
+def test_the_audit_trail_is_in_the_state_dir_by_default(tmp_path, monkeypatch) -> None:
+    """Not the runtime dir, which systemd empties on every restart: state_dir's hub/."""
+    monkeypatch.delenv("AUDIT_FILE", raising=False)
+    monkeypatch.setenv("AGENTD_STATE_DIR", str(tmp_path / "state"))
+    audit = Audit()
+    audit.name = "audit"
+    audit.setup()
+    audit.record(outcome_signal("a"), None)
+    audit.teardown()
+    trail = tmp_path / "state" / "hub" / "audit.jsonl"
+    assert audit.path == str(trail) and b'"id":"a"' in trail.read_bytes()
+    assert trail_path({"AGENTD_STATE_DIR": "/s", "AUDIT_FILE": "/x/a.jsonl"}) == "/x/a.jsonl"
+    monkeypatch.chdir(tmp_path)  # outside agentd: the working directory
+    assert trail_path({}) == str(tmp_path / "audit.jsonl")

@@ -289,7 +289,7 @@ def test_mixed_hub_completes_jobs_over_http(daemon_factory, node_worker) -> None
     assert {psutil.Process(d.pid(m)).name() for m in MEMBERS} == {"node"}
     assert not d.events("agent.exited")
     # The audit agent (Python, pub/sub) recorded each job's completion once.
-    audit = d.runtime_dir / "audit.jsonl"
+    audit = d.state_dir / "hub" / "audit.jsonl"  # durable, next to the hub's stores
 
     def completions() -> list[dict[str, Any]]:
         if not audit.exists():

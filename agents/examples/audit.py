@@ -7,9 +7,11 @@ so the broker also keeps job signals for it while it restarts) and appends
     {"signal": <id>, "type": "job.completed", "source": "orchestrator",
      "time": <unix seconds>, "redelivered": false, "data": {...}}
 
-to the file named by `AUDIT_FILE` — in the bundled configs
-`{runtime_dir}/audit.jsonl`, next to the daemon's sockets; without the
-variable, `audit.jsonl` in the agent's working directory.
+to `hub/audit.jsonl` in the daemon's state dir (`$AGENTD_STATE_DIR`, with
+the hub's SQLite stores: durable across restarts and reboots, where the
+runtime dir is a tmpfs that systemd empties on every restart), or to the
+file named by `AUDIT_FILE` if set. Run outside agentd (no
+AGENTD_STATE_DIR), `audit.jsonl` in the working directory.
 
 Exactly once. With `ack = true` a signal counts as handled only once its
 line is written, so nothing is lost; what can come twice is a signal
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from collections.abc import Mapping
 from typing import Any
 
 import msgspec
@@ -56,14 +59,23 @@ def key(signal_id: str, signal_type: str, data: Any) -> str:
     return f"signal {signal_id}"
 
 
+def trail_path(env: Mapping[str, str]) -> str:
+    """$AUDIT_FILE, else the state dir's hub/audit.jsonl, else ./audit.jsonl (absolute)."""
+    if env.get("AUDIT_FILE"):
+        return os.path.abspath(env["AUDIT_FILE"])
+    if env.get("AGENTD_STATE_DIR"):
+        return os.path.join(os.path.abspath(env["AGENTD_STATE_DIR"]), "hub", "audit.jsonl")
+    return os.path.abspath("audit.jsonl")
+
+
 class Audit(Agent):
     """Appends each `job.*` signal to the audit file, once."""
 
     def setup(self) -> None:
-        self.path = os.path.abspath(os.environ.get("AUDIT_FILE", "audit.jsonl"))
+        self.path = trail_path(os.environ)
         self.remember = int(os.environ.get("AUDIT_REMEMBER", "1000000"))
         self.log = get_logger("agentd.audit").bind(agent=self.name)
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        os.makedirs(os.path.dirname(self.path), mode=0o750, exist_ok=True)
         self.seen: OrderedDict[str, None] = OrderedDict()
         self.fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o640)
         self._read_back()
