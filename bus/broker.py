@@ -152,7 +152,6 @@ def main(argv: list[str] | None = None) -> int:
         queue_limit=args.queue_limit,
         log=log,
         wall_offset=time.time() - time.monotonic(),
-        durable=args.journal is not None,
         table_wait=args.table_wait,
     )
     journal = None

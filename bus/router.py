@@ -141,6 +141,20 @@ class Mailbox:
     kept: int = 0  # pending + retry + in flight of this box's own signals
     known: set[str] = field(default_factory=set)  # ids kept here, dead ones too (resends)
 
+    def release(self, sig_id: str) -> Kept | None:
+        """Take a signal back out of this holder's hands (acked, failed, undelivered)."""
+        k = self.in_flight.pop(sig_id, None)
+        if k is not None:
+            if k.corr is not None:
+                self.replies.pop(k.corr, None)
+            k.holder = None
+        return k
+
+    def push_front(self, k: Kept) -> None:
+        """Next in line: a signal that goes back is not sent behind newer ones."""
+        self.pending[k.id] = k
+        self.pending.move_to_end(k.id, last=False)
+
 
 class Router:
     """Routing state and decisions. Feed it frames and time; carry out what it returns."""
@@ -152,14 +166,12 @@ class Router:
         queue_limit: int = 10_000,
         log: Callable[..., None] = lambda event, **kw: None,
         wall_offset: float = 0.0,
-        durable: bool = False,
         table_wait: float = 0.0,
     ) -> None:
         self.max_frame = max_frame
         self.queue_limit = queue_limit
         self.log = log
         self.wall_offset = wall_offset  # unix time = monotonic now + this
-        self.durable = durable  # a journal is behind the records (for the log only)
         # Seconds signals wait for the daemon's first table (0: a broker of its own,
         # routing among whoever connects). Counted from the first frame.
         self.table_wait = table_wait
@@ -593,16 +605,10 @@ class Router:
         if holder is None:
             return
         for sig_id in reversed(ids):
-            k = holder.in_flight.pop(sig_id, None)
-            if k is None:
-                continue
-            if k.corr is not None:
-                holder.replies.pop(k.corr, None)
-            k.holder = None
-            k.deliveries -= 1
-            box = self.boxes[k.box]
-            box.pending[k.id] = k
-            box.pending.move_to_end(k.id, last=False)
+            k = holder.release(sig_id)
+            if k is not None:
+                k.deliveries -= 1
+                self.boxes[k.box].push_front(k)
 
     def _subscribe(self, name: str, patterns: list[str]) -> None:
         peer = self.peers.get(name)
@@ -726,8 +732,7 @@ class Router:
                 keeper = self.boxes.get(k.box)
                 if k.box != name and keeper is not None:
                     k.holder = None
-                    keeper.pending[k.id] = k
-                    keeper.pending.move_to_end(k.id, last=False)
+                    keeper.push_front(k)
                     self._dirty.add(k.box)
             dropped[name] = dropped.get(name, 0) + box.kept + len(box.dead)
         for name, count in dropped.items():
@@ -986,8 +991,7 @@ class Router:
         while taken < room and pending:
             _, k = pending.popitem(last=False)
             if k.id in holder.in_flight:  # the same id from two mailboxes: one at a time
-                pending[k.id] = k
-                pending.move_to_end(k.id, last=False)
+                box.push_front(k)
                 break
             k.holder = holder.name
             k.deliveries += 1
@@ -1026,9 +1030,7 @@ class Router:
         self._dirty.add(name)
 
     def _finish(self, holder: Mailbox, k: Kept) -> None:
-        del holder.in_flight[k.id]
-        if k.corr is not None:
-            holder.replies.pop(k.corr, None)
+        holder.release(k.id)
         box = self.boxes.get(k.box)
         if box is not None:
             box.kept -= 1
@@ -1054,14 +1056,10 @@ class Router:
         if holder is None:
             return
         for sig_id in nack.ids:
-            k = holder.in_flight.pop(sig_id, None)
-            if k is None:
-                continue
-            if k.corr is not None:
-                holder.replies.pop(k.corr, None)
-            k.holder = None
-            self.counters["nacked"] += 1
-            self._failed(k, nack.error or "failed", now, backoff=True)
+            k = holder.release(sig_id)
+            if k is not None:
+                self.counters["nacked"] += 1
+                self._failed(k, nack.error or "failed", now, backoff=True)
         self._dirty.add(name)
 
     def _failed(self, k: Kept, error: str, now: float, backoff: bool) -> None:
@@ -1078,8 +1076,7 @@ class Router:
             delay = min(BACKOFF_MAX, settings.retry_backoff * 2 ** max(0, k.deliveries - 1))
             heapq.heappush(box.retry, (now + delay, next(self._seq), k))
         else:
-            box.pending[k.id] = k
-            box.pending.move_to_end(k.id, last=False)
+            box.push_front(k)
             self._dirty.add(k.box)
 
     def _retry_due(self, box: Mailbox, now: float) -> None:
