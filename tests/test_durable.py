@@ -261,3 +261,20 @@ def test_a_corrupt_journal_is_moved_aside_and_reported(daemon_factory, monkeypat
     with Client(f"ipc://{d.runtime_dir}/bus.sock", name="after") as c:
         c.send("sink", "fresh.start", 1)  # a new journal works
     wait_for(lambda: ledger(d), 10, "the signal handled")
+
+
+def test_a_reload_that_removes_an_ack_agent_drops_its_entries_and_says_how_many(
+    daemon_factory, monkeypatch
+) -> None:
+    d = daemon_factory(config() + agent_free())
+    monkeypatch.setenv("REC_DIR", str(d.dir))
+    d.start()
+    assert d.ctl("stop", "sink").returncode == 0
+    with Client(f"ipc://{d.runtime_dir}/bus.sock", name="keeper") as c:
+        receipts = c.send_confirmed([("sink", "kept.item", i) for i in range(7)])
+        assert all(r.ok for r in receipts)
+    d.rewrite(agent_free())
+    result = d.ctl("reload")
+    assert result.returncode == 0, result.stderr
+    event = d.wait_event("bus.dropped", "sink", timeout=10)
+    assert event["count"] == 7
