@@ -278,3 +278,16 @@ def test_a_reload_that_removes_an_ack_agent_drops_its_entries_and_says_how_many(
     assert result.returncode == 0, result.stderr
     event = d.wait_event("bus.dropped", "sink", timeout=10)
     assert event["count"] == 7
+
+
+def test_a_stop_and_start_of_the_daemon_keeps_what_waits(daemon_factory, monkeypatch) -> None:
+    first = daemon_factory(config())
+    monkeypatch.setenv("REC_DIR", str(first.dir))
+    first.start()
+    assert first.ctl("stop", "sink").returncode == 0  # down: what comes now waits for it
+    with Client(f"ipc://{first.runtime_dir}/bus.sock", name="keeper") as c:
+        accepted = [r.id for r in c.send_confirmed([("sink", "wait", i) for i in range(5)])]
+    assert first.stop() == 0
+    second = daemon_factory(config())
+    second.start()
+    wait_for(lambda: {r["id"] for r in ledger(second)} == set(accepted), 10, "all five")
