@@ -29,7 +29,7 @@ import zmq
 from .journal import Journal, JournalError
 from .router import FULL, GONE, Router
 
-TURN = 10_000  # frames taken per turn at most: the journal commit and sends come between
+TURN = 1000  # frames taken per turn at most: the journal commit and sends come between
 ROUNDS = 16  # commit/send rounds per turn at most (a failed send can cause another)
 
 

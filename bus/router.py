@@ -73,6 +73,7 @@ STALL = 0.05  # seconds before a peer whose pipe was full is tried again
 HEARTBEAT_CHECK = 0.05  # seconds between heartbeat checks
 PROBE = 1.0  # seconds between probes of a journal that failed
 DONE_BATCH = 4096  # "done" records written at the latest with this many waiting
+FORWARD_BATCH = 1000  # at-most-once signals to one peer per frame, at most
 
 # What a Send carries, for `send_failed`.
 CONTROL = 0  # receipts, errors, events: nothing to do if it fails
@@ -513,18 +514,23 @@ class Router:
             self._forwards[to] = [(sender, sig_id, payload)]
         else:
             items.append((sender, sig_id, payload))
+            if len(items) >= FORWARD_BATCH:  # a bounded frame: memory, and the peer's latency
+                self._sends.append(self._forward_send(to, self._forwards.pop(to)))
 
     def _flush_forwards(self) -> list[Send]:
         """What goes to the same peer in one turn leaves as one batch: one send, not many."""
         for to, items in self._forwards.items():
-            if len(items) == 1:
-                frame = items[0][2]
-            else:
-                frame = self.enc.encode(RawBatch([_raw(p) for _, _, p in items]))
-            self._sends.append(Send(to, frame, FORWARD, tuple(items)))
+            self._sends.append(self._forward_send(to, items))
         self._forwards.clear()
         sends, self._sends = self._sends, []
         return sends
+
+    def _forward_send(self, to: str, items: list[tuple[str, str, Any]]) -> Send:
+        if len(items) == 1:
+            frame = items[0][2]
+        else:
+            frame = self.enc.encode(RawBatch([_raw(p) for _, _, p in items]))
+        return Send(to, frame, FORWARD, tuple(items))
 
     # === peers =========================================================================
 
