@@ -17,13 +17,16 @@ import pwd
 import re
 import signal
 import stat
+import sys
 import tomllib
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
 
+from ..bus.patterns import valid as patterns_valid
 from .locate import (
     ConfigError,
     ConfigIssue,
@@ -105,13 +108,85 @@ class AgentConfig(_Strict):
     max_pending: int = 10_000
 
 
-# Durable delivery bounds (SPEC §10): (key, lowest, highest) for the integer keys.
-DELIVERY_BOUNDS = (
-    ("max_deliveries", 1, 1000),
-    ("max_in_flight", 1, 100_000),
-    ("max_pending", 1, 10_000_000),
-)
-RETRY_BACKOFF_MAX = 30.0  # seconds; the broker's doubling stops there too
+# --- bounds: every count and size the config accepts --------------------------
+
+
+@dataclass(frozen=True)
+class Bound:
+    """An inclusive range for one key; `above` makes the low end exclusive (> low)."""
+
+    low: float
+    high: float
+    unit: str = ""
+    above: bool = False  # 0 (the low end) makes no sense: the value must be more
+
+    def holds(self, value: float) -> bool:
+        """In range (NaN never is: every comparison with it is false)."""
+        low_ok = value > self.low if self.above else value >= self.low
+        return low_ok and value <= self.high
+
+    def describe(self) -> str:
+        unit = f" {self.unit}" if self.unit else ""
+        if self.above:
+            return f"must be > {_num(self.low)} and <= {_num(self.high)}{unit}"
+        return f"must be between {_num(self.low)} and {_num(self.high)}{unit}"
+
+
+_HOUR, _DAY = 3600, 86_400
+
+#: SPEC §11 "Bounds": each count and size in one table. The upper ends are far past any
+#: real deployment; they are there so a slip of the keyboard (three zeros too many) is a
+#: FILE:LINE error from `check`, answered at once, and not an attempt: `replicas =
+#: 100000000` used to build 10^8 members (11 GB, past 60 s). Counts are checked before
+#: anything is expanded. Keys: "daemon.K", "supervisor.K" ([supervisor] and every
+#: [supervisors.*]), "agent.K" and "agent.limits.K"; "tree.K" bound the tree as a whole.
+BOUNDS: dict[str, Bound] = {
+    # [daemon]
+    "daemon.shutdown_timeout": Bound(0, _DAY, "seconds"),  # the whole tree's stop; 0 = at once
+    "daemon.log_max_bytes": Bound(1024, 2**40, "bytes"),  # one log file until rotation: 1 TiB
+    "daemon.log_backups": Bound(0, 1000),  # rotated files kept per agent
+    "daemon.memory_check_interval": Bound(0.05, _HOUR, "seconds"),  # RSS sampling period
+    # The broker refuses a larger signal; it also allocates max_frame bytes to probe a full
+    # disk, and lets ZeroMQ take 16 x max_frame before it drops a peer: 256 MiB → 4 GiB.
+    "daemon.max_frame": Bound(1024, 256 * 2**20, "bytes"),
+    # [supervisor], [supervisors.*]: restart intensity
+    "supervisor.max_restarts": Bound(0, 10_000),  # more restarts than this within ...
+    "supervisor.max_seconds": Bound(0, _DAY, "seconds", above=True),  # ... this: it gives up
+    # [agents.*]
+    "agent.replicas": Bound(0, 100_000),  # pool members (SPEC §11); 0 = a pool scaled to none
+    "agent.shutdown": Bound(0, _DAY, "seconds"),  # stop_signal → SIGKILL ("brutal_kill": none)
+    "agent.heartbeat": Bound(0, _DAY, "seconds", above=True),  # bus silence → hung
+    "agent.start_seconds": Bound(0, _HOUR, "seconds"),  # up this long = started (not on the bus)
+    "agent.restart_delay": Bound(0, _HOUR, "seconds"),  # pause before a restart
+    # Durable delivery (SPEC §10); the broker's retry doubling stops at 30 s too.
+    "agent.max_deliveries": Bound(1, 1000),  # failed deliveries → dead-letter queue
+    "agent.retry_backoff": Bound(0, 30, "seconds", above=True),  # first retry's wait
+    "agent.max_in_flight": Bound(1, 100_000),  # handed to the agent, not yet acknowledged
+    "agent.max_pending": Bound(1, 10_000_000),  # kept by the broker for one agent
+    # limits = {...}; 0 = unlimited
+    "agent.limits.memory_mb": Bound(0, 16 * 2**20, "MiB"),  # 16 TiB
+    "agent.limits.nofile": Bound(0, 2**20),  # Linux's default fs.nr_open: setrlimit refuses more
+    "agent.limits.cpu_seconds": Bound(0, 365 * _DAY, "seconds"),  # RLIMIT_CPU: a year of CPU
+    # The tree as a whole (a pool counts once per member).
+    "tree.instances": Bound(0, 100_000),  # agent instances in all, across pools and files
+    "tree.supervisors": Bound(0, 10_000),  # supervisors, the root included
+    "tree.children": Bound(0, 100_000),  # per supervisor: a full-size pool must fit
+    "tree.depth": Bound(0, 32),  # supervisors nested below root (tree.py recurses per level)
+    # ZeroMQ routing ids are at most 255 bytes; "NAME@99999" and "NAME.log.1000" must fit.
+    "tree.name_length": Bound(0, 128),
+}
+
+MAX_REPLICAS = int(BOUNDS["agent.replicas"].high)  # for `ctl scale`, which must agree
+
+
+def _num(value: float) -> str:
+    """A number as a user would type it back (no 1e+05 for an int, no 30.0 for 30)."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        value = int(value)
+    if isinstance(value, int):
+        digits = str(value)
+        return digits if len(digits) <= 15 else f"a {len(digits)}-digit number"
+    return f"{value:g}"
 
 
 # --- locating keys in the TOML text ------------------------------------------
@@ -188,13 +263,26 @@ def _read(path: Path) -> _Source:
         message = re.sub(r"\s*\(at line \d+, column \d+\)", "", message)
         message = re.sub(r"\s*\(at end of document\)", " at end of document", message)
         raise ConfigError([ConfigIssue(str(path), line, f"TOML syntax: {message}")]) from exc
+    except ValueError as exc:  # Python refuses an int literal of more than 4300 digits
+        line = _line_of(text, _LONG_INT_RE)
+        message = "a number with thousands of digits (far past any bound)"
+        raise ConfigError([ConfigIssue(str(path), line, message)]) from exc
     return _Source(str(path), data, LineIndex(text))
 
 
-def _read_all(main: Path) -> list[_Source]:
-    """The main file and its drop-ins (recursively), each file once."""
+_LONG_INT_RE = re.compile(r"[0-9_]{4300}")
+
+
+def _line_of(text: str, pattern: re.Pattern[str]) -> int | None:
+    match = pattern.search(text)
+    return text.count("\n", 0, match.start()) + 1 if match else None
+
+
+def _read_all(main: Path) -> tuple[list[_Source], list[ConfigIssue]]:
+    """The main file and its drop-ins (recursively), each file once; include issues."""
     sources: list[_Source] = []
     seen: set[Path] = set()
+    issues: list[ConfigIssue] = []
 
     def visit(path: Path) -> None:
         resolved = path.resolve()
@@ -209,11 +297,31 @@ def _read_all(main: Path) -> list[_Source]:
             raise ConfigError([ConfigIssue(source.path, line, "include must be a list of globs")])
         for pattern in includes:
             full = pattern if os.path.isabs(pattern) else str(path.parent / pattern)
+            problem = _include_problem(pattern, full)
+            if problem:
+                issues.append(ConfigIssue(source.path, source.index.line("include"), problem))
+                continue
             for match in sorted(glob.glob(full)):
-                visit(Path(match))
+                if os.path.isfile(match):  # a glob may also match a directory: not a drop-in
+                    visit(Path(match))
 
     visit(main)
-    return sources
+    return sources, issues
+
+
+def _include_problem(pattern: str, full: str) -> str | None:
+    """An entry without a wildcard names one file: a typo must not pass as "no drop-ins".
+
+    With a wildcard, matching nothing is fine (an empty conf.d is the usual start).
+    """
+    if glob.has_magic(pattern):
+        return None
+    if not os.path.exists(full):
+        return f'include: "{pattern}" names no file ({full}); only a glob may match nothing'
+    if not os.path.isfile(full):
+        glob_of = f"{pattern.rstrip('/')}/*.toml"
+        return f'include: "{pattern}" is not a file ({full}); for a directory use "{glob_of}"'
+    return None
 
 
 # --- validation -----------------------------------------------------------
@@ -253,6 +361,49 @@ class _Validator:
             self.issue(source, (*path, *inner), f"{where}: {message}")
             return None
 
+    def bounded(
+        self,
+        source: _Source,
+        path: tuple[str, ...],
+        where: str,
+        key: str,
+        value: float,
+    ) -> bool:
+        """Within BOUNDS[key]; else an issue at `path` saying the bound and the value."""
+        bound = BOUNDS[key]
+        if bound.holds(value):
+            return True
+        self.issue(source, path, f"{where}: {bound.describe()} (got {_num(value)})")
+        return False
+
+    def counted(
+        self, source: _Source, path: tuple[str, ...], where: str, key: str, count: int, what: str
+    ) -> bool:
+        """A count of the tree's, at most BOUNDS[key]: "WHERE: 120000 WHAT, more than ..." """
+        most = int(BOUNDS[key].high)
+        if count <= most:
+            return True
+        self.issue(source, path, f"{where}: {count} {what}, more than the {most} allowed")
+        return False
+
+    def within_bounds(
+        self, source: _Source, path: tuple[str, ...], where: str, section: str, config: Any
+    ) -> bool:
+        """Every BOUNDS key of `section` ("daemon", "supervisor", "agent") that `config` sets."""
+        ok = True
+        for key in BOUNDS:
+            head, _, attr = key.partition(".")
+            if head != section:
+                continue
+            parts = attr.split(".")
+            value = config
+            for part in parts:
+                value = getattr(value, part)
+            # None (replicas unset) and "brutal_kill" have no bound.
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                ok = self.bounded(source, (*path, *parts), f"{where}.{attr}", key, value) and ok
+        return ok
+
 
 @dataclass
 class _Defined:
@@ -266,18 +417,51 @@ class _Defined:
 def load(path: str | os.PathLike[str] | None = None) -> Spec:
     """Read, validate and build the spec; raise ConfigError on any problem."""
     main = find_config(str(path) if path is not None else None)
-    sources = _read_all(main)
-    return build(sources)
+    sources, issues = _read_all(main)
+    return build(sources, issues)
 
 
-def build(sources: list[_Source]) -> Spec:
-    """Validate parsed sources into a Spec (ConfigError listing every issue)."""
+def build(sources: list[_Source], issues: list[ConfigIssue] | None = None) -> Spec:
+    """Validate parsed sources into a Spec (ConfigError listing every issue).
+
+    Everything is checked before anything is expanded: a pool's members are only built
+    once every count is known to be within its bound (SPEC §11).
+    """
     v = _Validator(sources)
+    v.issues.extend(issues or [])  # from reading the files: reported with the rest
     main = sources[0]
-    daemon_cfg = DaemonConfig()
-    root_cfg = SupervisorConfig()
-    defined: dict[str, _Defined] = {}
+    daemon_cfg, root_cfg, defined = _collect(v, sources)
+    if daemon_cfg is None or root_cfg is None or v.issues:
+        raise ConfigError(v.issues)
+    daemon = _daemon_spec(v, main, daemon_cfg)
+    templates = _agent_templates(v, defined, daemon)
+    sups, parent = _check_tree(v, defined, root_cfg, main)
+    if v.issues:
+        raise ConfigError(v.issues)
+    agents, instances = _expand(templates)
+    pools = {
+        name: PoolSpec(name, template.replicas, parent[name])
+        for name, template in templates.items()
+        if template.replicas is not None
+    }
+    return Spec(
+        daemon=daemon,
+        root=ROOT,
+        supervisors=_supervisor_specs(sups, instances),
+        agents=agents,
+        pools=pools,
+        files=tuple(s.path for s in sources),
+    )
 
+
+def _collect(
+    v: _Validator, sources: list[_Source]
+) -> tuple[DaemonConfig | None, SupervisorConfig | None, dict[str, _Defined]]:
+    """[daemon] and [supervisor] (main file only), and every named agent and supervisor."""
+    main = sources[0]
+    daemon_cfg: DaemonConfig | None = DaemonConfig()
+    root_cfg: SupervisorConfig | None = SupervisorConfig()
+    defined: dict[str, _Defined] = {}
     for source in sources:
         for key in source.data:
             if key not in {"daemon", "supervisor", "supervisors", "agents"}:
@@ -300,31 +484,7 @@ def build(sources: list[_Source]) -> Spec:
                 continue
             for name, value in table.items():
                 _define(v, defined, source, section, kind, shape, name, value)
-
-    if daemon_cfg is None or root_cfg is None or v.issues:
-        raise ConfigError(v.issues)
-    daemon = _daemon_spec(v, main, daemon_cfg)
-    agents, pools_of = _agent_specs(v, defined, daemon)
-    supervisors = _supervisor_specs(v, defined, root_cfg, main, pools_of)
-    if v.issues:
-        raise ConfigError(v.issues)
-    pools = {
-        name: PoolSpec(name, defined[name].config.replicas, _owner(supervisors, members[0]))
-        for name, members in pools_of.items()
-        if defined[name].config.replicas is not None
-    }
-    return Spec(
-        daemon=daemon,
-        root=ROOT,
-        supervisors=supervisors,
-        agents=agents,
-        pools=pools,
-        files=tuple(s.path for s in sources),
-    )
-
-
-def _owner(supervisors: dict[str, SupervisorSpec], child: str) -> str:
-    return next(s.name for s in supervisors.values() if child in s.children)
+    return daemon_cfg, root_cfg, defined
 
 
 def _define(
@@ -340,6 +500,10 @@ def _define(
     path = (section, name)
     if not NAME_RE.match(name):
         v.issue(source, path, f"bad name `{name}`: use letters, digits, `_` and `-`")
+        return
+    short = name if len(name) <= 40 else f"{name[:40]}..."
+    where, length = f"{section}.{short}", len(name)
+    if not v.counted(source, path, where, "tree.name_length", length, "characters in the name"):
         return
     if name in RESERVED_NAMES or name == ROOT:
         v.issue(source, path, f"`{name}` is a reserved name")
@@ -387,15 +551,7 @@ def _daemon_spec(v: _Validator, main: _Source, cfg: DaemonConfig) -> DaemonSpec:
                 )
         elif not endpoint.startswith("ipc://"):
             v.issue(main, line, f"daemon.{key}: endpoint must be ipc://PATH or tcp://HOST:PORT")
-    for key, value, minimum in (
-        ("shutdown_timeout", cfg.shutdown_timeout, 0.0),
-        ("memory_check_interval", cfg.memory_check_interval, 0.05),
-        ("log_max_bytes", cfg.log_max_bytes, 1024),
-        ("log_backups", cfg.log_backups, 0),
-        ("max_frame", cfg.max_frame, 1024),
-    ):
-        if value < minimum:
-            v.issue(main, ("daemon", key), f"daemon.{key} must be at least {minimum}")
+    v.within_bounds(main, ("daemon",), "daemon", "daemon", cfg)
     return DaemonSpec(
         runtime_dir=runtime_dir,
         log_dir=log_dir,
@@ -463,118 +619,146 @@ def _signal_number(name: str) -> int | None:
     return int(number) if number is not None else None
 
 
-def _agent_specs(
-    v: _Validator, defined: dict[str, _Defined], daemon: DaemonSpec
-) -> tuple[dict[str, AgentSpec], dict[str, list[str]]]:
-    """Agent specs by instance name, and each agent's instance names."""
-    import sys
+@dataclass
+class _Template:
+    """A valid agent before expansion: a pool's members are made from it only at the end."""
 
+    fields: dict[str, Any]  # AgentSpec's fields but name and pool
+    replicas: int | None  # None: a single agent, not a pool
+
+
+def _agent_templates(
+    v: _Validator, defined: dict[str, _Defined], daemon: DaemonSpec
+) -> dict[str, _Template]:
+    """Every agent checked, key by key, and nothing expanded: each issue is reported."""
+    templates: dict[str, _Template] = {}
+    for name, entry in defined.items():
+        if entry.kind == "agent":
+            template = _agent_template(v, name, entry.source, entry.config, daemon)
+            if template is not None:
+                templates[name] = template
+    return templates
+
+
+def _agent_template(
+    v: _Validator, name: str, src: _Source, cfg: AgentConfig, daemon: DaemonSpec
+) -> _Template | None:
+    path = ("agents", name)
+
+    def sub(value: str) -> str:
+        return value.replace("{runtime_dir}", daemon.runtime_dir)
+
+    argv = _argv(v, src, path, name, cfg, sub)
+    stop_signal = _signal_number(cfg.stop_signal)
+    if stop_signal is None:
+        v.issue(src, (*path, "stop_signal"), f"agents.{name}.stop_signal: unknown signal")
+    ok = v.within_bounds(src, path, f"agents.{name}", "agent", cfg)
+    ok = _patterns_ok(v, src, path, name, cfg.subscribe) and ok
+    ok = _text_ok(v, src, path, name, cfg) and ok
+    if cfg.user is not None and not _user_exists(cfg.user):
+        v.issue(src, (*path, "user"), f"agents.{name}.user: no such user `{cfg.user}`")
+        ok = False
+    if cfg.group is not None and not _group_exists(cfg.group):
+        v.issue(src, (*path, "group"), f"agents.{name}.group: no such group `{cfg.group}`")
+        ok = False
+    if not ok or argv is None or stop_signal is None:
+        return None
+    cwd = sub(cfg.cwd) if cfg.cwd else None
+    if cwd and not os.path.isabs(cwd):
+        cwd = str(Path(src.path).resolve().parent / cwd)
+    fields = dict(
+        argv=argv,
+        bus_agent=cfg.module is not None,
+        restart=cfg.restart,
+        shutdown=None if cfg.shutdown == "brutal_kill" else float(cfg.shutdown),
+        stop_signal=stop_signal,
+        env=tuple((k, sub(val)) for k, val in cfg.env.items()),
+        cwd=cwd,
+        user=cfg.user,
+        group=cfg.group,
+        subscribe=tuple(cfg.subscribe),
+        heartbeat=cfg.heartbeat,
+        start_seconds=cfg.start_seconds,
+        ack=cfg.ack,
+        restart_delay=cfg.restart_delay,
+        limits=cfg.limits,
+        max_deliveries=cfg.max_deliveries,
+        retry_backoff=cfg.retry_backoff,
+        max_in_flight=cfg.max_in_flight,
+        max_pending=cfg.max_pending,
+    )
+    return _Template(fields, cfg.replicas)
+
+
+def _argv(
+    v: _Validator,
+    src: _Source,
+    path: tuple[str, ...],
+    name: str,
+    cfg: AgentConfig,
+    sub: Any,
+) -> tuple[str, ...] | None:
+    """The agent's argv: its command, or the SDK runner for a module agent."""
+    if (cfg.module is None) == (cfg.command is None):
+        v.issue(src, path, f"agents.{name}: set exactly one of `module` or `command`")
+        return None
+    if cfg.module is not None:
+        if not MODULE_RE.match(cfg.module):
+            v.issue(src, (*path, "module"), f"agents.{name}.module: expected 'pkg.mod:Class'")
+            return None
+        return (sys.executable, "-m", "agentd.agents", cfg.module)
+    if not cfg.command:
+        v.issue(src, (*path, "command"), f"agents.{name}.command: must not be empty")
+        return None
+    return tuple(sub(a) for a in cfg.command)
+
+
+def _patterns_ok(
+    v: _Validator, src: _Source, path: tuple[str, ...], name: str, patterns: list[str]
+) -> bool:
+    """Subscriptions the broker's trie can hold (an empty segment would never match)."""
+    bad = [p for p in patterns if not patterns_valid(p)]
+    for pattern in bad:
+        v.issue(
+            src,
+            (*path, "subscribe"),
+            f'agents.{name}.subscribe: "{pattern}" is not a pattern: '
+            "its dot-separated segments must not be empty",
+        )
+    return not bad
+
+
+def _text_ok(
+    v: _Validator, src: _Source, path: tuple[str, ...], name: str, cfg: AgentConfig
+) -> bool:
+    """Strings exec and the environment can carry: no NUL byte, env names without `=`."""
+    bad: list[tuple[str, str]] = []
+    texts = [("command", a) for a in cfg.command or []]
+    texts += [("env", value) for value in cfg.env.values()]
+    texts += [(k, t) for k, t in (("cwd", cfg.cwd), ("user", cfg.user), ("group", cfg.group)) if t]
+    bad += [(key, "must not contain a NUL byte") for key, text in texts if "\0" in text]
+    for env_name in cfg.env:
+        if not env_name or "=" in env_name or "\0" in env_name:
+            bad.append(("env", f"`{env_name}` is not a variable name (empty, `=` or NUL)"))
+    for key, why in dict.fromkeys(bad):
+        v.issue(src, (*path, key), f"agents.{name}.{key}: {why}")
+    return not bad
+
+
+def _expand(templates: dict[str, _Template]) -> tuple[dict[str, AgentSpec], dict[str, list[str]]]:
+    """Agent specs by instance name, and each agent's instance names (pools expanded)."""
     specs: dict[str, AgentSpec] = {}
     instances: dict[str, list[str]] = {}
-    for name, entry in defined.items():
-        if entry.kind != "agent":
+    for name, template in templates.items():
+        if template.replicas is None:
+            specs[name] = AgentSpec(name=name, pool=None, **template.fields)
+            instances[name] = [name]
             continue
-        cfg: AgentConfig = entry.config
-        src = entry.source
-        path = ("agents", name)
-        base = Path(src.path).resolve().parent
-
-        def sub(value: str) -> str:
-            return value.replace("{runtime_dir}", daemon.runtime_dir)
-
-        if (cfg.module is None) == (cfg.command is None):
-            v.issue(src, path, f"agents.{name}: set exactly one of `module` or `command`")
-            continue
-        if cfg.module is not None:
-            if not MODULE_RE.match(cfg.module):
-                v.issue(src, (*path, "module"), f"agents.{name}.module: expected 'pkg.mod:Class'")
-                continue
-            argv: tuple[str, ...] = (sys.executable, "-m", "agentd.agents", cfg.module)
-        else:
-            if not cfg.command:
-                v.issue(src, (*path, "command"), f"agents.{name}.command: must not be empty")
-                continue
-            argv = tuple(sub(a) for a in cfg.command)
-        stop_signal = _signal_number(cfg.stop_signal)
-        if stop_signal is None:
-            v.issue(src, (*path, "stop_signal"), f"agents.{name}.stop_signal: unknown signal")
-            continue
-        checks = (
-            ("shutdown", isinstance(cfg.shutdown, float) and cfg.shutdown < 0, "must be >= 0"),
-            ("heartbeat", cfg.heartbeat <= 0, "must be > 0"),
-            ("start_seconds", cfg.start_seconds < 0, "must be >= 0"),
-            ("restart_delay", cfg.restart_delay < 0, "must be >= 0"),
-            ("replicas", cfg.replicas is not None and cfg.replicas < 0, "must be >= 0"),
-        )
-        bad = [(key, why) for key, failed, why in checks if failed]
-        for key, why in bad:
-            v.issue(src, (*path, key), f"agents.{name}.{key}: {why}")
-        bad += _delivery_issues(v, src, path, name, cfg)
-        for key, value in (
-            ("memory_mb", cfg.limits.memory_mb),
-            ("nofile", cfg.limits.nofile),
-            ("cpu_seconds", cfg.limits.cpu_seconds),
-        ):
-            if value < 0:
-                v.issue(src, (*path, "limits", key), f"agents.{name}.limits.{key}: must be >= 0")
-                bad.append((key, ""))
-        if cfg.user is not None and not _user_exists(cfg.user):
-            v.issue(src, (*path, "user"), f"agents.{name}.user: no such user `{cfg.user}`")
-            bad.append(("user", ""))
-        if cfg.group is not None and not _group_exists(cfg.group):
-            v.issue(src, (*path, "group"), f"agents.{name}.group: no such group `{cfg.group}`")
-            bad.append(("group", ""))
-        if bad:
-            continue
-        cwd = sub(cfg.cwd) if cfg.cwd else None
-        if cwd and not os.path.isabs(cwd):
-            cwd = str(base / cwd)
-        common = dict(
-            argv=argv,
-            bus_agent=cfg.module is not None,
-            restart=cfg.restart,
-            shutdown=None if cfg.shutdown == "brutal_kill" else float(cfg.shutdown),
-            stop_signal=stop_signal,
-            env=tuple((k, sub(val)) for k, val in cfg.env.items()),
-            cwd=cwd,
-            user=cfg.user,
-            group=cfg.group,
-            subscribe=tuple(cfg.subscribe),
-            heartbeat=cfg.heartbeat,
-            start_seconds=cfg.start_seconds,
-            ack=cfg.ack,
-            restart_delay=cfg.restart_delay,
-            limits=cfg.limits,
-            max_deliveries=cfg.max_deliveries,
-            retry_backoff=cfg.retry_backoff,
-            max_in_flight=cfg.max_in_flight,
-            max_pending=cfg.max_pending,
-        )
-        if cfg.replicas is None:
-            names = [name]
-            specs[name] = AgentSpec(name=name, pool=None, **common)
-        else:
-            names = [pool_member(name, i) for i in range(cfg.replicas)]
-            for member in names:
-                specs[member] = AgentSpec(name=member, pool=name, **common)
-        instances[name] = names
+        members = [pool_member(name, i) for i in range(template.replicas)]
+        for member in members:
+            specs[member] = AgentSpec(name=member, pool=name, **template.fields)
+        instances[name] = members
     return specs, instances
-
-
-def _delivery_issues(
-    v: _Validator, src: _Source, path: tuple[str, ...], name: str, cfg: AgentConfig
-) -> list[tuple[str, str]]:
-    """Bounds of the durable delivery keys: each one out of range is an issue."""
-    bad: list[tuple[str, str]] = []
-    for key, lowest, highest in DELIVERY_BOUNDS:
-        value = getattr(cfg, key)
-        if not lowest <= value <= highest:
-            bad.append((key, f"must be between {lowest} and {highest}"))
-    if not 0 < cfg.retry_backoff <= RETRY_BACKOFF_MAX:
-        bad.append(("retry_backoff", f"must be > 0 and <= {RETRY_BACKOFF_MAX:g} (seconds)"))
-    for key, why in bad:
-        v.issue(src, (*path, key), f"agents.{name}.{key}: {why}")
-    return bad
 
 
 def member_spec(template: AgentSpec, pool: str, index: int) -> AgentSpec:
@@ -598,48 +782,119 @@ def _group_exists(group: str) -> bool:
     return True
 
 
-def _supervisor_specs(
-    v: _Validator,
-    defined: dict[str, _Defined],
-    root_cfg: SupervisorConfig,
-    main: _Source,
-    instances: dict[str, list[str]],
-) -> dict[str, SupervisorSpec]:
-    """Supervisor specs with children expanded to instance names; checks references."""
-    configs: dict[str, tuple[SupervisorConfig, _Source, tuple[str, ...]]] = {
-        name: (entry.config, entry.source, ("supervisors", name))
-        for name, entry in defined.items()
-        if entry.kind == "supervisor"
-    }
-    claimed: dict[str, str] = {}  # child -> the supervisor that lists it
-    for sup_name, (cfg, src, path) in [
-        (ROOT, (root_cfg, main, ("supervisor",))),
-        *configs.items(),
-    ]:
-        for child in cfg.children or []:
-            where = (*path, "children")
+@dataclass
+class _Sup:
+    """A supervisor as configured: where it is said, and its children before expansion."""
+
+    config: SupervisorConfig
+    source: _Source
+    path: tuple[str, ...]  # ("supervisor",) for the root, else ("supervisors", NAME)
+    children: list[str]
+
+    @property
+    def where(self) -> str:
+        return ".".join(self.path)
+
+
+def _check_tree(
+    v: _Validator, defined: dict[str, _Defined], root_cfg: SupervisorConfig, main: _Source
+) -> tuple[dict[str, _Sup], dict[str, str]]:
+    """Supervisors and each child's parent; checks references, cycles, intensity, sizes.
+
+    All of it from the configured names and `replicas`, before any pool is expanded.
+    """
+    sups = {ROOT: _Sup(root_cfg, main, ("supervisor",), list(root_cfg.children or []))}
+    for name, entry in defined.items():
+        if entry.kind == "supervisor":
+            children = list(entry.config.children or [])
+            sups[name] = _Sup(entry.config, entry.source, ("supervisors", name), children)
+    parent = _claim(v, sups, defined, default_root=root_cfg.children is None)
+    _check_cycles(v, sups)
+    for sup in sups.values():
+        v.within_bounds(sup.source, sup.path, sup.where, "supervisor", sup.config)
+    _check_sizes(v, sups, defined)
+    return sups, parent
+
+
+def _claim(
+    v: _Validator, sups: dict[str, _Sup], defined: dict[str, _Defined], default_root: bool
+) -> dict[str, str]:
+    """child -> the supervisor that lists it; unknown, doubly listed and orphan children."""
+    claimed: dict[str, str] = {}
+    for sup_name, sup in sups.items():
+        for child in sup.children:
+            where = (*sup.path, "children")
             if child not in defined:
-                v.issue(src, where, f"{'.'.join(path)}.children: unknown child `{child}`")
+                v.issue(sup.source, where, f"{sup.where}.children: unknown child `{child}`")
             elif child in claimed:
                 v.issue(
-                    src,
+                    sup.source,
                     where,
-                    f"{'.'.join(path)}.children: `{child}` is already a child of "
-                    f"`{claimed[child]}`",
+                    f"{sup.where}.children: `{child}` is already a child of `{claimed[child]}`",
                 )
             else:
                 claimed[child] = sup_name
-    if root_cfg.children is None:
-        root_children = [name for name in defined if name not in claimed]
-    else:
-        root_children = list(root_cfg.children)
-    for name in root_children:
+    if default_root:  # every agent and supervisor not named elsewhere, in file order
+        sups[ROOT].children = [name for name in defined if name not in claimed]
+    for name in sups[ROOT].children:
         claimed.setdefault(name, ROOT)
     for name, entry in defined.items():
         if name not in claimed:
             path = ("agents" if entry.kind == "agent" else "supervisors", name)
             v.issue(entry.source, path, f"`{name}` is not a child of any supervisor")
-    _check_cycles(v, configs)
+    return claimed
+
+
+def _instances(entry: _Defined) -> int:
+    """How many instances an agent is, counted from its config (0 if replicas is bad)."""
+    replicas = entry.config.replicas
+    if replicas is None:
+        return 1
+    return replicas if BOUNDS["agent.replicas"].holds(replicas) else 0  # already reported
+
+
+def _check_sizes(v: _Validator, sups: dict[str, _Sup], defined: dict[str, _Defined]) -> None:
+    """The tree's bounds (SPEC §11), from counts alone: nothing is expanded yet."""
+    counts = {n: _instances(e) for n, e in defined.items() if e.kind == "agent"}
+    total = 0
+    for name, count in counts.items():  # in file order: the agent that crosses the bound
+        total += count
+        src, path = defined[name].source, ("agents", name, "replicas")
+        what = "agent instances in all up to here (a pool counts each member)"
+        if not v.counted(src, path, f"agents.{name}", "tree.instances", total, what):
+            break
+    most = int(BOUNDS["tree.supervisors"].high)
+    if len(sups) > most:
+        sup = list(sups.values())[most]
+        what = "supervisors in all (the root included)"
+        v.counted(sup.source, sup.path, sup.where, "tree.supervisors", len(sups), what)
+    for sup in sups.values():
+        size = sum(counts.get(child, 1) for child in sup.children)
+        what = "children (a pool counts each member)"
+        v.counted(sup.source, (*sup.path, "children"), sup.where, "tree.children", size, what)
+    _check_depth(v, sups)
+
+
+def _check_depth(v: _Validator, sups: dict[str, _Sup]) -> None:
+    """Supervisors nested too deep: breadth first from the root, cycles cannot loop it."""
+    depth = {ROOT: 0}
+    queue = deque([ROOT])
+    while queue:
+        name = queue.popleft()
+        for child in sups[name].children:
+            if child not in sups or child in depth:
+                continue
+            depth[child] = depth[name] + 1
+            sup = sups[child]
+            what = "supervisors deep below root (itself included)"
+            if v.counted(sup.source, sup.path, sup.where, "tree.depth", depth[child], what):
+                queue.append(child)  # past the bound: one issue for the branch, not one per level
+
+
+def _supervisor_specs(
+    sups: dict[str, _Sup], instances: dict[str, list[str]]
+) -> dict[str, SupervisorSpec]:
+    """Supervisor specs with children expanded to instance names (all checked already)."""
 
     def expand(children: list[str]) -> tuple[str, ...]:
         out: list[str] = []
@@ -647,45 +902,31 @@ def _supervisor_specs(
             out.extend(instances.get(child, [child]))
         return tuple(out)
 
-    specs = {
-        ROOT: SupervisorSpec(
-            name=ROOT,
-            strategy=root_cfg.strategy,
-            max_restarts=root_cfg.max_restarts,
-            max_seconds=root_cfg.max_seconds,
-            restart="permanent",
-            children=expand(root_children),
-        )
-    }
-    for name, (cfg, src, path) in configs.items():
-        if cfg.max_restarts < 0 or cfg.max_seconds <= 0:
-            v.issue(src, path, f"supervisors.{name}: max_restarts >= 0 and max_seconds > 0")
-        specs[name] = SupervisorSpec(
+    return {
+        name: SupervisorSpec(
             name=name,
-            strategy=cfg.strategy,
-            max_restarts=cfg.max_restarts,
-            max_seconds=cfg.max_seconds,
-            restart=cfg.restart,
-            children=expand(cfg.children or []),
+            strategy=sup.config.strategy,
+            max_restarts=sup.config.max_restarts,
+            max_seconds=sup.config.max_seconds,
+            restart="permanent" if name == ROOT else sup.config.restart,
+            children=expand(sup.children),
         )
-    if root_cfg.max_restarts < 0 or root_cfg.max_seconds <= 0:
-        v.issue(main, ("supervisor",), "supervisor: max_restarts >= 0 and max_seconds > 0")
-    return specs
+        for name, sup in sups.items()
+    }
 
 
-def _check_cycles(
-    v: _Validator, configs: dict[str, tuple[SupervisorConfig, _Source, tuple[str, ...]]]
-) -> None:
+def _check_cycles(v: _Validator, sups: dict[str, _Sup]) -> None:
     """A supervisor that (transitively) contains itself is an error."""
-    for start, (_cfg, src, path) in configs.items():
-        stack = list(configs[start][0].children or [])
+    for start, sup in sups.items():
+        stack = list(sup.children)
         seen: set[str] = set()
         while stack:
             child = stack.pop()
             if child == start:
-                v.issue(src, (*path, "children"), f"supervisors.{start}: cycle through `{start}`")
+                where = (*sup.path, "children")
+                v.issue(sup.source, where, f"{sup.where}: cycle through `{start}`")
                 break
-            if child in seen or child not in configs:
+            if child in seen or child not in sups:
                 continue
             seen.add(child)
-            stack.extend(configs[child][0].children or [])
+            stack.extend(sups[child].children)

@@ -387,3 +387,306 @@ def test_values_reach_the_agent_table_and_the_broker_argv(tmp_path: Path) -> Non
     default = load(write(tmp_path, f'[daemon]\nstate_dir = "{tmp_path}/st"\n')).daemon
     argv = broker_spec(default).argv
     assert argv[argv.index("--journal-sync") + 1] == "batch"
+
+
+# --- bounds on every count and size (SPEC §11) ---------------------------------------------
+
+# (BOUNDS key, a value just past the low end, the lowest accepted, the highest accepted, a
+# value just past the high end). The numbers are the contract, written out on purpose; the
+# test below makes sure a bound added to the table is added here too.
+EDGES = [
+    ("daemon.shutdown_timeout", "-0.5", "0", "86400", "86400.5"),
+    ("daemon.log_max_bytes", "1023", "1024", "1099511627776", "1099511627777"),
+    ("daemon.log_backups", "-1", "0", "1000", "1001"),
+    ("daemon.memory_check_interval", "0.04", "0.05", "3600", "3601"),
+    ("daemon.max_frame", "1023", "1024", "268435456", "268435457"),
+    ("supervisor.max_restarts", "-1", "0", "10000", "10001"),
+    ("supervisor.max_seconds", "0", "0.001", "86400", "86401"),
+    ("agent.replicas", "-1", "0", "100000", "100001"),
+    ("agent.shutdown", "-1", "0", "86400", "86401"),
+    ("agent.heartbeat", "0", "0.001", "86400", "86401"),
+    ("agent.start_seconds", "-1", "0", "3600", "3601"),
+    ("agent.restart_delay", "-0.5", "0", "3600", "3601"),
+    ("agent.max_deliveries", "0", "1", "1000", "1001"),
+    ("agent.retry_backoff", "0", "0.001", "30", "30.5"),
+    ("agent.max_in_flight", "0", "1", "100000", "100001"),
+    ("agent.max_pending", "0", "1", "10000000", "10000001"),
+    ("agent.limits.memory_mb", "-1", "0", "16777216", "16777217"),
+    ("agent.limits.nofile", "-1", "0", "1048576", "1048577"),
+    ("agent.limits.cpu_seconds", "-1", "0", "31536000", "31536001"),
+]
+FLOAT_KEYS = {
+    "daemon.shutdown_timeout",
+    "daemon.memory_check_interval",
+    "supervisor.max_seconds",
+    "agent.shutdown",
+    "agent.heartbeat",
+    "agent.start_seconds",
+    "agent.restart_delay",
+    "agent.retry_backoff",
+}
+
+
+def config_setting(key: str, value: str) -> tuple[str, int, str]:
+    """A config that sets BOUNDS `key` to `value`: (text, the line it is on, its dotted name)."""
+    section, _, attr = key.partition(".")
+    if section == "daemon":
+        return f"[daemon]\n{attr} = {value}\n", 2, key
+    if section == "supervisor":
+        text = f'[supervisors.s]\nchildren = ["a"]\n{attr} = {value}\n[agents.a]\ncommand = ["x"]\n'
+        return text, 3, f"supervisors.s.{attr}"
+    if attr.startswith("limits."):
+        inner = attr.partition(".")[2]
+        return (
+            f'[agents.a]\ncommand = ["x"]\nlimits = {{ {inner} = {value} }}\n',
+            3,
+            f"agents.a.{attr}",
+        )
+    return f'[agents.a]\ncommand = ["x"]\n{attr} = {value}\n', 3, f"agents.a.{attr}"
+
+
+def test_every_bound_in_the_table_is_tested() -> None:
+    from agentd.daemon.config import BOUNDS
+
+    assert {key for key in BOUNDS if not key.startswith("tree.")} == {e[0] for e in EDGES}
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [(key, low) for key, low, *_ in EDGES]
+    + [(key, high) for key, *_, high in EDGES]
+    + [(key, "nan") for key in sorted(FLOAT_KEYS)]
+    + [(key, "inf") for key in sorted(FLOAT_KEYS)],
+)
+def test_a_value_past_its_bound_is_an_error_at_its_line(
+    tmp_path: Path, key: str, value: str
+) -> None:
+    text, line, dotted = config_setting(key, value)
+    path = write(tmp_path, text)
+    found = errors(path)
+    assert any(
+        e.startswith(f"{path}:{line}: {dotted}: must be ") and "(got " in e for e in found
+    ), found
+
+
+@pytest.mark.parametrize(("key", "lowest", "highest"), [(e[0], e[2], e[3]) for e in EDGES])
+def test_bounds_are_inclusive(tmp_path: Path, key: str, lowest: str, highest: str) -> None:
+    for value in (lowest, highest):
+        load(write(tmp_path, config_setting(key, value)[0]))
+
+
+def test_the_root_supervisor_is_bounded_too(tmp_path: Path) -> None:
+    path = write(tmp_path, "[supervisor]\nmax_seconds = 0\nmax_restarts = 100000\n")
+    found = errors(path)
+    assert any(e.startswith(f"{path}:2: supervisor.max_seconds: must be > 0") for e in found)
+    assert any(e.startswith(f"{path}:3: supervisor.max_restarts: must be between") for e in found)
+
+
+def test_a_number_past_any_bound_names_its_value_briefly(tmp_path: Path) -> None:
+    path = write(tmp_path, '[agents.a]\ncommand = ["x"]\nreplicas = 1' + "0" * 30 + "\n")
+    assert errors(path) == [
+        f"{path}:3: agents.a.replicas: must be between 0 and 100000 (got a 31-digit number)"
+    ]
+
+
+def test_an_int_literal_python_will_not_parse_is_an_error_not_a_traceback(tmp_path: Path) -> None:
+    path = write(tmp_path, '[agents.a]\ncommand = ["x"]\nreplicas = 1' + "0" * 5000 + "\n")
+    found = errors(path)
+    assert len(found) == 1 and found[0].startswith(f"{path}:3: "), found
+
+
+def test_absurd_replicas_is_refused_before_any_member_is_built(tmp_path: Path) -> None:
+    """`replicas = 100000000` once built 10^8 members (11 GB). It must fail first.
+
+    A trace hook trips on the first call into expansion, so this test fails (at once) if
+    members are built for the rejected pool; the control shows the tripwire does trip.
+    """
+    from agentd.daemon import config
+
+    expansion = {config._expand.__code__, config.pool_member.__code__}
+
+    def tripwire(frame: object, event: str, arg: object) -> None:
+        if event == "call" and frame.f_code in expansion:  # type: ignore[attr-defined]
+            raise RuntimeError(f"expansion started: {frame.f_code.co_name}")  # type: ignore[attr-defined]
+
+    def load_tripwired(path: Path) -> object:
+        previous = sys.gettrace()
+        sys.settrace(tripwire)
+        try:
+            return load(path)
+        finally:
+            sys.settrace(previous)
+
+    text = '[agents.a]\ncommand = ["x"]\n[agents.w]\ncommand = ["x"]\nreplicas = 100000000\n'
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_tripwired(path)
+    assert [str(i) for i in info.value.issues] == [
+        f"{path}:5: agents.w.replicas: must be between 0 and 100000 (got 100000000)"
+    ]
+    with pytest.raises(RuntimeError, match="expansion started"):  # the control
+        load_tripwired(write(tmp_path, text.replace("100000000", "2"), "ok.toml"))
+
+
+def test_check_answers_absurd_replicas_with_file_and_line(tmp_path: Path) -> None:
+    bad = write(tmp_path, '[agents.w]\ncommand = ["x"]\nreplicas = 100000000\n')
+    result = run_cli("check", "--config", str(bad))
+    assert result.returncode == 1
+    assert f"{bad}:3: agents.w.replicas: must be between 0 and 100000" in result.stderr
+
+
+def test_instances_in_all_are_bounded_across_pools_and_files(tmp_path: Path) -> None:
+    main = write(
+        tmp_path,
+        'include = ["d/*.toml"]\n[agents.w]\ncommand = ["x"]\nreplicas = 60000\n',
+    )
+    drop = write(
+        tmp_path,
+        '[agents.single]\ncommand = ["x"]\n[agents.v]\ncommand = ["x"]\nreplicas = 40000\n',
+        "d/v.toml",
+    )
+    found = errors(main)
+    assert found == [
+        f"{drop}:5: agents.v: 100001 agent instances in all up to here (a pool counts each "
+        "member), more than the 100000 allowed",
+        f"{main}: supervisor: 100001 children (a pool counts each member), more than the "
+        "100000 allowed",
+    ]
+
+
+def test_a_full_size_pool_is_fine(tmp_path: Path) -> None:
+    spec = load(write(tmp_path, '[agents.w]\ncommand = ["x"]\nreplicas = 100000\n'))
+    assert len(spec.agents) == 100_000 and spec.pools["w"].replicas == 100_000
+
+
+def test_children_per_supervisor_are_bounded(tmp_path: Path) -> None:
+    """A full-size pool and one more child: the instances fit, the supervisor's children not."""
+    path = write(
+        tmp_path,
+        '[supervisors.s]\nchildren = ["w", "t"]\n[supervisors.t]\nchildren = []\n'
+        '[agents.w]\ncommand = ["x"]\nreplicas = 100000\n',
+    )
+    assert errors(path) == [
+        f"{path}:2: supervisors.s: 100001 children (a pool counts each member), more than the "
+        "100000 allowed"
+    ]
+
+
+def test_supervisors_in_all_are_bounded(tmp_path: Path) -> None:
+    tables = "".join(f"[supervisors.s{i}]\nchildren = []\n" for i in range(10_000))
+    path = write(tmp_path, tables)
+    last = 2 * 9_999 + 1  # the 10,000th named one makes 10,001 with the root
+    assert errors(path) == [
+        f"{path}:{last}: supervisors.s9999: 10001 supervisors in all (the root included), "
+        "more than the 10000 allowed"
+    ]
+
+
+def nested(depth: int) -> str:
+    """Supervisors s1 .. sDEPTH, each the only child of the one before, an agent at the end."""
+    text = "".join(
+        f'[supervisors.s{i}]\nchildren = ["{f"s{i + 1}" if i < depth else "a"}"]\n'
+        for i in range(1, depth + 1)
+    )
+    return text + '[agents.a]\ncommand = ["x"]\n'
+
+
+def test_nesting_depth_is_bounded(tmp_path: Path) -> None:
+    spec = load(write(tmp_path, nested(32)))
+    assert spec.supervisors["s32"].children == ("a",)
+    path = write(tmp_path, nested(40))
+    assert errors(path) == [  # one issue for the branch, at the first level past the bound
+        f"{path}:65: supervisors.s33: 33 supervisors deep below root (itself included), "
+        "more than the 32 allowed"
+    ]
+
+
+def test_a_cycle_is_still_reported_with_depth_checked(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        '[supervisor]\nchildren = ["x"]\n[supervisors.x]\nchildren = ["y"]\n'
+        '[supervisors.y]\nchildren = ["x"]\n',
+    )
+    assert any("cycle" in e for e in errors(path))
+
+
+def test_names_are_bounded(tmp_path: Path) -> None:
+    load(write(tmp_path, f'[agents.{"a" * 128}]\ncommand = ["x"]\n'))
+    path = write(tmp_path, f'[agents.{"a" * 129}]\ncommand = ["x"]\n')
+    assert errors(path) == [
+        f"{path}:1: agents.{'a' * 40}...: 129 characters in the name, more than the 128 allowed"
+    ]
+
+
+def test_a_pool_of_none_builds(tmp_path: Path) -> None:
+    """replicas = 0 is a pool scaled to nothing (it used to crash the loader)."""
+    spec = load(
+        write(
+            tmp_path,
+            '[supervisors.s]\nchildren = ["w"]\n[agents.w]\ncommand = ["x"]\nreplicas = 0\n',
+        )
+    )
+    assert spec.pools["w"].replicas == 0 and spec.pools["w"].supervisor == "s"
+    assert spec.supervisors["s"].children == () and not spec.agents
+
+
+@pytest.mark.parametrize("pattern", ["a..b", "", "a.", ".a", "."])
+def test_empty_pattern_segments_are_errors(tmp_path: Path, pattern: str) -> None:
+    path = write(tmp_path, f'[agents.a]\ncommand = ["x"]\nsubscribe = ["ok.*", "{pattern}"]\n')
+    assert errors(path) == [
+        f'{path}:3: agents.a.subscribe: "{pattern}" is not a pattern: its dot-separated '
+        "segments must not be empty"
+    ]
+
+
+def test_wildcard_patterns_are_fine(tmp_path: Path) -> None:
+    spec = load(write(tmp_path, '[agents.a]\ncommand = ["x"]\nsubscribe = ["a.*", "**", "b"]\n'))
+    assert spec.agents["a"].subscribe == ("a.*", "**", "b")
+
+
+def test_an_include_without_a_wildcard_must_name_a_file(tmp_path: Path) -> None:
+    main = write(
+        tmp_path,
+        'include = ["extra.tmol", "none.d/*.toml", "d"]\n[agents.a]\ncommand = ["x"]\n',
+    )
+    (tmp_path / "d").mkdir()
+    assert errors(main) == [
+        f'{main}:1: include: "extra.tmol" names no file ({tmp_path}/extra.tmol); only a glob '
+        "may match nothing",
+        f'{main}:1: include: "d" is not a file ({tmp_path}/d); for a directory use "d/*.toml"',
+    ]
+    write(tmp_path, '[agents.b]\ncommand = ["y"]\n', "extra.tmol")
+    (tmp_path / "d").rmdir()
+    write(tmp_path, '[agents.c]\ncommand = ["z"]\n', "d")  # a file named d: fine
+    assert set(load(main).agents) == {"a", "b", "c"}
+
+
+def test_a_missing_include_in_a_drop_in_names_the_drop_in(tmp_path: Path) -> None:
+    main = write(tmp_path, 'include = ["d/*.toml"]\n')
+    drop = write(tmp_path, '\ninclude = ["/no/such/agentd.toml"]\n', "d/x.toml")
+    assert errors(main) == [
+        f'{drop}:2: include: "/no/such/agentd.toml" names no file (/no/such/agentd.toml); '
+        "only a glob may match nothing"
+    ]
+
+
+def test_a_glob_skips_directories(tmp_path: Path) -> None:
+    main = write(tmp_path, 'include = ["d/*"]\n[agents.a]\ncommand = ["x"]\n')
+    (tmp_path / "d" / "sub.toml").mkdir(parents=True)
+    assert set(load(main).agents) == {"a"}
+
+
+@pytest.mark.parametrize(
+    ("setting", "needle"),
+    [
+        ('command = ["x\\u0000y"]', "agents.a.command: must not contain a NUL byte"),
+        ('command = ["x"]\nenv = { A = "\\u0000" }', "agents.a.env: must not contain a NUL"),
+        ('command = ["x"]\nenv = { "A=B" = "1" }', "agents.a.env: `A=B` is not a variable name"),
+        ('command = ["x"]\nenv = { "" = "1" }', "agents.a.env: `` is not a variable name"),
+        ('command = ["x"]\ncwd = "/tmp\\u0000"', "agents.a.cwd: must not contain a NUL byte"),
+    ],
+)
+def test_strings_exec_cannot_carry_are_errors(tmp_path: Path, setting: str, needle: str) -> None:
+    path = write(tmp_path, f"[agents.a]\n{setting}\n")
+    found = errors(path)
+    assert any(e.startswith(f"{path}:") and needle in e for e in found), found
