@@ -20,6 +20,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
+from .events import NotHeld
 from .locate import ConfigError
 from .log import get_logger
 from .protocol import Ack, Item, Reply, Request, decoder, encoder
@@ -244,19 +245,41 @@ async def cmd_logs(daemon: Daemon, args: dict[str, Any], send: Send) -> Any:
 
 
 async def cmd_events(daemon: Daemon, args: dict[str, Any], send: Send) -> Any:
-    queue = daemon.events.follow() if args.get("follow") else None
-    try:
-        for event in list(daemon.events.history):
-            await send(msgspec.to_builtins(event))
-        if queue is None:
-            return None
-        while True:
-            event = await queue.get()
+    """History (the last RECENT, or all held after `since`), then with `follow` the rest.
+
+    Everything is read from the ring by seq, live events too, so the stream has
+    no gap and no repeat; a `run` other than this daemon's, or a seq the ring no
+    longer holds (asked for, or fallen behind while following), is refused.
+    """
+    events = daemon.events
+    since = args.get("since")
+    run = args.get("run")
+    if run is not None and run != events.run:
+        raise Refused(
+            f"run {run} is over: this daemon's run is {events.run} (it restarted); "
+            f"what run {run} emitted after your seq is only in the daemon's log; "
+            f"--since {events.run}:0 reads this run from its start"
+        )
+    if since is None:
+        recent = events.recent()
+        seq = recent[0].seq - 1 if recent else events.newest
+    elif not isinstance(since, int) or since < 0:
+        raise Refused("--since takes [RUN:]SEQ, SEQ a whole number >= 0")
+    else:
+        seq = since
+    while True:
+        try:
+            batch = events.after(seq)
+        except NotHeld as exc:
+            skip = f"{events.run}:{events.oldest - 1}"
+            raise Refused(f"{exc}; --since {skip} goes on from there, past the gap") from None
+        for event in batch:
             if not await send(msgspec.to_builtins(event)):
-                return None
-    finally:
-        if queue is not None:
-            daemon.events.unfollow(queue)
+                return None  # ctl went away
+            seq = event.seq
+        if not args.get("follow"):
+            return None
+        await events.wait_beyond(seq)
 
 
 async def cmd_shutdown(daemon: Daemon, args: dict[str, Any], send: Send) -> Any:

@@ -287,12 +287,123 @@ def logs(c: Ctl, name: str, follow: bool, lines: int) -> None:
     c.call("logs", args, lambda chunk: click.echo(chunk, nl=False))
 
 
+#: How often a following `ctl events -f` and the daemon check each other over tcp
+#: (ZMTP heartbeats); over ipc a daemon that goes away is noticed at once.
+STREAM_HEARTBEAT_MS = 2000
+
+
+def _since(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    """`--since SEQ` or `--since RUN:SEQ` as {"since": SEQ, "run": RUN or None}."""
+    if value is None:
+        return {}
+    run, _, seq = value.rpartition(":")
+    if not (seq.isascii() and seq.isdigit()):
+        raise click.BadParameter("give [RUN:]SEQ, SEQ a whole number >= 0", ctx, param)
+    return {"since": int(seq), "run": run or None}
+
+
+def _follow_events(c: Ctl, args: dict[str, Any]) -> None:
+    """`events -f`: print events until Ctrl-C; exit 3 if the daemon goes away.
+
+    `Ctl.call` would wait forever on a daemon that died (zmq reconnects
+    silently, and the new daemon knows nothing of the request), so this watches
+    the connection: on a disconnect it prints what already arrived, then says
+    where to resume (`--since RUN:SEQ` of the last event printed) and exits 3.
+    It does not reconnect by itself: after a restart the run is another, and
+    only the caller can decide what a gap means to it.
+    """
+    import zmq
+    from zmq.utils.monitor import recv_monitor_message
+
+    from .protocol import Item, Reply, Request, decoder, encoder
+
+    endpoint = c.settings()["control"]
+    if endpoint.startswith("ipc://"):
+        path = endpoint[len("ipc://") :]
+        if not os.path.exists(path):
+            fail(f"no agentd answering at {endpoint} (no socket there)", NO_DAEMON)
+        if not os.access(path, os.W_OK):
+            fail(f"permission denied on {path} (root or group agentd)", NO_DAEMON)
+    # Where a new `events --since` would take up: after the last event printed.
+    resume = [f"{args['run']}:{args['since']}" if args.get("run") else str(args.get("since", ""))]
+
+    def show(frame: Any) -> Any:
+        """Print an Item (and remember where it was), or return the Reply."""
+        if isinstance(frame, Item):
+            resume[0] = f"{frame.data['run']}:{frame.data['seq']}"
+            click.echo(json.dumps(frame.data))
+        elif isinstance(frame, Reply):
+            if not frame.ok:
+                fail(frame.error or "refused", frame.code or REFUSED)
+            return frame
+        return None
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.HEARTBEAT_IVL, STREAM_HEARTBEAT_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * STREAM_HEARTBEAT_MS)
+    monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)  # before connect: none missed
+    if endpoint.startswith("tcp://"):
+        from pathlib import Path
+
+        from .keys import client_curve
+
+        client_curve(sock, Path(c.settings()["keys_dir"]))
+    try:
+        sock.connect(endpoint)
+        sock.send(encoder.encode(Request("events", args)))
+        if not sock.poll(ACK_TIMEOUT_MS):
+            fail(f"no agentd answering at {endpoint}", NO_DAEMON)
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
+        while True:
+            ready = dict(poller.poll())
+            if sock in ready:
+                if show(decoder.decode(sock.recv())) is not None:
+                    return
+                continue
+            recv_monitor_message(monitor)
+            while sock.poll(0):  # what the daemon sent before it went
+                if show(decoder.decode(sock.recv())) is not None:
+                    return
+            hint = f"; resume with --since {resume[0]}" if resume[0] else ""
+            fail(f"event stream lost: the daemon at {endpoint} went away{hint}", NO_DAEMON)
+    except KeyboardInterrupt:
+        sys.exit(0)
+    finally:
+        sock.disable_monitor()
+        monitor.close(0)
+        sock.close(0)
+        ctx.term()
+
+
 @ctl.command()
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new events (Ctrl-C stops).")
+@click.option(
+    "--since",
+    metavar="[RUN:]SEQ",
+    callback=_since,
+    help="Every held event after SEQ (of run RUN) instead of the last 100.",
+)
 @pass_ctl
-def events(c: Ctl, follow: bool) -> None:
-    """Recent events as JSON lines (up to 100); -f keeps following."""
-    c.call("events", {"follow": follow}, lambda e: click.echo(json.dumps(e)))
+def events(c: Ctl, follow: bool, since: dict[str, Any]) -> None:
+    """Events as JSON lines: the last 100, or all after --since; -f keeps following.
+
+    Each line has `seq` (1, 2, 3... per daemon run) and `run` (this run's
+    token). `--since RUN:SEQ` resumes after the line with that run and seq, with
+    no gap and no repeat, as long as the daemon still holds SEQ + 1 (it keeps
+    the last 10,000 events) and has not restarted; otherwise it exits 1 saying
+    which. A bare SEQ means the current run, unchecked. A SEQ past the newest
+    prints nothing (and with -f waits for it). With -f, a daemon that goes
+    away ends the stream with exit 3 and the `--since` to resume with.
+    """
+    args = {"follow": follow, **since}
+    if follow:
+        _follow_events(c, args)
+    else:
+        c.call("events", args, lambda e: click.echo(json.dumps(e)))
 
 
 @ctl.command()
