@@ -268,7 +268,7 @@ def rtt_raw(tmp: str, n: int) -> list[float]:
 
 
 def rtt_broker(tmp: str, n: int) -> list[float]:
-    from agentd.bus import Client
+    from agentd.bus import BusError, Client
 
     procs = Procs()
     try:
@@ -278,7 +278,15 @@ def rtt_broker(tmp: str, n: int) -> list[float]:
         out = []
         with Client(endpoint, name="tx") as c:
             c.stats()
-            c.request("echo", "bench.rtt", PAYLOAD)
+            deadline = time.monotonic() + 10  # until the echo's HELLO has reached the broker
+            while True:
+                try:
+                    c.request("echo", "bench.rtt", PAYLOAD)
+                    break
+                except BusError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.01)
             for _ in range(n):
                 t0 = time.perf_counter()
                 c.request("echo", "bench.rtt", PAYLOAD)
