@@ -221,7 +221,9 @@ class Agentd(System):
         self._link: Any = None
 
     def argv(self) -> list[str]:
+        # As the daemon runs it: signals wait (up to 5 s) for the table we send.
         argv = [sys.executable, "-m", "agentd.bus.broker", "--endpoint", self.endpoint]
+        argv += ["--table-wait", "5"]
         if self.sync:
             argv += ["--journal", str(self.tmp / "bus.journal"), "--journal-sync", self.sync]
         return [*argv, "--log-format", "json"]
