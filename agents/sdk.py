@@ -343,14 +343,14 @@ class Runtime:
             self._done_with(sig, result)
 
     def _failed(self, sig: Signal, exc: Exception) -> None:
+        error = f"{type(exc).__name__}: {exc}"
         self.log.error(
             "agent.handler_failed",
             type=sig.type,
             id=sig.id,
-            error=f"{type(exc).__name__}: {exc}",
+            error=error,
             traceback="".join(traceback.format_exception(exc)),
         )
-        error = f"{type(exc).__name__}: {exc}"
         if sig.correlation_id is not None:
             self._ack(sig)  # on a request, the error reply is the outcome
             self._reply(sig, None, error)
