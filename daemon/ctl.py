@@ -30,6 +30,16 @@ STATE_COLOURS = {
 }
 
 
+
+def check_socket(endpoint: str) -> None:
+    """An ipc control socket that is not there, or not ours to use: exit 3 at once."""
+    if endpoint.startswith("ipc://"):
+        path = endpoint[len("ipc://") :]
+        if not os.path.exists(path):
+            fail(f"no agentd answering at {endpoint} (no socket there)", NO_DAEMON)
+        if not os.access(path, os.W_OK):
+            fail(f"permission denied on {path} (root or group agentd)", NO_DAEMON)
+
 class Ctl:
     """What every ctl command needs: the config path and the endpoints it names."""
 
@@ -75,12 +85,7 @@ class Ctl:
         from .protocol import Ack, Item, Reply, Request, decoder, encoder
 
         endpoint = self.settings()["control"]
-        if endpoint.startswith("ipc://"):
-            path = endpoint[len("ipc://") :]
-            if not os.path.exists(path):
-                fail(f"no agentd answering at {endpoint} (no socket there)", NO_DAEMON)
-            if not os.access(path, os.W_OK):
-                fail(f"permission denied on {path} (root or group agentd)", NO_DAEMON)
+        check_socket(endpoint)
         ctx = zmq.Context()
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
@@ -318,12 +323,7 @@ def _follow_events(c: Ctl, args: dict[str, Any]) -> None:
     from .protocol import Item, Reply, Request, decoder, encoder
 
     endpoint = c.settings()["control"]
-    if endpoint.startswith("ipc://"):
-        path = endpoint[len("ipc://") :]
-        if not os.path.exists(path):
-            fail(f"no agentd answering at {endpoint} (no socket there)", NO_DAEMON)
-        if not os.access(path, os.W_OK):
-            fail(f"permission denied on {path} (root or group agentd)", NO_DAEMON)
+    check_socket(endpoint)
     # Where a new `events --since` would take up: after the last event printed.
     resume = [f"{args['run']}:{args['since']}" if args.get("run") else str(args.get("since", ""))]
 
