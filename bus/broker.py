@@ -48,7 +48,7 @@ class Broker:
         router, sock = self.router, self.sock
         # Plain ints and the socket's own calls: pyzmq's enum flags and multipart helpers
         # cost several µs a frame, which is most of a hop's latency in a request.
-        recv, more, events_of = sock.recv, sock.getsockopt, sock.getsockopt
+        recv, option = sock.recv, sock.getsockopt
         noblock, rcvmore, events, pollin = (
             int(zmq.NOBLOCK), int(zmq.RCVMORE), int(zmq.EVENTS), int(zmq.POLLIN)
         )
@@ -59,10 +59,10 @@ class Broker:
             now = time.monotonic()
             if sock in ready:
                 for _ in range(TURN):
-                    if not events_of(events) & pollin:
+                    if not option(events) & pollin:
                         break
                     parts = [recv(noblock)]
-                    while more(rcvmore):
+                    while option(rcvmore):
                         parts.append(recv(noblock))
                     self._take(parts, now)
             router.tick(now)

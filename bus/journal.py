@@ -136,18 +136,11 @@ class Journal:
         All or nothing: on OSError (disk full, read-only) the file is cut back
         to where it was, so a half-written turn never sits before later ones.
         """
-        buf = bytearray()
-        encode = self._enc.encode
-        for record in records:
-            body = encode(record)
-            buf += HEADER.pack(len(body), zlib.crc32(body))
-            buf += body
+        buf = encode(records, self._enc)
         if not buf:
             return
         try:
-            written = os.write(self.fd, buf)
-            while written < len(buf):
-                written += os.write(self.fd, memoryview(buf)[written:])
+            _write_all(self.fd, buf)
             if self.sync == "always":
                 os.fdatasync(self.fd)
         except OSError:
@@ -167,37 +160,46 @@ class Journal:
         Always fsynced (it is rare): a rename whose data never reached the disk
         would lose every entry at a power cut, even in `batch` mode.
         """
+        buf = encode((stored_record(s) for s in snapshot), self._enc)
         tmp = self.path.with_name(self.path.name + ".compact")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
         try:
-            old, self.fd, self.size = self.fd, fd, 0
-            saved = self.sync
-            self.sync = "batch"
-            try:
-                self.write(stored_record(s) for s in snapshot)
-            finally:
-                self.sync = saved
+            _write_all(fd, buf)
             os.fsync(fd)
-        except BaseException:
+        finally:
             os.close(fd)
-            self.fd = old
-            raise
         os.rename(tmp, self.path)
         dirfd = os.open(self.path.parent, os.O_RDONLY)
         try:
             os.fsync(dirfd)
         finally:
             os.close(dirfd)
-        os.close(old)
-        os.close(fd)
+        os.close(self.fd)
         self.fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
         self._lock(self.fd)
+        self.size = len(buf)
         self.compact_at = max(COMPACT_MIN, 2 * self.size)
 
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def encode(records: Iterable[tuple[Any, ...]], enc: msgspec.msgpack.Encoder) -> bytearray:
+    """Records as the log holds them: `u32 length | u32 crc32 | body` each."""
+    buf = bytearray()
+    for record in records:
+        body = enc.encode(record)
+        buf += HEADER.pack(len(body), zlib.crc32(body))
+        buf += body
+    return buf
+
+
+def _write_all(fd: int, buf: bytearray) -> None:
+    written = os.write(fd, buf)
+    while written < len(buf):
+        written += os.write(fd, memoryview(buf)[written:])
 
 
 def stored_record(s: Stored) -> tuple[Any, ...]:
