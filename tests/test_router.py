@@ -618,3 +618,17 @@ def test_deliveries_from_a_mailbox_are_kept_sends() -> None:
     assert net.router.take_records()  # the signal, kept
     net.router.committed(True, 0.0)
     assert [s.kind for s in net.router.take_sends(0.0) if s.to == "w"] == [KEPT]
+
+
+def test_the_dead_letter_queue_is_bounded_by_max_pending() -> None:
+    net = Net(acked("w", max_deliveries=1, max_pending=2))
+    net.agent("w")
+    for i in range(3):
+        sig = net.post("c", "w", data=i)
+        [got] = net.signals("w")
+        net.send("w", Nack([got.id], "boom"))
+        assert got.id == sig.id
+    net.send("ops", Dlq("list"))
+    [reply] = [f for f in net.take("ops") if isinstance(f, DlqReply)]
+    assert len(reply.dead_letters) == 2  # the oldest made room
+    assert len(net.stored()) == 2
