@@ -20,11 +20,20 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import msgspec
 
 from .spec import RestartType, Strategy, SupervisorSpec
+
+
+class Policy(NamedTuple):
+    """How the tree treats one agent: what the runtime's spec says, nothing more."""
+
+    restart: RestartType
+    restart_delay: float = 0.0
+    significant: bool = False  # its normal end may end its supervisor (auto_shutdown)
+
 
 ChildState = Literal["stopped", "starting", "running", "stopping", "backoff", "failed"]
 Phase = Literal["idle", "starting", "running", "stopping", "failing", "failed"]
@@ -80,6 +89,14 @@ class TreeStopped(msgspec.Struct, frozen=True, tag=True):
 Action = Start | Stop | SetTimer | Note | TreeReady | TreeFailed | TreeStopped
 
 
+# --- decisions -----------------------------------------------------------------
+
+
+def should_restart(restart: RestartType, abnormal: bool) -> bool:
+    """OTP's rule: permanent always, transient after an abnormal end, temporary never."""
+    return restart == "permanent" or (restart == "transient" and abnormal)
+
+
 # --- state -------------------------------------------------------------------
 
 
@@ -92,6 +109,7 @@ class Child:
     is_supervisor: bool
     restart: RestartType = "permanent"
     restart_delay: float = 0.0
+    significant: bool = False
     state: ChildState = "stopped"
     want: bool = True  # should be up; false once a temporary child ends, etc.
     held: bool = False  # stopped by ctl: stays down until ctl start
@@ -101,6 +119,7 @@ class Child:
     delayed: bool = False  # restart_delay already waited for this restart
     timer_gen: int = 0
     restarts: int = 0
+    ended: bool = False  # ended by itself and was not restarted (for auto_shutdown)
 
 
 @dataclass
@@ -133,10 +152,10 @@ class Tree:
     def __init__(
         self,
         supervisors: dict[str, SupervisorSpec],
-        agents: dict[str, tuple[RestartType, float]],
+        agents: dict[str, tuple[RestartType, float] | Policy],
         root: str = "root",
     ) -> None:
-        """`agents` maps instance name to (restart type, restart_delay)."""
+        """`agents` maps instance name to its Policy (or a (restart, delay) pair)."""
         self.root = root
         self.sups: dict[str, Supervisor] = {}
         self.children: dict[str, Child] = {}
@@ -155,13 +174,16 @@ class Tree:
         parent: str,
         name: str,
         supervisors: dict[str, SupervisorSpec],
-        agents: dict[str, tuple[RestartType, float]],
+        agents: dict[str, tuple[RestartType, float] | Policy],
     ) -> None:
         if name in supervisors:
-            self.children[name] = Child(name, parent, True, restart=supervisors[name].restart)
+            spec = supervisors[name]
+            self.children[name] = Child(
+                name, parent, True, restart=spec.restart, significant=spec.significant
+            )
         else:
-            restart, delay = agents[name]
-            self.children[name] = Child(name, parent, False, restart, delay)
+            policy = Policy(*agents[name])
+            self.children[name] = Child(name, parent, False, *policy)
 
     # --- queries ---------------------------------------------------------------
 
@@ -294,7 +316,7 @@ class Tree:
         name: str,
         now: float,
         *,
-        agents: dict[str, tuple[RestartType, float]],
+        agents: dict[str, tuple[RestartType, float] | Policy],
         supervisors: dict[str, SupervisorSpec] | None = None,
         index: int | None = None,
     ) -> list[Action]:
@@ -341,12 +363,16 @@ class Tree:
         sup.spec = msgspec.structs.replace(spec, children=tuple(ordered))
         if spec.name in self.children:
             self.children[spec.name].restart = spec.restart
+            self.children[spec.name].significant = spec.significant
 
-    def set_agent(self, name: str, restart: RestartType, restart_delay: float) -> None:
-        """Reload: an agent's restart type and delay apply from its next exit."""
+    def set_agent(
+        self, name: str, restart: RestartType, restart_delay: float, significant: bool = False
+    ) -> None:
+        """Reload: an agent's restart type, delay and significance apply from its next exit."""
         child = self._child(name)
         child.restart = restart
         child.restart_delay = restart_delay
+        child.significant = significant
 
     # --- the engine ----------------------------------------------------------------
 
@@ -377,6 +403,7 @@ class Tree:
         sup.failure = ""
         for name in sup.children:
             child = self.children[name]
+            child.ended = False
             if not child.held:
                 child.want = True
         self._advance(sup)
@@ -442,6 +469,7 @@ class Tree:
             child.restarts += 1
         child.incarnation += 1
         child.delayed = False
+        child.ended = False
         child.state = "starting"
         sup.inflight = ("start", child.name)
         if child.restarting:
@@ -500,9 +528,12 @@ class Tree:
         if sup.phase not in ("starting", "running"):
             self._advance(sup)
             return
-        restart = child.restart == "permanent" or (child.restart == "transient" and abnormal)
-        if not restart:
+        if not should_restart(child.restart, abnormal):
             child.want = False
+            child.ended = True
+            if child.significant and self._auto_shutdown_due(sup):
+                self._auto_shutdown(sup, child.name)
+                return
             self._advance(sup)
             return
         if self._intensity_exceeded(sup):
@@ -514,9 +545,32 @@ class Tree:
             sibling = self.children[name]
             if sibling.restart == "temporary":
                 sibling.want = False
-            elif not sibling.held:
+            elif not sibling.held and not sibling.removing:
+                # OTP's restart_multiple_children: every kept child starts again, a
+                # transient one that had already ended normally included.
                 sibling.restarting = True
+                sibling.want = True
         self._queue_stops(sup, [n for n in affected if self._is_up(n)])
+        self._advance(sup)
+
+    def _auto_shutdown_due(self, sup: Supervisor) -> bool:
+        """OTP 24's auto_shutdown: has enough significant work ended by itself?"""
+        mode = sup.spec.auto_shutdown
+        if mode == "any_significant":
+            return True
+        if mode == "all_significant":
+            return all(self.children[c].ended for c in sup.children if self.children[c].significant)
+        return False
+
+    def _auto_shutdown(self, sup: Supervisor, last: str) -> None:
+        """Stop the other children in reverse order; then `sup` ends normally."""
+        sup.phase = "stopping"
+        self._out.append(
+            Note(
+                "supervisor.auto_shutdown", sup.name, {"mode": sup.spec.auto_shutdown, "last": last}
+            )
+        )
+        self._queue_stops(sup, [c for c in reversed(sup.children) if self._is_up(c)])
         self._advance(sup)
 
     def _affected(self, sup: Supervisor, failed: str) -> list[str]:
