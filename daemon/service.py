@@ -31,6 +31,7 @@ from .spec import AgentSpec, PoolSpec, Spec, pool_member
 from .tree import (
     Action,
     Note,
+    Policy,
     SetTimer,
     Start,
     Stop,
@@ -45,7 +46,7 @@ BUS = "bus"
 
 def tree_from_spec(spec: Spec) -> Tree:
     """Build the state machine from a validated spec."""
-    agents = {name: (a.restart, a.restart_delay) for name, a in spec.agents.items()}
+    agents = {name: Policy.of(a) for name, a in spec.agents.items()}
     return Tree(spec.supervisors, agents, root=spec.root)
 
 
@@ -588,7 +589,7 @@ class Daemon:
                     supervisor,
                     name,
                     self.now(),
-                    agents={name: (template.restart, template.restart_delay)},
+                    agents={name: Policy.of(agents[name])},
                     index=anchor + offset,
                 )
             )
@@ -640,7 +641,7 @@ class Daemon:
             )
         for name in plan.changed_agents:
             spec = new.agents[name]
-            self.tree.set_agent(name, spec.restart, spec.restart_delay)
+            self.tree.set_agent(name, Policy.of(spec))
             self._apply(self.tree.restart_child(name, now))
         for name in plan.changed_supervisors:
             if name != new.root:

@@ -24,7 +24,7 @@ from typing import Literal, NamedTuple
 
 import msgspec
 
-from .spec import RestartType, Strategy, SupervisorSpec
+from .spec import AgentSpec, RestartType, Strategy, SupervisorSpec
 
 
 class Policy(NamedTuple):
@@ -33,6 +33,11 @@ class Policy(NamedTuple):
     restart: RestartType
     restart_delay: float = 0.0
     significant: bool = False  # its normal end may end its supervisor (auto_shutdown)
+    group: str | None = None  # a pool's name: its members start together, not in turn
+
+    @classmethod
+    def of(cls, agent: AgentSpec) -> Policy:
+        return cls(agent.restart, agent.restart_delay, agent.significant, agent.pool)
 
 
 ChildState = Literal["stopped", "starting", "running", "stopping", "backoff", "failed"]
@@ -110,6 +115,7 @@ class Child:
     restart: RestartType = "permanent"
     restart_delay: float = 0.0
     significant: bool = False
+    group: str | None = None
     state: ChildState = "stopped"
     want: bool = True  # should be up; false once a temporary child ends, etc.
     held: bool = False  # stopped by ctl: stays down until ctl start
@@ -131,6 +137,7 @@ class Supervisor:
     history: deque[float] = field(default_factory=deque)
     pending_stops: list[str] = field(default_factory=list)
     inflight: tuple[str, str] | None = None  # ("start"|"stop"|"delay", child)
+    group_starting: set[str] = field(default_factory=set)  # a pool's members, starting
     failure: str = ""
 
     @property
@@ -365,14 +372,10 @@ class Tree:
             self.children[spec.name].restart = spec.restart
             self.children[spec.name].significant = spec.significant
 
-    def set_agent(
-        self, name: str, restart: RestartType, restart_delay: float, significant: bool = False
-    ) -> None:
+    def set_agent(self, name: str, policy: Policy) -> None:
         """Reload: an agent's restart type, delay and significance apply from its next exit."""
         child = self._child(name)
-        child.restart = restart
-        child.restart_delay = restart_delay
-        child.significant = significant
+        child.restart, child.restart_delay, child.significant, child.group = policy
 
     # --- the engine ----------------------------------------------------------------
 
@@ -388,18 +391,27 @@ class Tree:
 
     def _queue_stops(self, sup: Supervisor, names: list[str]) -> None:
         """Queue stops, keeping the queue in reverse start order."""
+        if not names:
+            return
         order = {n: i for i, n in enumerate(sup.children)}
         merged = set(sup.pending_stops) | set(names)
         sup.pending_stops = sorted(merged, key=lambda n: -order.get(n, -1))
+        # Never wait for a start we are about to undo (it may never finish).
         if sup.inflight and sup.inflight[0] in ("start", "delay") and sup.inflight[1] in merged:
-            # Never wait for a start we are about to undo (it may never finish).
             sup.inflight = None
+        sup.group_starting -= merged
+
+    @staticmethod
+    def _busy(sup: Supervisor) -> bool:
+        """One operation at a time, as OTP's supervisor: a pool's start counts as one."""
+        return sup.inflight is not None or bool(sup.group_starting)
 
     def _start_supervisor(self, sup: Supervisor) -> None:
         sup.phase = "starting"
         sup.history.clear()
         sup.pending_stops = []
         sup.inflight = None
+        sup.group_starting = set()
         sup.failure = ""
         for name in sup.children:
             child = self.children[name]
@@ -410,7 +422,7 @@ class Tree:
 
     def _advance(self, sup: Supervisor) -> None:
         """Do the next operation of `sup`, if it is not busy."""
-        while sup.inflight is None:
+        while not self._busy(sup):
             if sup.pending_stops:
                 name = sup.pending_stops.pop(0)
                 self._begin_stop(sup, self.children[name])
@@ -434,7 +446,10 @@ class Tree:
                     sup.phase = "running"
                     self._supervisor_started(sup)
                 return
-            self._begin_start(sup, nxt)
+            if nxt.group is not None and not self._needs_delay(nxt):
+                self._begin_group_start(sup, nxt.group)
+            else:
+                self._begin_start(sup, nxt)
 
     def _begin_stop(self, sup: Supervisor, child: Child) -> None:
         if child.state == "backoff":
@@ -458,20 +473,47 @@ class Tree:
         else:
             self._out.append(Stop(child.name))
 
+    @staticmethod
+    def _needs_delay(child: Child) -> bool:
+        return child.restarting and child.restart_delay > 0 and not child.delayed
+
+    def _begin_group_start(self, sup: Supervisor, group: str) -> None:
+        """Start every member of pool `group` that should be up, all at once.
+
+        Pool members are interchangeable, so waiting for each in turn only
+        makes a large pool slow to start; the next configured child still
+        waits until the whole pool is up.
+        """
+        members = [
+            self.children[c]
+            for c in sup.children
+            if self.children[c].group == group
+            and self.children[c].want
+            and self.children[c].state in ("stopped", "failed")
+            and not self._needs_delay(self.children[c])
+        ]
+        sup.group_starting = {m.name for m in members}
+        for member in members:
+            self._launch(member)
+
     def _begin_start(self, sup: Supervisor, child: Child) -> None:
-        if child.restarting and child.restart_delay > 0 and not child.delayed:
+        if self._needs_delay(child):
             child.state = "backoff"
             child.timer_gen += 1
             sup.inflight = ("delay", child.name)
             self._out.append(SetTimer(f"{child.name}#{child.timer_gen}", child.restart_delay))
             return
+        sup.inflight = ("start", child.name)
+        self._launch(child)
+
+    def _launch(self, child: Child) -> None:
+        """Hand one child to the runtime (or start a nested supervisor)."""
         if child.incarnation >= 0:
             child.restarts += 1
         child.incarnation += 1
         child.delayed = False
         child.ended = False
         child.state = "starting"
-        sup.inflight = ("start", child.name)
         if child.restarting:
             self._out.append(Note("agent.restarting", child.name, {"restarts": child.restarts}))
         child.restarting = False
@@ -485,6 +527,10 @@ class Tree:
         sup = self.sups[child.parent]
         if sup.inflight == ("start", child.name):
             sup.inflight = None
+        elif child.name in sup.group_starting:
+            sup.group_starting.discard(child.name)
+            if sup.group_starting:
+                return  # the pool is not up yet
         self._advance(sup)
 
     def _after_stopped(self, sup: Supervisor, child: Child) -> None:
@@ -521,6 +567,7 @@ class Tree:
             return
         if sup.inflight in (("start", child.name), ("stop", child.name)):
             sup.inflight = None
+        sup.group_starting.discard(child.name)
         if was == "starting" and sup.phase == "starting":
             # As in OTP's init: a child that cannot start fails its supervisor's start.
             self._give_up(sup, f"child {child.name} failed to start ({reason})")

@@ -176,6 +176,50 @@ def test_nested_auto_shutdown_of_a_permanent_supervisor_restarts_it() -> None:
     assert sim.tree.state("web") == "running"
 
 
+POOL = {f"p@{i}": ("permanent", 0.0, False, "p") for i in range(3)}
+
+
+def test_pool_members_start_together_between_ordered_children() -> None:
+    sim = Sim.make([sup("root", ["a", *POOL, "c"])], POOL, auto_ready=False)
+    assert sim.tree.start(0.0) == [Start("a", 0)]
+    assert sim.tree.started("a", 0.0, 0) == [Start(n, 0) for n in POOL]
+    assert sim.tree.started("p@1", 0.0, 0) == []
+    assert sim.tree.started("p@0", 0.0, 0) == []
+    assert sim.tree.started("p@2", 0.0, 0) == [Start("c", 0)]
+    assert sim.tree.started("c", 0.0, 0) == [TreeReady()]
+
+
+def test_a_pool_member_that_cannot_start_fails_the_start() -> None:
+    sim = Sim.make([sup("root", ["a", *POOL])], POOL, auto_ready=False)
+    sim.apply(sim.tree.start(0.0))
+    sim.apply(sim.tree.started("a", 0.0, 0))
+    sim.apply(sim.tree.started("p@0", 0.0, 0))
+    sim.apply(sim.tree.exited("p@1", 0.0, abnormal=True, incarnation=0))
+    assert sim.ops("stop") == ["p@2", "p@0", "a"]
+    assert isinstance(sim.outcome[-1], TreeFailed)
+
+
+def test_one_pool_member_restarts_alone() -> None:
+    sim = Sim.make([sup("root", ["a", *POOL])], POOL).start()
+    sim.clear()
+    sim.crash("p@1")
+    assert sim.ops("start") == ["p@1"]
+    assert sim.ops("stop") == []
+
+
+def test_one_for_all_restarts_the_pool_together() -> None:
+    sim = Sim.make([sup("root", ["a", *POOL], "one_for_all")], POOL, auto_ready=False)
+    sim.apply(sim.tree.start(0.0))
+    for name in ["a", *POOL]:
+        sim.apply(sim.tree.started(name, 0.0))
+    sim.clear()
+    sim.crash("a")
+    assert sim.ops("stop") == ["p@2", "p@1", "p@0"]
+    assert sim.ops("start") == ["a"]
+    sim.apply(sim.tree.started("a", 0.0))
+    assert sim.ops("start") == ["a", *POOL]
+
+
 def test_intensity_gives_up_and_stops_in_reverse() -> None:
     sim = Sim.make([sup("root", ABC, max_restarts=2, max_seconds=10)]).start()
     for _ in range(2):
