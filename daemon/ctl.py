@@ -394,10 +394,11 @@ def events(c: Ctl, follow: bool, since: dict[str, Any]) -> None:
     Each line has `seq` (1, 2, 3... per daemon run) and `run` (this run's
     token). `--since RUN:SEQ` resumes after the line with that run and seq, with
     no gap and no repeat, as long as the daemon still holds SEQ + 1 (it keeps
-    the last 10,000 events) and has not restarted; otherwise it exits 1 saying
-    which. A bare SEQ means the current run, unchecked. A SEQ past the newest
-    prints nothing (and with -f waits for it). With -f, a daemon that goes
-    away ends the stream with exit 3 and the `--since` to resume with.
+    the last `daemon.event_history` events, 10,000 by default) and has not
+    restarted; otherwise it exits 1 saying which. A bare SEQ means the current
+    run, unchecked. A SEQ past the newest prints nothing (and with -f waits for
+    it). With -f, a daemon that goes away ends the stream with exit 3 and the
+    `--since` to resume with.
     """
     args = {"follow": follow, **since}
     if follow:
