@@ -166,6 +166,17 @@ def test_long_names_are_clipped_and_narrow_screens_drop_columns() -> None:
     assert "HELD" not in draw(frame(), View(), 60) and "CPU%" in draw(frame(), View(), 60)
 
 
+def test_figures_fit_their_columns() -> None:
+    from agentd.daemon.top import _count, _size
+
+    assert [_size(v) for v in (None, 1, 512 * 1024, 98 * MiB, 3 * 2**30, 2**41)] == [
+        "-", "0K", "512K", "98.0M", "3.0G", "2.0T",
+    ]  # fmt: skip
+    assert [_count(v, 6) for v in (None, 0, 999999, 1234567, 12_345_678_901)] == [
+        "-", "0", "999999", "1234k", "12345M",
+    ]  # fmt: skip
+
+
 def test_height_bounds_the_rows_and_keys_sit_on_the_last_line() -> None:
     lines = draw(frame(keys=True), View(), 80, 24).split("\n")
     assert len(lines) == 24 and lines[-1].strip() == KEYS_HELP and "worker@10" in "\n".join(lines)
