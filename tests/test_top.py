@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import os
 import re
-import secrets
 import shlex
 import shutil
 import signal
@@ -258,10 +257,10 @@ def test_one_frame_when_stdout_is_not_a_terminal(three: DaemonProc, tmp_path: Pa
 
 
 class Tmux:
-    """A private tmux server (its own -L socket) with one 80x24 session running bash."""
+    """A private tmux server (its socket in the test's tmp dir) with an 80x24 session of bash."""
 
     def __init__(self, cwd: Path) -> None:
-        self.name = f"agentd-test-{os.getpid()}-{secrets.token_hex(4)}"
+        self.socket = str(cwd / "tmux.sock")  # -S: gone with the tmp dir, as kill-server leaves it
         self.env = dict(os.environ, TERM="xterm-256color", LC_ALL="C.UTF-8", PS1="$ ")
         for key in ("COLUMNS", "LINES", "TMUX"):
             self.env.pop(key, None)
@@ -271,7 +270,7 @@ class Tmux:
 
     def tmux(self, *args: str) -> str:
         done = subprocess.run(
-            ["tmux", "-L", self.name, *args], capture_output=True, text=True, env=self.env
+            ["tmux", "-S", self.socket, *args], capture_output=True, text=True, env=self.env
         )
         assert done.returncode == 0, done.stderr
         return done.stdout
@@ -303,7 +302,9 @@ class Tmux:
         return self.tmux("display-message", "-p", "-t", "t", "#{pane_current_command}").strip()
 
     def close(self) -> None:
-        subprocess.run(["tmux", "-L", self.name, "kill-server"], capture_output=True, env=self.env)
+        subprocess.run(
+            ["tmux", "-S", self.socket, "kill-server"], capture_output=True, env=self.env
+        )
 
 
 @pytest.fixture
