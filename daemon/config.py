@@ -27,6 +27,7 @@ from typing import Any, Literal
 import msgspec
 
 from ..bus.patterns import valid as patterns_valid
+from .events import HISTORY
 from .locate import (
     ConfigError,
     ConfigIssue,
@@ -75,6 +76,7 @@ class DaemonConfig(_Strict):
     keys_dir: str | None = None
     max_frame: int = 1024 * 1024
     death_signal: bool = True
+    event_history: int = HISTORY
 
 
 class SupervisorConfig(_Strict):
@@ -149,6 +151,8 @@ BOUNDS: dict[str, Bound] = {
     # The broker refuses a larger signal; it also allocates max_frame bytes to probe a full
     # disk, and lets ZeroMQ take 16 x max_frame before it drops a peer: 256 MiB → 4 GiB.
     "daemon.max_frame": Bound(1024, 256 * 2**20, "bytes"),
+    # Events kept in memory for `ctl events --since` (each a few hundred bytes).
+    "daemon.event_history": Bound(1, 1_000_000),
     # [supervisor], [supervisors.*]: restart intensity
     "supervisor.max_restarts": Bound(0, 10_000),  # more restarts than this within ...
     "supervisor.max_seconds": Bound(0, _DAY, "seconds", above=True),  # ... this: it gives up
@@ -566,6 +570,7 @@ def _daemon_spec(v: _Validator, main: _Source, cfg: DaemonConfig) -> DaemonSpec:
         keys_dir=keys_dir,
         max_frame=cfg.max_frame,
         death_signal=cfg.death_signal,
+        event_history=cfg.event_history,
     )
 
 

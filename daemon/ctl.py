@@ -73,6 +73,23 @@ class Ctl:
             }
         return self._settings
 
+    def dealer(self, ctx: Any) -> Any:
+        """A DEALER for the control socket, not yet connected (options go first).
+
+        LINGER 0, and the client's CurveZMQ keys when the endpoint is tcp.
+        """
+        import zmq
+
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        if self.settings()["control"].startswith("tcp://"):
+            from pathlib import Path
+
+            from .keys import client_curve
+
+            client_curve(sock, Path(self.settings()["keys_dir"]))
+        return sock
+
     def call(
         self,
         cmd: str,
@@ -87,14 +104,7 @@ class Ctl:
         endpoint = self.settings()["control"]
         check_socket(endpoint)
         ctx = zmq.Context()
-        sock = ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        if endpoint.startswith("tcp://"):
-            from pathlib import Path
-
-            from .keys import client_curve
-
-            client_curve(sock, Path(self.settings()["keys_dir"]))
+        sock = self.dealer(ctx)
         try:
             sock.connect(endpoint)
             sock.send(encoder.encode(Request(cmd, args or {})))
@@ -339,17 +349,10 @@ def _follow_events(c: Ctl, args: dict[str, Any]) -> None:
         return None
 
     ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
+    sock = c.dealer(ctx)
     sock.setsockopt(zmq.HEARTBEAT_IVL, STREAM_HEARTBEAT_MS)
     sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * STREAM_HEARTBEAT_MS)
     monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)  # before connect: none missed
-    if endpoint.startswith("tcp://"):
-        from pathlib import Path
-
-        from .keys import client_curve
-
-        client_curve(sock, Path(c.settings()["keys_dir"]))
     try:
         sock.connect(endpoint)
         sock.send(encoder.encode(Request("events", args)))
@@ -394,16 +397,53 @@ def events(c: Ctl, follow: bool, since: dict[str, Any]) -> None:
     Each line has `seq` (1, 2, 3... per daemon run) and `run` (this run's
     token). `--since RUN:SEQ` resumes after the line with that run and seq, with
     no gap and no repeat, as long as the daemon still holds SEQ + 1 (it keeps
-    the last 10,000 events) and has not restarted; otherwise it exits 1 saying
-    which. A bare SEQ means the current run, unchecked. A SEQ past the newest
-    prints nothing (and with -f waits for it). With -f, a daemon that goes
-    away ends the stream with exit 3 and the `--since` to resume with.
+    the last `daemon.event_history` events, 10,000 by default) and has not
+    restarted; otherwise it exits 1 saying which. A bare SEQ means the current
+    run, unchecked. A SEQ past the newest prints nothing (and with -f waits for
+    it). With -f, a daemon that goes away ends the stream with exit 3 and the
+    `--since` to resume with.
     """
     args = {"follow": follow, **since}
     if follow:
         _follow_events(c, args)
     else:
         c.call("events", args, lambda e: click.echo(json.dumps(e)))
+
+
+#: `ctl top --sort` and the keys that cycle through them (daemon/top.py sorts by them).
+TOP_SORT_KEYS = ("name", "state", "restarts", "rss", "cpu", "in_flight", "held")
+
+
+@ctl.command()
+@click.option(
+    "--sort",
+    type=click.Choice(TOP_SORT_KEYS),
+    default="name",
+    show_default=True,
+    help="Sort each supervisor's children by this (figures: highest first).",
+)
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.1),
+    default=1.0,
+    show_default=True,
+    help="Seconds between refreshes.",
+)
+@pass_ctl
+def top(c: Ctl, sort: str, interval: float) -> None:
+    """A live view of the tree: state, restarts, RSS, CPU%, in-flight, held.
+
+    \b
+    Keys: s next sort key, S previous, r reverse the order, q (or Ctrl-C) quit.
+    A supervisor's row sums its subtree, so sorting by rss or cpu puts the
+    heaviest subtree first. It fits 80 columns (names clipped; narrower
+    terminals lose columns from the right) and redraws on a resize. When no
+    daemon answers for 5 s it exits 3; a daemon back before that is picked up
+    again. With stdout not a terminal it prints one frame and exits 0.
+    """
+    from .top import run
+
+    sys.exit(run(c, sort, interval))
 
 
 @ctl.command()

@@ -84,7 +84,7 @@ class Daemon:
         self.spec = spec
         self.config_path = config_path
         self.log = get_logger("agentd")
-        self.events = EventLog()
+        self.events = EventLog(spec.daemon.event_history)
         self.tree = tree_from_spec(spec)
         self.guard: Guard | None = None
         self.runtime: Runtime | None = None

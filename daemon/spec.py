@@ -12,6 +12,8 @@ from typing import Literal
 
 import msgspec
 
+from .events import HISTORY
+
 Strategy = Literal["one_for_one", "one_for_all", "rest_for_one"]
 RestartType = Literal["permanent", "transient", "temporary"]
 AutoShutdown = Literal["never", "any_significant", "all_significant"]
@@ -87,6 +89,7 @@ class DaemonSpec(msgspec.Struct, frozen=True):
     keys_dir: str | None = None
     max_frame: int = 1024 * 1024
     death_signal: bool = True  # PR_SET_PDEATHSIG via an exec trampoline (spawn.py)
+    event_history: int = HISTORY  # events kept for `ctl events --since`
 
 
 class PoolSpec(msgspec.Struct, frozen=True):
