@@ -61,7 +61,7 @@ from agentd.bus.envelope import (
 )
 from agentd.bus.envelope import signal as make_signal
 from agentd.bus.patterns import Trie
-from agentd.bus.tracecontext import accept, child, new_trace
+from agentd.bus.tracecontext import accept, new_trace, next_span
 
 Handler = Callable[..., Any]
 
@@ -78,7 +78,7 @@ def _caused() -> tuple[str, str | None]:
     cause = _cause.get()
     if cause is None:
         return new_trace(), None
-    return child(cause[0]), cause[1]
+    return next_span(cause[0]), cause[1]
 
 
 __all__ = ["Agent", "BusError", "BusTimeout", "Context", "Signal", "on"]
@@ -369,7 +369,7 @@ class Runtime:
         _, handler = self.routes[min(self.rank[int(i)] for i in matches)[-1]]
         ctx = Context(self, sig)
         # What the handler sends is caused by `sig`: the task copies this at creation.
-        token = _cause.set((_parent(sig), sig.id))
+        token = _cause.set((accept(sig.traceparent), sig.id))  # checked once, here
         try:
             if inspect.iscoroutinefunction(handler):
                 loop = asyncio.get_running_loop()
@@ -427,7 +427,7 @@ class Runtime:
             self.name,
             to=sig.reply_to or sig.source,
             correlation_id=sig.correlation_id,
-            traceparent=child(_reply_parent(sig)),
+            traceparent=next_span(_reply_parent(sig)),
             causation_id=sig.id,
         )
         self.send(msgspec.structs.replace(reply, reply=True, error=error))
@@ -446,15 +446,10 @@ class Runtime:
             self.send(Ack(ids))
 
 
-def _reply_parent(sig: Signal) -> str | None:
+def _reply_parent(sig: Signal) -> str:
     """The reply is in the trace the handler's sends went into (one trace, even if invalid)."""
     cause = _cause.get()
-    return cause[0] if cause is not None and cause[1] == sig.id else sig.traceparent
-
-
-def _parent(sig: Signal) -> str:
-    """The trace a handled signal's children go into: its own, or (none valid) a new one."""
-    return accept(sig.traceparent)
+    return cause[0] if cause is not None and cause[1] == sig.id else accept(sig.traceparent)
 
 
 def _specificity(pattern: str) -> tuple[int, int, int]:

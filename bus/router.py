@@ -78,6 +78,7 @@ from .traces import (
     REDRIVEN,
     REPLIED,
     RETRYING,
+    ROUTED,
     TraceRing,
 )
 from .traces import KEPT as KEPT_OUTCOME  # (KEPT here is a kind of Send)
@@ -530,7 +531,6 @@ class Router:
             self._control("agentd", Notice(event, agent, info))
 
     def _forward(self, to: str, payload: Any, sender: str, sig_id: str) -> None:
-        self.traces.mark(sig_id, DELIVERED, to)
         items = self._forwards.get(to)
         if items is None:
             self._forwards[to] = [(sender, sig_id, payload)]
@@ -786,7 +786,7 @@ class Router:
         if self.table_version == -1 and self._waiting_for_table(now):
             return self._early(sender, sig, payload)
         self.counters["routed"] += 1
-        self.traces.add(sig)
+        rec = self.traces.add(sig)
         if sig.source != sender:
             return self._refuse(sender, sig, f"source {sig.source!r} is not your name {sender!r}")
         if sig.reply and sig.correlation_id is not None:
@@ -796,6 +796,8 @@ class Router:
         if sig.to is not None:
             ok, why = self._direct(sender, sig, payload, now)
             count = 1
+            if ok and rec.outcome == ROUTED:  # forwarded: held, kept or a pool's say so
+                rec.outcome = DELIVERED
         else:
             ok, why, count = True, None, 0
             for name in self.trie.match(sig.type):
@@ -857,8 +859,10 @@ class Router:
             return self._hold(pool, payload, sig.id)
         start = self.rr.get(pool, 0)
         self.rr[pool] = (start + 1) % len(live)
-        self._forward(live[start % len(live)], payload, sender, sig.id)
+        member = live[start % len(live)]
+        self._forward(member, payload, sender, sig.id)
         self.counters["delivered"] += 1
+        self.traces.mark(sig.id, DELIVERED, member)
         return True, None
 
     def _to_agent(
@@ -875,6 +879,8 @@ class Router:
         if name in self.peers and not self.held.get(name):
             self._forward(name, payload, sender, sig.id)
             self.counters["delivered"] += 1
+            if sig.to is None:  # a publication: one outcome per subscriber (else: _route)
+                self.traces.mark(sig.id, DELIVERED, name)
             return True, None
         if name not in self.table:
             return False, f"{name} is not connected"
@@ -903,8 +909,10 @@ class Router:
                 start = self.rr.get(name, 0)
                 self.rr[name] = (start + 1) % len(live)
                 sig_id, frame = queue.popleft()
-                self._forward(live[start % len(live)], frame, "", sig_id)
+                member = live[start % len(live)]
+                self._forward(member, frame, "", sig_id)
                 self.counters["delivered"] += 1
+                self.traces.mark(sig_id, DELIVERED, member)
             return
         if name not in self.peers:
             return
@@ -912,6 +920,7 @@ class Router:
             sig_id, frame = queue.popleft()
             self._forward(name, frame, "", sig_id)
             self.counters["delivered"] += 1
+            self.traces.mark(sig_id, DELIVERED, name)
 
     # === mailboxes (ack = true) ========================================================
 

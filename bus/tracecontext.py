@@ -18,7 +18,8 @@ only `sampled` (0x01) is defined there, so the others are set to zero.
 New traces are sampled: the broker records every signal.
 
 Ids come from `random` (seeded from the OS, reseeded in a forked child):
-they must be unique, not secret, and this is on every send.
+they must be unique, not secret, and this is on every send — hence also
+`next_span`, which skips the parsing for a parent already checked.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import re
 
 VERSION = "00"
 SAMPLED = 0x01
-_HEAD = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+_HEAD = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 _ZERO_TRACE = "0" * 32
 _ZERO_SPAN = "0" * 16
 
@@ -38,15 +39,14 @@ def parse(value: object) -> tuple[str, str, int] | None:
     if not isinstance(value, str):
         return None
     value = value.strip(" \t")  # optional whitespace around an HTTP header's value
-    m = _HEAD.match(value)
-    if m is None:
+    if _HEAD.match(value) is None:
         return None
-    version, trace_id, parent_id, flags = m.groups()
+    version, trace_id, parent_id = value[:2], value[3:35], value[36:52]
     if version == "ff" or trace_id == _ZERO_TRACE or parent_id == _ZERO_SPAN:
         return None
     if len(value) != 55 and (version == VERSION or value[55] != "-"):
         return None
-    return trace_id, parent_id, int(flags, 16)
+    return trace_id, parent_id, int(value[53:55], 16)
 
 
 def valid(value: object) -> bool:
@@ -61,7 +61,7 @@ def trace_id(value: object) -> str | None:
 
 def _span_id() -> str:
     while True:
-        span = f"{random.getrandbits(64):016x}"
+        span = random.randbytes(8).hex()
         if span != _ZERO_SPAN:
             return span
 
@@ -69,9 +69,18 @@ def _span_id() -> str:
 def new_trace() -> str:
     """A traceparent that starts a new trace (a signal sent from outside any handler)."""
     while True:
-        trace = f"{random.getrandbits(128):032x}"
-        if trace != _ZERO_TRACE:
-            return f"{VERSION}-{trace}-{_span_id()}-{SAMPLED:02x}"
+        ids = random.randbytes(24).hex()
+        if ids[:32] != _ZERO_TRACE and ids[32:] != _ZERO_SPAN:
+            return f"{VERSION}-{ids[:32]}-{ids[32:]}-{SAMPLED:02x}"
+
+
+def next_span(parent: str) -> str:
+    """`child` of a parent known to be valid version 00 (from `accept` or `new_trace`).
+
+    No parsing: the SDK checks a handled signal's traceparent once, then calls
+    this for each signal the handler sends.
+    """
+    return f"{parent[:36]}{_span_id()}{parent[52:]}"
 
 
 def child(parent: object) -> str:

@@ -146,17 +146,18 @@ def test_the_ring_follows_each_signal_to_its_outcome() -> None:
     again = TraceRing()
     for record in net.journal:
         again.from_journal(list(record))
-    assert again.records[asked.id].outcome == "replied"
-    assert again.records[failing.id].outcome == "dead-lettered"
-    assert first.id not in again.records  # at most once: memory only
+    assert again.get(asked.id).outcome == "replied"
+    assert again.get(failing.id).outcome == "dead-lettered"
+    assert again.get(first.id) is None  # at most once: memory only
 
 
 def test_the_ring_is_bounded_and_a_real_journal_feeds_it(tmp_path: Path) -> None:
     ring = TraceRing(bound=3)
-    sigs = [make_signal("t", i, "a", to="b") for i in range(5)]
+    sigs = [make_signal("t", i, "a", to="b") for i in range(7)]
     for s in sigs:
         ring.add(s)
-    assert list(ring.records) == [s.id for s in sigs[2:]]  # the oldest went first
+    # The newest 3 at least, 6 at most: the oldest went first.
+    assert [r.id for r in ring] == [s.id for s in sigs[3:]]
 
     journal = Journal(tmp_path / "bus.journal")
     journal.open()
@@ -169,7 +170,7 @@ def test_the_ring_is_bounded_and_a_real_journal_feeds_it(tmp_path: Path) -> None
     ring = TraceRing()
     loaded = Journal(tmp_path / "bus.journal").open(observe=ring.from_journal)
     assert loaded.entries == []  # acked: the journal keeps nothing live ...
-    rec = ring.records[kept.id]  # ... but the trace remembers
+    rec = ring.get(kept.id)  # ... but the trace remembers
     assert (rec.outcome, rec.traceparent, rec.to) == ("acked", TP, "orchestrator")
 
 
