@@ -510,9 +510,12 @@ def _bus_call(c: Ctl, use: Callable[[Any], Any]) -> Any:
 @pass_ctl
 def send(c: Ctl, name: str, type_: str, data: str | None) -> None:
     """Send a signal to NAME (an agent or a pool); held if NAME is restarting."""
+    from agentd.bus.tracecontext import new_trace
+
     payload = _json_arg(data)
-    _bus_call(c, lambda client: client.send(name, type_, payload))
-    click.echo(f"sent {type_} to {name}")
+    tp = new_trace()  # printed, for `ctl trace`
+    _bus_call(c, lambda client: client.send(name, type_, payload, traceparent=tp))
+    click.echo(f"sent {type_} to {name} (trace {tp[3:35]})")
 
 
 @ctl.command()
@@ -521,9 +524,13 @@ def send(c: Ctl, name: str, type_: str, data: str | None) -> None:
 @pass_ctl
 def publish(c: Ctl, type_: str, data: str | None) -> None:
     """Publish a signal to every agent subscribed to a matching pattern."""
+    from agentd.bus.tracecontext import new_trace
+
     payload = _json_arg(data)
-    count = _bus_call(c, lambda client: client.publish(type_, payload))
-    click.echo(f"published {type_} to {count} subscriber{'' if count == 1 else 's'}")
+    tp = new_trace()  # printed, for `ctl trace`
+    count = _bus_call(c, lambda client: client.publish(type_, payload, traceparent=tp))
+    plural = "" if count == 1 else "s"
+    click.echo(f"published {type_} to {count} subscriber{plural} (trace {tp[3:35]})")
 
 
 @ctl.command()
@@ -543,6 +550,31 @@ def request(c: Ctl, name: str, type_: str, data: str | None, timeout: float) -> 
     payload = _json_arg(data)
     reply = _bus_call(c, lambda client: client.request(name, type_, payload, timeout=timeout))
     click.echo(json.dumps(reply))
+
+
+@ctl.command()
+@click.argument("id_", metavar="ID")
+@click.option("--json", "as_json", is_flag=True, help="The records and the tree as JSON.")
+@pass_ctl
+def trace(c: Ctl, id_: str, as_json: bool) -> None:
+    """The causal tree of the trace a signal ID belongs to (ID: a signal or trace id).
+
+    Every signal of that trace the broker knows, replies included, each under
+    the one being handled when it was sent: type, source → recipient, time,
+    outcome; ID's line is marked ▶. A trace id is the middle of a
+    `traceparent` (32 hex digits), as `ctl send` and the hub's ingress show.
+    The broker remembers the last 10,000 signals, and for `ack = true` agents
+    what its journal holds.
+    """
+    from agentd.bus.tracetree import as_json as tree_json
+    from agentd.bus.tracetree import render
+
+    records = _bus_call(c, lambda client: client.trace(id_))
+    mark = id_ if any(r.id == id_ for r in records) else None
+    if as_json:
+        click.echo(json.dumps(tree_json(records, mark)))
+    else:
+        click.echo("\n".join(render(records, mark)))
 
 
 # --- the dead-letter queue ------------------------------------------------------------
