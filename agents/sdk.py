@@ -164,7 +164,7 @@ class Runtime:
         self.sock.setsockopt(zmq.LINGER, 2000)
         self.sock.setsockopt(zmq.SNDHWM, 100_000)
         self._done = asyncio.Event()
-        from agentd.daemon.log import get_logger
+        from agentd.bus.log import get_logger
 
         self.log = get_logger("agentd.agent").bind(agent=name)
 
@@ -209,7 +209,7 @@ class Runtime:
         """A tcp bus is CurveZMQ only: the client keys agentd hands over in AGENTD_KEYS_DIR."""
         from pathlib import Path
 
-        from agentd.daemon.keys import client_curve
+        from agentd.bus.keys import client_curve
 
         keys_dir = os.environ.get("AGENTD_KEYS_DIR")
         if not keys_dir:
@@ -413,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1 or ":" not in argv[0]:
         print("usage: python -m agentd.agents pkg.mod:Class", file=sys.stderr)
         return 2
-    from agentd.daemon.log import configure
+    from agentd.bus.log import configure
 
     configure("console")
     env = os.environ

@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    from agentd.daemon.log import configure, get_logger
+    from .log import configure, get_logger
 
     configure(args.log_format)
     logger = get_logger("agentd.bus")
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.endpoint.startswith("tcp://"):
         from pathlib import Path
 
-        from agentd.daemon.keys import server_auth
+        from .keys import server_auth
 
         if not args.keys_dir:
             print("a tcp bus endpoint needs --keys-dir (CurveZMQ)", file=sys.stderr)

@@ -73,7 +73,7 @@ class Client:
         if endpoint.startswith("tcp://"):
             from pathlib import Path
 
-            from agentd.daemon.keys import client_curve
+            from .keys import client_curve
 
             keys_dir = keys_dir or os.environ.get("AGENTD_KEYS_DIR")
             if not keys_dir:

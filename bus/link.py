@@ -94,7 +94,7 @@ class BrokerLink:
         if self.endpoint.startswith("tcp://") and self.keys_dir:
             from pathlib import Path
 
-            from agentd.daemon.keys import client_curve
+            from .keys import client_curve
 
             client_curve(sock, Path(self.keys_dir))
         sock.connect(self.endpoint)

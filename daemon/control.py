@@ -20,9 +20,10 @@ import msgspec
 import zmq
 import zmq.asyncio
 
+from agentd.bus.log import get_logger
+
 from .events import NotHeld
 from .locate import ConfigError
-from .log import get_logger
 from .protocol import Ack, Item, Reply, Request, decoder, encoder
 
 if TYPE_CHECKING:
@@ -62,7 +63,7 @@ class ControlServer:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.LINGER, 0)
         if self.endpoint.startswith("tcp://"):
-            from .keys import server_auth
+            from agentd.bus.keys import server_auth
 
             keys = self.daemon.spec.daemon.keys_dir
             assert keys is not None  # config validation requires it for tcp

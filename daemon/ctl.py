@@ -92,7 +92,7 @@ class Ctl:
         if endpoint.startswith("tcp://"):
             from pathlib import Path
 
-            from .keys import client_curve
+            from agentd.bus.keys import client_curve
 
             client_curve(sock, Path(self.settings()["keys_dir"]))
         try:
@@ -347,7 +347,7 @@ def _follow_events(c: Ctl, args: dict[str, Any]) -> None:
     if endpoint.startswith("tcp://"):
         from pathlib import Path
 
-        from .keys import client_curve
+        from agentd.bus.keys import client_curve
 
         client_curve(sock, Path(c.settings()["keys_dir"]))
     try:

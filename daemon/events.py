@@ -22,7 +22,7 @@ from typing import Any
 
 import msgspec
 
-from .log import get_logger
+from agentd.bus.log import get_logger
 
 #: Events kept for `ctl events --since` (older ones are only in the daemon's log).
 HISTORY = 10_000

@@ -20,11 +20,12 @@ from typing import Any
 
 import msgspec
 
+from agentd.bus.log import get_logger
+
 from . import reload as reloading
 from . import spawn
 from .capture import tail
 from .events import EventLog
-from .log import get_logger
 from .proctable import ProcTable
 from .runtime import ExitInfo, Guard, Runtime
 from .spec import AgentSpec, PoolSpec, Spec, pool_member

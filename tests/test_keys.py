@@ -9,7 +9,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from agentd.daemon.keys import (
+from agentd.bus.keys import (
     SERVER,
     client_curve,
     create_keypair,
