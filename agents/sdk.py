@@ -34,6 +34,7 @@ import zmq
 import zmq.asyncio
 
 from agentd.bus.client import BusError, BusTimeout, RemoteError
+from agentd.bus.endpoint import parse_endpoint
 from agentd.bus.envelope import (
     Ack,
     Batch,
@@ -174,7 +175,7 @@ class Runtime:
         loop = asyncio.get_running_loop()
         for sig in (signals.SIGTERM, signals.SIGINT):
             loop.add_signal_handler(sig, self._on_term)
-        if self.endpoint.startswith("tcp://"):
+        if parse_endpoint(self.endpoint).needs_keys:
             self._curve()
         self.sock.connect(self.endpoint)
         self.agent.name = self.name
@@ -421,6 +422,11 @@ def main(argv: list[str] | None = None) -> int:
     endpoint = env.get("AGENTD_BUS")
     if not endpoint:
         print("AGENTD_BUS is not set (the bus endpoint)", file=sys.stderr)
+        return 2
+    try:
+        parse_endpoint(endpoint)
+    except ValueError as exc:
+        print(f"AGENTD_BUS: {exc}", file=sys.stderr)
         return 2
     sys.path.insert(0, os.getcwd())
     agent = load(argv[0])()

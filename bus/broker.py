@@ -26,6 +26,7 @@ from typing import Any
 
 import zmq
 
+from .endpoint import parse_endpoint
 from .journal import Journal, JournalError
 from .router import FULL, GONE, Router
 
@@ -154,6 +155,10 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds signals wait for the daemon's first table (default 0: route at once)",
     )
     args = parser.parse_args(argv)
+    try:
+        endpoint = parse_endpoint(args.endpoint)
+    except ValueError as exc:
+        parser.error(f"--endpoint: {exc}")
 
     from .log import configure, get_logger
 
@@ -190,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     sock.setsockopt(zmq.MAXMSGSIZE, max(64 * 1024 * 1024, 16 * args.max_frame))
     sock.setsockopt(zmq.LINGER, 0)
     auth = None
-    if args.endpoint.startswith("tcp://"):
+    if endpoint.needs_keys:
         from pathlib import Path
 
         from .keys import server_auth
@@ -201,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                 journal.close()
             return 2
         auth = server_auth(ctx, sock, Path(args.keys_dir))
-    path = args.endpoint[len("ipc://") :] if args.endpoint.startswith("ipc://") else None
+    path = endpoint.path
     if path and os.path.exists(path):
         os.unlink(path)  # a stale socket from a broker that died; the daemon owns this path
     sock.bind(args.endpoint)

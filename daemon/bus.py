@@ -21,6 +21,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from agentd.bus.endpoint import parse_endpoint
+
 from .events import Event, EventLog
 from .runtime import ExitInfo, Guard, Proc, Runtime
 from .spec import AgentSpec, DaemonSpec, Spec
@@ -59,7 +61,7 @@ def broker_spec(daemon: DaemonSpec) -> AgentSpec:
         "--table-wait",
         str(TABLE_WAIT),
     )
-    if daemon.keys_dir and daemon.bus.startswith("tcp://"):
+    if daemon.keys_dir and parse_endpoint(daemon.bus).needs_keys:
         argv += ("--keys-dir", daemon.keys_dir)
     return AgentSpec(
         name=NAME, pool=None, argv=argv, bus_agent=False, start_seconds=0, shutdown=5.0

@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from ..bus.endpoint import parse_endpoint
 from ..bus.patterns import valid as patterns_valid
 from .locate import (
     ConfigError,
@@ -541,16 +542,18 @@ def _daemon_spec(v: _Validator, main: _Source, cfg: DaemonConfig) -> DaemonSpec:
     keys_dir = sub(cfg.keys_dir) if cfg.keys_dir else None
     for key, endpoint in (("control", sub(cfg.control)), ("bus", sub(cfg.bus))):
         line = ("daemon", key)
-        if endpoint.startswith("tcp://"):
-            if not keys_dir:
-                v.issue(
-                    main,
-                    line,
-                    f"daemon.{key}: a tcp endpoint needs CurveZMQ keys "
-                    "(set daemon.keys_dir; `agentd keys DIR` creates them)",
-                )
-        elif not endpoint.startswith("ipc://"):
-            v.issue(main, line, f"daemon.{key}: endpoint must be ipc://PATH or tcp://HOST:PORT")
+        try:
+            needs_keys = parse_endpoint(endpoint).needs_keys
+        except ValueError as exc:
+            v.issue(main, line, f"daemon.{key}: {exc}")
+            continue
+        if needs_keys and not keys_dir:
+            v.issue(
+                main,
+                line,
+                f"daemon.{key}: a tcp endpoint needs CurveZMQ keys "
+                "(set daemon.keys_dir; `agentd keys DIR` creates them)",
+            )
     v.within_bounds(main, ("daemon",), "daemon", "daemon", cfg)
     return DaemonSpec(
         runtime_dir=runtime_dir,
