@@ -125,14 +125,13 @@ class Daemon:
             return 1
         spawn.set_child_subreaper()
         _raise_nofile_limit()
-        from .notify import Notifier
+        from .notify import Notifier, watchdog_loop
 
         self.notifier = Notifier.from_env()
         self.notifier.status("starting")
-        interval = self.notifier.watchdog_interval()
-        if interval:
-            # From the loop itself: a stuck loop stops the pings and systemd steps in.
-            self._watchdog = loop.create_task(self._watchdog_loop(interval))
+        # From the loop itself: a stuck loop stops the pings and systemd steps in.
+        # Without a watchdog for this process the task ends at once.
+        self._watchdog = loop.create_task(watchdog_loop(self.notifier))
         self.guard = Guard()
         self.runtime = Runtime(
             self.spec.daemon,
@@ -199,11 +198,6 @@ class Daemon:
             if self.guard is not None:
                 self.guard.close()
         return code
-
-    async def _watchdog_loop(self, interval: float) -> None:
-        while True:
-            self.notifier.watchdog()
-            await asyncio.sleep(interval)
 
     def shutdown(self) -> None:
         """Orderly stop: the whole tree in reverse order within shutdown_timeout."""
