@@ -52,7 +52,7 @@ class Ctl:
     def settings(self) -> dict[str, str]:
         """control/bus endpoints from the config, without validating the rest."""
         if self._settings is None:
-            from .locate import ConfigError, find_config, runtime_dir_default
+            from .locate import ConfigError, find_config, locate_daemon
 
             try:
                 path = find_config(self.config_path)
@@ -62,16 +62,11 @@ class Ctl:
             except (OSError, tomllib.TOMLDecodeError) as exc:
                 fail(f"cannot read config: {exc}", NO_DAEMON)
             daemon = data.get("daemon", {}) if isinstance(data.get("daemon"), dict) else {}
-            runtime_dir = str(daemon.get("runtime_dir") or runtime_dir_default())
-            if not os.path.isabs(runtime_dir):
-                runtime_dir = str(path.resolve().parent / runtime_dir)
+            where = locate_daemon(path, daemon)  # as the daemon does (config.py)
             self._settings = {
-                key: str(daemon.get(key, default)).replace("{runtime_dir}", runtime_dir)
-                for key, default in (
-                    ("control", "ipc://{runtime_dir}/control.sock"),
-                    ("bus", "ipc://{runtime_dir}/bus.sock"),
-                    ("keys_dir", ""),
-                )
+                "control": where.control,
+                "bus": where.bus,
+                "keys_dir": where.keys_dir or "",
             }
         return self._settings
 
