@@ -7,7 +7,7 @@
             await ctx.emit("doc.summarized", {"id": signal.data["id"]})
             return {"ok": True}                    # the reply, if it was a request
 
-The runtime does the protocol for you: HELLO with the routes as
+The runner (`AgentRunner`) does the protocol for you: HELLO with the routes as
 subscriptions, `setup()`, READY, a heartbeat every `heartbeat / 3` seconds,
 replies and error replies, acks (for `ack = true` agents), and a graceful
 SIGTERM — no new signals, the handlers in flight finish, then exit 0.
@@ -71,17 +71,17 @@ def on(*patterns: str) -> Callable[[Handler], Handler]:
 class Context:
     """What a handler (or any agent code) uses to talk on the bus."""
 
-    def __init__(self, runtime: Runtime, signal: Signal | None = None) -> None:
-        self._runtime = runtime
+    def __init__(self, runner: AgentRunner, signal: Signal | None = None) -> None:
+        self._runner = runner
         self.signal = signal
 
     @property
     def name(self) -> str:
-        return self._runtime.name
+        return self._runner.name
 
     @property
     def incarnation(self) -> int:
-        return self._runtime.incarnation
+        return self._runner.incarnation
 
     async def emit(self, type: str, data: Any = None, *, subject: str | None = None) -> int:
         """Publish to every agent subscribed to a matching pattern; how many it reached.
@@ -91,17 +91,17 @@ class Context:
         lost; BusError if the broker refused it.
         """
         sig = make_signal(type, data, self.name, subject=subject, receipt=True)
-        return (await self._runtime.send_with_receipt(sig)).delivered
+        return (await self._runner.send_with_receipt(sig)).delivered
 
     async def send(self, to: str, type: str, data: Any = None) -> None:
         """Direct to an agent, a pool (one member) or a client; BusError if refused."""
-        await self._runtime.send_with_receipt(
+        await self._runner.send_with_receipt(
             make_signal(type, data, self.name, to=to, receipt=True)
         )
 
     async def request(self, to: str, type: str, data: Any = None, timeout: float = 5.0) -> Any:
         """Send a request and wait for the reply's data (BusTimeout, BusError)."""
-        return await self._runtime.request(to, type, data, timeout)
+        return await self._runner.request(to, type, data, timeout)
 
 
 class Agent:
@@ -118,7 +118,7 @@ class Agent:
         """Once, on graceful shutdown, after the last handler finished. May be async."""
 
 
-class Runtime:
+class AgentRunner:
     """Runs one Agent instance on the bus."""
 
     def __init__(
@@ -159,8 +159,8 @@ class Runtime:
         self._acks: list[str] = []  # handled, not yet acknowledged (sent once per turn)
         self.stopping = False
         self.ready = False
-        self.ctx_ = zmq.asyncio.Context()
-        self.sock = self.ctx_.socket(zmq.DEALER)
+        self.zmq_context = zmq.asyncio.Context()
+        self.sock = self.zmq_context.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, name.encode())
         self.sock.setsockopt(zmq.LINGER, 2000)
         self.sock.setsockopt(zmq.SNDHWM, 100_000)
@@ -203,7 +203,7 @@ class Runtime:
         self._flush_acks()
         self.send(Bye())
         self.sock.close(linger=2000)
-        self.ctx_.term()
+        self.zmq_context.term()
         return 0
 
     def _curve(self) -> None:
@@ -430,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     sys.path.insert(0, os.getcwd())
     agent = load(argv[0])()
-    runtime = Runtime(
+    runner = AgentRunner(
         agent,
         name=name,
         incarnation=int(env.get("AGENTD_INCARNATION", "0")),
@@ -438,4 +438,4 @@ def main(argv: list[str] | None = None) -> int:
         heartbeat=float(env.get("AGENTD_HEARTBEAT", "10")),
         ack=env.get("AGENTD_ACK") == "1",
     )
-    return asyncio.run(runtime.run())
+    return asyncio.run(runner.run())

@@ -34,7 +34,7 @@ TURN = 1000  # frames taken per turn at most: the journal commit and sends come 
 ROUNDS = 16  # commit/send rounds per turn at most (a failed send can cause another)
 
 
-class Broker:
+class BrokerLoop:
     """The socket loop around a `Router` (and a `Journal`, when there is one)."""
 
     def __init__(self, sock: zmq.Socket[Any], router: Router, journal: Journal | None) -> None:
@@ -221,13 +221,13 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
 
-    broker = Broker(sock, router, journal)
+    broker_loop = BrokerLoop(sock, router, journal)
     logger.info("bus.listening", endpoint=args.endpoint, pid=os.getpid())
     try:
-        broker.serve(rfd)
+        broker_loop.serve(rfd)
     finally:
         router.sync_all()
-        broker.carry_out(time.monotonic())
+        broker_loop.carry_out(time.monotonic())
         logger.info("bus.stopping", **router.stats())
         if journal is not None:
             journal.close()
