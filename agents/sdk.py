@@ -7,7 +7,7 @@
             await ctx.emit("doc.summarized", {"id": signal.data["id"]})
             return {"ok": True}                    # the reply, if it was a request
 
-The runtime does the protocol for you: HELLO with the routes as
+The runner (`AgentRunner`) does the protocol for you: HELLO with the routes as
 subscriptions, `setup()`, READY, a heartbeat every `heartbeat / 3` seconds,
 replies and error replies, acks (for `ack = true` agents), and a graceful
 SIGTERM — no new signals, the handlers in flight finish, then exit 0.
@@ -44,6 +44,7 @@ import zmq
 import zmq.asyncio
 
 from agentd.bus.client import BusError, BusTimeout, RemoteError
+from agentd.bus.endpoint import parse_endpoint
 from agentd.bus.envelope import (
     Ack,
     Batch,
@@ -97,17 +98,17 @@ def on(*patterns: str) -> Callable[[Handler], Handler]:
 class Context:
     """What a handler (or any agent code) uses to talk on the bus."""
 
-    def __init__(self, runtime: Runtime, signal: Signal | None = None) -> None:
-        self._runtime = runtime
+    def __init__(self, runner: AgentRunner, signal: Signal | None = None) -> None:
+        self._runner = runner
         self.signal = signal
 
     @property
     def name(self) -> str:
-        return self._runtime.name
+        return self._runner.name
 
     @property
     def incarnation(self) -> int:
-        return self._runtime.incarnation
+        return self._runner.incarnation
 
     async def emit(self, type: str, data: Any = None, *, subject: str | None = None) -> int:
         """Publish to every agent subscribed to a matching pattern; how many it reached.
@@ -120,12 +121,12 @@ class Context:
         sig = make_signal(
             type, data, self.name, subject=subject, receipt=True, traceparent=tp, causation_id=cause
         )
-        return (await self._runtime.send_with_receipt(sig)).delivered
+        return (await self._runner.send_with_receipt(sig)).delivered
 
     async def send(self, to: str, type: str, data: Any = None) -> None:
         """Direct to an agent, a pool (one member) or a client; BusError if refused."""
         tp, cause = _caused()
-        await self._runtime.send_with_receipt(
+        await self._runner.send_with_receipt(
             make_signal(
                 type, data, self.name, to=to, receipt=True, traceparent=tp, causation_id=cause
             )
@@ -133,7 +134,7 @@ class Context:
 
     async def request(self, to: str, type: str, data: Any = None, timeout: float = 5.0) -> Any:
         """Send a request and wait for the reply's data (BusTimeout, BusError)."""
-        return await self._runtime.request(to, type, data, timeout)
+        return await self._runner.request(to, type, data, timeout)
 
     @contextlib.contextmanager
     def trace(self, traceparent: str | None = None) -> Iterator[str]:
@@ -165,7 +166,7 @@ class Agent:
         """Once, on graceful shutdown, after the last handler finished. May be async."""
 
 
-class Runtime:
+class AgentRunner:
     """Runs one Agent instance on the bus."""
 
     def __init__(
@@ -206,13 +207,13 @@ class Runtime:
         self._acks: list[str] = []  # handled, not yet acknowledged (sent once per turn)
         self.stopping = False
         self.ready = False
-        self.ctx_ = zmq.asyncio.Context()
-        self.sock = self.ctx_.socket(zmq.DEALER)
+        self.zmq_context = zmq.asyncio.Context()
+        self.sock = self.zmq_context.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, name.encode())
         self.sock.setsockopt(zmq.LINGER, 2000)
         self.sock.setsockopt(zmq.SNDHWM, 100_000)
         self._done = asyncio.Event()
-        from agentd.daemon.log import get_logger
+        from agentd.bus.log import get_logger
 
         self.log = get_logger("agentd.agent").bind(agent=name)
 
@@ -222,7 +223,7 @@ class Runtime:
         loop = asyncio.get_running_loop()
         for sig in (signals.SIGTERM, signals.SIGINT):
             loop.add_signal_handler(sig, self._on_term)
-        if self.endpoint.startswith("tcp://"):
+        if parse_endpoint(self.endpoint).needs_keys:
             self._curve()
         self.sock.connect(self.endpoint)
         self.agent.name = self.name
@@ -250,14 +251,14 @@ class Runtime:
         self._flush_acks()
         self.send(Bye())
         self.sock.close(linger=2000)
-        self.ctx_.term()
+        self.zmq_context.term()
         return 0
 
     def _curve(self) -> None:
         """A tcp bus is CurveZMQ only: the client keys agentd hands over in AGENTD_KEYS_DIR."""
         from pathlib import Path
 
-        from agentd.daemon.keys import client_curve
+        from agentd.bus.keys import client_curve
 
         keys_dir = os.environ.get("AGENTD_KEYS_DIR")
         if not keys_dir:
@@ -476,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1 or ":" not in argv[0]:
         print("usage: python -m agentd.agents pkg.mod:Class", file=sys.stderr)
         return 2
-    from agentd.daemon.log import configure
+    from agentd.bus.log import configure
 
     configure("console")
     env = os.environ
@@ -485,9 +486,14 @@ def main(argv: list[str] | None = None) -> int:
     if not endpoint:
         print("AGENTD_BUS is not set (the bus endpoint)", file=sys.stderr)
         return 2
+    try:
+        parse_endpoint(endpoint)
+    except ValueError as exc:
+        print(f"AGENTD_BUS: {exc}", file=sys.stderr)
+        return 2
     sys.path.insert(0, os.getcwd())
     agent = load(argv[0])()
-    runtime = Runtime(
+    runner = AgentRunner(
         agent,
         name=name,
         incarnation=int(env.get("AGENTD_INCARNATION", "0")),
@@ -495,4 +501,4 @@ def main(argv: list[str] | None = None) -> int:
         heartbeat=float(env.get("AGENTD_HEARTBEAT", "10")),
         ack=env.get("AGENTD_ACK") == "1",
     )
-    return asyncio.run(runtime.run())
+    return asyncio.run(runner.run())

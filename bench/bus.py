@@ -142,6 +142,10 @@ class Procs:
         return proc
 
     def broker(self, endpoint: str) -> subprocess.Popen[str]:
+        from agentd.bus.endpoint import parse_endpoint
+
+        path = parse_endpoint(endpoint).path
+        assert path is not None, "the bench's broker is on ipc"
         proc = subprocess.Popen(
             [
                 sys.executable,
@@ -157,7 +161,6 @@ class Procs:
             text=True,
         )
         self.procs.append(proc)
-        path = endpoint[len("ipc://") :]
         deadline = time.monotonic() + 10
         while not os.path.exists(path):
             assert time.monotonic() < deadline and proc.poll() is None, "broker did not bind"

@@ -216,7 +216,8 @@ class Agentd(System):
         self.sync = sync
         self.n = n
         self.label = f"agentd, journal_sync = {sync}" if sync else "agentd, memory only"
-        self.endpoint = f"ipc://{tmp}/bus.sock"
+        self.socket_path = tmp / "bus.sock"
+        self.endpoint = f"ipc://{self.socket_path}"
         self.version = 0
         self._link: Any = None
 
@@ -229,7 +230,7 @@ class Agentd(System):
         return [*argv, "--log-format", "json"]
 
     def ready(self) -> bool:
-        return os.path.exists(self.endpoint[len("ipc://") :])
+        return self.socket_path.exists()
 
     def started(self) -> None:
         """Send the table until the broker confirms it (what bus/link.py does)."""

@@ -26,6 +26,7 @@ from typing import Any
 
 import zmq
 
+from .endpoint import parse_endpoint
 from .journal import Journal, JournalError
 from .router import FULL, GONE, Router
 
@@ -33,7 +34,7 @@ TURN = 1000  # frames taken per turn at most: the journal commit and sends come 
 ROUNDS = 16  # commit/send rounds per turn at most (a failed send can cause another)
 
 
-class Broker:
+class BrokerLoop:
     """The socket loop around a `Router` (and a `Journal`, when there is one)."""
 
     def __init__(self, sock: zmq.Socket[Any], router: Router, journal: Journal | None) -> None:
@@ -154,8 +155,12 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds signals wait for the daemon's first table (default 0: route at once)",
     )
     args = parser.parse_args(argv)
+    try:
+        endpoint = parse_endpoint(args.endpoint)
+    except ValueError as exc:
+        parser.error(f"--endpoint: {exc}")
 
-    from agentd.daemon.log import configure, get_logger
+    from .log import configure, get_logger
 
     configure(args.log_format)
     logger = get_logger("agentd.bus")
@@ -190,10 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     sock.setsockopt(zmq.MAXMSGSIZE, max(64 * 1024 * 1024, 16 * args.max_frame))
     sock.setsockopt(zmq.LINGER, 0)
     auth = None
-    if args.endpoint.startswith("tcp://"):
+    if endpoint.needs_keys:
         from pathlib import Path
 
-        from agentd.daemon.keys import server_auth
+        from .keys import server_auth
 
         if not args.keys_dir:
             print("a tcp bus endpoint needs --keys-dir (CurveZMQ)", file=sys.stderr)
@@ -201,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                 journal.close()
             return 2
         auth = server_auth(ctx, sock, Path(args.keys_dir))
-    path = args.endpoint[len("ipc://") :] if args.endpoint.startswith("ipc://") else None
+    path = endpoint.path
     if path and os.path.exists(path):
         os.unlink(path)  # a stale socket from a broker that died; the daemon owns this path
     sock.bind(args.endpoint)
@@ -216,13 +221,13 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
 
-    broker = Broker(sock, router, journal)
+    broker_loop = BrokerLoop(sock, router, journal)
     logger.info("bus.listening", endpoint=args.endpoint, pid=os.getpid())
     try:
-        broker.serve(rfd)
+        broker_loop.serve(rfd)
     finally:
         router.sync_all()
-        broker.carry_out(time.monotonic())
+        broker_loop.carry_out(time.monotonic())
         logger.info("bus.stopping", **router.stats())
         if journal is not None:
             journal.close()

@@ -24,6 +24,7 @@ from typing import Any
 
 import zmq
 
+from .endpoint import parse_endpoint
 from .envelope import (
     Batch,
     DeadLetter,
@@ -71,6 +72,10 @@ class Client:
         endpoint = endpoint or os.environ.get("AGENTD_BUS")
         if not endpoint:
             raise BusError("no bus endpoint: pass one or set AGENTD_BUS")
+        try:
+            needs_keys = parse_endpoint(endpoint).needs_keys
+        except ValueError as exc:
+            raise BusError(f"bad bus endpoint: {exc}") from None
         self.endpoint = endpoint
         self.name = name or f"client-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.receipt_timeout = receipt_timeout
@@ -78,10 +83,10 @@ class Client:
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.IDENTITY, self.name.encode())
         self._sock.setsockopt(zmq.LINGER, 1000)
-        if endpoint.startswith("tcp://"):
+        if needs_keys:
             from pathlib import Path
 
-            from agentd.daemon.keys import client_curve
+            from .keys import client_curve
 
             keys_dir = keys_dir or os.environ.get("AGENTD_KEYS_DIR")
             if not keys_dir:

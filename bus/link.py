@@ -19,6 +19,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
+from .endpoint import parse_endpoint
 from .envelope import (
     DAEMON_ID,
     AgentEntry,
@@ -91,10 +92,10 @@ class BrokerLink:
         # The broker may not have bound yet: retry soon (ZeroMQ's default is 100 ms).
         sock.setsockopt(zmq.RECONNECT_IVL, 10)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-        if self.endpoint.startswith("tcp://") and self.keys_dir:
+        if parse_endpoint(self.endpoint).needs_keys and self.keys_dir:
             from pathlib import Path
 
-            from agentd.daemon.keys import client_curve
+            from .keys import client_curve
 
             client_curve(sock, Path(self.keys_dir))
         sock.connect(self.endpoint)

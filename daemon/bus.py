@@ -21,8 +21,10 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from agentd.bus.endpoint import parse_endpoint
+
 from .events import Event, EventLog
-from .runtime import ExitInfo, Guard, Proc, Runtime
+from .runtime import ExitInfo, Guard, Proc, ProcessRuntime
 from .spec import AgentSpec, DaemonSpec, Spec
 
 if TYPE_CHECKING:  # the bus modules load when the broker starts, not on import
@@ -59,7 +61,7 @@ def broker_spec(daemon: DaemonSpec) -> AgentSpec:
         "--table-wait",
         str(TABLE_WAIT),
     )
-    if daemon.keys_dir and daemon.bus.startswith("tcp://"):
+    if daemon.keys_dir and parse_endpoint(daemon.bus).needs_keys:
         argv += ("--keys-dir", daemon.keys_dir)
     return AgentSpec(
         name=NAME, pool=None, argv=argv, bus_agent=False, start_seconds=0, shutdown=5.0
@@ -96,7 +98,7 @@ def notice_event(events: EventLog, notice: Notice) -> Event:
     return events.emit(notice.event, notice.agent, **data)
 
 
-class Broker:
+class BrokerChild:
     """Runs, restarts and talks to the broker process."""
 
     def __init__(
@@ -111,7 +113,7 @@ class Broker:
         self.events = events
         self.on_ready = on_ready
         self.on_hung = on_hung
-        self.runtime = Runtime(
+        self.process_runtime = ProcessRuntime(
             daemon,
             {NAME: broker_spec(daemon)},
             events,
@@ -196,7 +198,7 @@ class Broker:
 
     def _spawn(self) -> None:
         self._started = time.monotonic()
-        self.runtime.start(NAME, self.incarnation)
+        self.process_runtime.start(NAME, self.incarnation)
 
     def abort_start(self) -> None:
         """The daemon is stopping: do not wait any longer for a broker that will not bind."""
@@ -210,10 +212,10 @@ class Broker:
         if self.link is not None:
             await self.link.close()
             self.link = None
-        if NAME not in self.runtime.procs:
+        if NAME not in self.process_runtime.procs:
             return
         self._stopped = asyncio.get_running_loop().create_future()
-        self.runtime.stop(NAME)
+        self.process_runtime.stop(NAME)
         await asyncio.wait([self._stopped], timeout=10)
 
     def agent_exited(self, name: str, incarnation: int) -> None:
@@ -222,10 +224,10 @@ class Broker:
             self.link.agent_down(name, incarnation)
 
     def proc(self) -> Proc | None:
-        return self.runtime.procs.get(NAME)
+        return self.process_runtime.procs.get(NAME)
 
     def last_exit(self) -> ExitInfo | None:
-        return self.runtime.last_exit.get(NAME)
+        return self.process_runtime.last_exit.get(NAME)
 
     def close_logs(self) -> None:
-        self.runtime.close_logs()
+        self.process_runtime.close_logs()

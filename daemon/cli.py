@@ -33,8 +33,9 @@ def main() -> None:
 )
 def run(config_path: str | None, log_format: str) -> None:
     """Run the daemon in the foreground (what systemd starts)."""
+    from agentd.bus.log import configure
+
     from .config import ConfigError, find_config, load
-    from .log import configure
 
     configure(log_format)  # type: ignore[arg-type]
     try:
@@ -72,7 +73,7 @@ def keys(directory: str) -> None:
     """Create CurveZMQ keys in DIRECTORY for a tcp control or bus endpoint."""
     from pathlib import Path
 
-    from .keys import create_keys_dir
+    from agentd.bus.keys import create_keys_dir
 
     made = create_keys_dir(Path(directory))
     click.echo(f"daemon key pair: {made['server_public']} (+ _secret)")

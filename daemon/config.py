@@ -26,14 +26,16 @@ from typing import Any, Literal
 
 import msgspec
 
+from ..bus.endpoint import parse_endpoint
 from ..bus.patterns import valid as patterns_valid
-from .events import HISTORY
 from .locate import (
+    BUS_DEFAULT,
+    CONTROL_DEFAULT,
     ConfigError,
     ConfigIssue,
     find_config,
+    locate_daemon,
     log_dir_default,
-    runtime_dir_default,
     state_dir_default,
 )
 from .spec import (
@@ -62,52 +64,61 @@ class _Strict(msgspec.Struct, forbid_unknown_fields=True):
     pass
 
 
+def _defaults(struct: type[msgspec.Struct]) -> dict[str, Any]:
+    """A spec struct's defaults by field: spec.py writes each default once, for both."""
+    fields = msgspec.structs.fields(struct)
+    return {f.name: f.default for f in fields if f.default is not msgspec.NODEFAULT}
+
+
+_DAEMON, _SUPERVISOR, _AGENT = (_defaults(s) for s in (DaemonSpec, SupervisorSpec, AgentSpec))
+
+
 class DaemonConfig(_Strict):
     runtime_dir: str | None = None
     log_dir: str | None = None
     state_dir: str | None = None
-    journal_sync: JournalSync = "batch"
-    control: str = "ipc://{runtime_dir}/control.sock"
-    bus: str = "ipc://{runtime_dir}/bus.sock"
-    shutdown_timeout: float = 30.0
-    log_max_bytes: int = 10 * 1024 * 1024
-    log_backups: int = 3
-    memory_check_interval: float = 2.0
+    journal_sync: JournalSync = _DAEMON["journal_sync"]
+    control: str = CONTROL_DEFAULT
+    bus: str = BUS_DEFAULT
+    shutdown_timeout: float = _DAEMON["shutdown_timeout"]
+    log_max_bytes: int = _DAEMON["log_max_bytes"]
+    log_backups: int = _DAEMON["log_backups"]
+    memory_check_interval: float = _DAEMON["memory_check_interval"]
     keys_dir: str | None = None
-    max_frame: int = 1024 * 1024
-    death_signal: bool = True
-    event_history: int = HISTORY
+    max_frame: int = _DAEMON["max_frame"]
+    death_signal: bool = _DAEMON["death_signal"]
+    event_history: int = _DAEMON["event_history"]
 
 
 class SupervisorConfig(_Strict):
-    strategy: Strategy = "one_for_one"
-    max_restarts: int = 3
-    max_seconds: float = 5.0
-    restart: RestartType = "permanent"
-    children: list[str] | None = None
+    strategy: Strategy = _SUPERVISOR["strategy"]
+    max_restarts: int = _SUPERVISOR["max_restarts"]
+    max_seconds: float = _SUPERVISOR["max_seconds"]
+    restart: RestartType = _SUPERVISOR["restart"]
+    children: list[str] | None = None  # None in [supervisor]: every agent no one lists
 
 
 class AgentConfig(_Strict):
     module: str | None = None
     command: list[str] | None = None
-    restart: RestartType = "permanent"
-    shutdown: float | Literal["brutal_kill"] = 5.0
-    stop_signal: str = "SIGTERM"
+    restart: RestartType = _AGENT["restart"]
+    shutdown: float | Literal["brutal_kill"] = _AGENT["shutdown"]
+    stop_signal: str = signal.Signals(_AGENT["stop_signal"]).name
     env: dict[str, str] = {}
     cwd: str | None = None
     user: str | None = None
     group: str | None = None
     subscribe: list[str] = []
-    heartbeat: float = 10.0
-    start_seconds: float = 1.0
+    heartbeat: float = _AGENT["heartbeat"]
+    start_seconds: float = _AGENT["start_seconds"]
     replicas: int | None = None
-    ack: bool = False
-    restart_delay: float = 0.0
-    limits: Limits = Limits()
-    max_deliveries: int = 5
-    retry_backoff: float = 0.5
-    max_in_flight: int = 100
-    max_pending: int = 10_000
+    ack: bool = _AGENT["ack"]
+    restart_delay: float = _AGENT["restart_delay"]
+    limits: Limits = _AGENT["limits"]
+    max_deliveries: int = _AGENT["max_deliveries"]
+    retry_backoff: float = _AGENT["retry_backoff"]
+    max_in_flight: int = _AGENT["max_in_flight"]
+    max_pending: int = _AGENT["max_pending"]
 
 
 # --- bounds: every count and size the config accepts --------------------------
@@ -531,8 +542,8 @@ def _define(
 
 def _daemon_spec(v: _Validator, main: _Source, cfg: DaemonConfig) -> DaemonSpec:
     base = Path(main.path).resolve().parent
-    runtime_dir = cfg.runtime_dir or runtime_dir_default()
-    runtime_dir = str(base / runtime_dir) if not os.path.isabs(runtime_dir) else runtime_dir
+    where = locate_daemon(Path(main.path), msgspec.structs.asdict(cfg))
+    runtime_dir = where.runtime_dir
 
     def sub(value: str) -> str:
         return value.replace("{runtime_dir}", runtime_dir)
@@ -542,25 +553,27 @@ def _daemon_spec(v: _Validator, main: _Source, cfg: DaemonConfig) -> DaemonSpec:
     state_dir = sub(cfg.state_dir) if cfg.state_dir else state_dir_default()
     state_dir = str(base / state_dir) if not os.path.isabs(state_dir) else state_dir
     _check_state_dir(v, main, state_dir, runtime_dir, explicit=cfg.state_dir is not None)
-    keys_dir = sub(cfg.keys_dir) if cfg.keys_dir else None
-    for key, endpoint in (("control", sub(cfg.control)), ("bus", sub(cfg.bus))):
+    keys_dir = where.keys_dir
+    for key, endpoint in (("control", where.control), ("bus", where.bus)):
         line = ("daemon", key)
-        if endpoint.startswith("tcp://"):
-            if not keys_dir:
-                v.issue(
-                    main,
-                    line,
-                    f"daemon.{key}: a tcp endpoint needs CurveZMQ keys "
-                    "(set daemon.keys_dir; `agentd keys DIR` creates them)",
-                )
-        elif not endpoint.startswith("ipc://"):
-            v.issue(main, line, f"daemon.{key}: endpoint must be ipc://PATH or tcp://HOST:PORT")
+        try:
+            needs_keys = parse_endpoint(endpoint).needs_keys
+        except ValueError as exc:
+            v.issue(main, line, f"daemon.{key}: {exc}")
+            continue
+        if needs_keys and not keys_dir:
+            v.issue(
+                main,
+                line,
+                f"daemon.{key}: a tcp endpoint needs CurveZMQ keys "
+                "(set daemon.keys_dir; `agentd keys DIR` creates them)",
+            )
     v.within_bounds(main, ("daemon",), "daemon", "daemon", cfg)
     return DaemonSpec(
         runtime_dir=runtime_dir,
         log_dir=log_dir,
-        control=sub(cfg.control),
-        bus=sub(cfg.bus),
+        control=where.control,
+        bus=where.bus,
         state_dir=state_dir,
         journal_sync=cfg.journal_sync,
         shutdown_timeout=cfg.shutdown_timeout,

@@ -20,9 +20,11 @@ import msgspec
 import zmq
 import zmq.asyncio
 
+from agentd.bus.endpoint import parse_endpoint
+from agentd.bus.log import get_logger
+
 from .events import NotHeld
 from .locate import ConfigError
-from .log import get_logger
 from .protocol import Ack, Item, Reply, Request, decoder, encoder
 
 if TYPE_CHECKING:
@@ -35,16 +37,12 @@ class Refused(Exception):
     """A command that cannot be done (unknown agent, bad state): ctl exits 1."""
 
 
-def ipc_path(endpoint: str) -> str | None:
-    return endpoint[len("ipc://") :] if endpoint.startswith("ipc://") else None
-
-
 class ControlServer:
     """Binds `daemon.control` and dispatches requests to the daemon."""
 
     def __init__(self, daemon: Daemon, endpoint: str) -> None:
         self.daemon = daemon
-        self.endpoint = endpoint
+        self.endpoint = parse_endpoint(endpoint)
         self.log = get_logger("agentd.control")
         self.ctx = zmq.asyncio.Context()
         self.sock: zmq.asyncio.Socket | None = None
@@ -53,21 +51,21 @@ class ControlServer:
         self._serve_task: asyncio.Task[None] | None = None
 
     def bind(self) -> None:
-        path = ipc_path(self.endpoint)
+        path = self.endpoint.path
         if path and os.path.exists(path):
-            if _answers(self.endpoint):  # ipc only: a tcp port in use fails the bind
-                raise RuntimeError(f"another agentd is already answering on {self.endpoint}")
+            if _answers(self.endpoint.url):  # ipc only: a tcp port in use fails the bind
+                raise RuntimeError(f"another agentd is already answering on {self.endpoint.url}")
             os.unlink(path)
         sock = self.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.LINGER, 0)
-        if self.endpoint.startswith("tcp://"):
-            from .keys import server_auth
+        if self.endpoint.needs_keys:
+            from agentd.bus.keys import server_auth
 
             keys = self.daemon.spec.daemon.keys_dir
             assert keys is not None  # config validation requires it for tcp
             self._auth = server_auth(self.ctx, sock, Path(keys))
-        sock.bind(self.endpoint)
+        sock.bind(self.endpoint.url)
         if path:
             os.chmod(path, 0o660)
             with contextlib.suppress(KeyError, PermissionError):
@@ -136,7 +134,7 @@ class ControlServer:
             self.sock.close(linger=0)
         if self._auth is not None:
             self._auth.stop()
-        path = ipc_path(self.endpoint)
+        path = self.endpoint.path
         if path:
             with contextlib.suppress(OSError):
                 os.unlink(path)

@@ -12,9 +12,12 @@ import os
 import sys
 import tomllib
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
+
+if TYPE_CHECKING:
+    from agentd.bus.endpoint import Endpoint
 
 NO_DAEMON = 3
 REFUSED = 1
@@ -30,15 +33,14 @@ STATE_COLOURS = {
 }
 
 
-
-def check_socket(endpoint: str) -> None:
+def check_socket(endpoint: Endpoint) -> None:
     """An ipc control socket that is not there, or not ours to use: exit 3 at once."""
-    if endpoint.startswith("ipc://"):
-        path = endpoint[len("ipc://") :]
-        if not os.path.exists(path):
-            fail(f"no agentd answering at {endpoint} (no socket there)", NO_DAEMON)
-        if not os.access(path, os.W_OK):
-            fail(f"permission denied on {path} (root or group agentd)", NO_DAEMON)
+    if endpoint.path is not None:
+        if not os.path.exists(endpoint.path):
+            fail(f"no agentd answering at {endpoint.url} (no socket there)", NO_DAEMON)
+        if not os.access(endpoint.path, os.W_OK):
+            fail(f"permission denied on {endpoint.path} (root or group agentd)", NO_DAEMON)
+
 
 class Ctl:
     """What every ctl command needs: the config path and the endpoints it names."""
@@ -50,7 +52,7 @@ class Ctl:
     def settings(self) -> dict[str, str]:
         """control/bus endpoints from the config, without validating the rest."""
         if self._settings is None:
-            from .locate import ConfigError, find_config, runtime_dir_default
+            from .locate import ConfigError, find_config, locate_daemon
 
             try:
                 path = find_config(self.config_path)
@@ -60,18 +62,22 @@ class Ctl:
             except (OSError, tomllib.TOMLDecodeError) as exc:
                 fail(f"cannot read config: {exc}", NO_DAEMON)
             daemon = data.get("daemon", {}) if isinstance(data.get("daemon"), dict) else {}
-            runtime_dir = str(daemon.get("runtime_dir") or runtime_dir_default())
-            if not os.path.isabs(runtime_dir):
-                runtime_dir = str(path.resolve().parent / runtime_dir)
+            where = locate_daemon(path, daemon)  # as the daemon does (config.py)
             self._settings = {
-                key: str(daemon.get(key, default)).replace("{runtime_dir}", runtime_dir)
-                for key, default in (
-                    ("control", "ipc://{runtime_dir}/control.sock"),
-                    ("bus", "ipc://{runtime_dir}/bus.sock"),
-                    ("keys_dir", ""),
-                )
+                "control": where.control,
+                "bus": where.bus,
+                "keys_dir": where.keys_dir or "",
             }
         return self._settings
+
+    def endpoint(self, key: str) -> Endpoint:
+        """The control or bus endpoint, parsed; a bad one exits 3 (no daemon serves it)."""
+        from agentd.bus.endpoint import parse_endpoint
+
+        try:
+            return parse_endpoint(self.settings()[key])
+        except ValueError as exc:
+            fail(f"daemon.{key}: {exc}", NO_DAEMON)
 
     def dealer(self, ctx: Any) -> Any:
         """A DEALER for the control socket, not yet connected (options go first).
@@ -82,10 +88,10 @@ class Ctl:
 
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
-        if self.settings()["control"].startswith("tcp://"):
+        if self.endpoint("control").needs_keys:
             from pathlib import Path
 
-            from .keys import client_curve
+            from agentd.bus.keys import client_curve
 
             client_curve(sock, Path(self.settings()["keys_dir"]))
         return sock
@@ -101,15 +107,15 @@ class Ctl:
 
         from .protocol import Ack, Item, Reply, Request, decoder, encoder
 
-        endpoint = self.settings()["control"]
+        endpoint = self.endpoint("control")
         check_socket(endpoint)
         ctx = zmq.Context()
         sock = self.dealer(ctx)
         try:
-            sock.connect(endpoint)
+            sock.connect(endpoint.url)
             sock.send(encoder.encode(Request(cmd, args or {})))
             if not sock.poll(ACK_TIMEOUT_MS):
-                fail(f"no agentd answering at {endpoint}", NO_DAEMON)
+                fail(f"no agentd answering at {endpoint.url}", NO_DAEMON)
             while True:
                 frame = decoder.decode(sock.recv())
                 if isinstance(frame, Ack):
@@ -129,7 +135,7 @@ class Ctl:
             ctx.term()
 
 
-def fail(message: str, code: int) -> None:
+def fail(message: str, code: int) -> NoReturn:
     click.echo(f"agentd ctl: {message}", err=True)
     sys.exit(code)
 
@@ -332,7 +338,7 @@ def _follow_events(c: Ctl, args: dict[str, Any]) -> None:
 
     from .protocol import Item, Reply, Request, decoder, encoder
 
-    endpoint = c.settings()["control"]
+    endpoint = c.endpoint("control")
     check_socket(endpoint)
     # Where a new `events --since` would take up: after the last event printed.
     resume = [f"{args['run']}:{args['since']}" if args.get("run") else str(args.get("since", ""))]
@@ -354,10 +360,10 @@ def _follow_events(c: Ctl, args: dict[str, Any]) -> None:
     sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * STREAM_HEARTBEAT_MS)
     monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)  # before connect: none missed
     try:
-        sock.connect(endpoint)
+        sock.connect(endpoint.url)
         sock.send(encoder.encode(Request("events", args)))
         if not sock.poll(ACK_TIMEOUT_MS):
-            fail(f"no agentd answering at {endpoint}", NO_DAEMON)
+            fail(f"no agentd answering at {endpoint.url}", NO_DAEMON)
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(monitor, zmq.POLLIN)
@@ -372,7 +378,7 @@ def _follow_events(c: Ctl, args: dict[str, Any]) -> None:
                 if show(decoder.decode(sock.recv())) is not None:
                     return
             hint = f"; resume with --since {resume[0]}" if resume[0] else ""
-            fail(f"event stream lost: the daemon at {endpoint} went away{hint}", NO_DAEMON)
+            fail(f"event stream lost: the daemon at {endpoint.url} went away{hint}", NO_DAEMON)
     except KeyboardInterrupt:
         sys.exit(0)
     finally:
@@ -477,13 +483,13 @@ def _bus_call(c: Ctl, use: Callable[[Any], Any]) -> Any:
     """
     from agentd.bus.client import BusError, BusTimeout, Client
 
-    endpoint = c.settings()["bus"]
-    if endpoint.startswith("ipc://") and not os.path.exists(endpoint[len("ipc://") :]):
-        fail(f"no agentd bus at {endpoint} (no socket there)", NO_DAEMON)
+    endpoint = c.endpoint("bus")
+    if endpoint.path is not None and not os.path.exists(endpoint.path):
+        fail(f"no agentd bus at {endpoint.url} (no socket there)", NO_DAEMON)
     keys_dir = c.settings()["keys_dir"] or None
     try:
         client = Client(
-            endpoint, name=f"ctl-{os.getpid()}", keys_dir=keys_dir, receipt_timeout=BUS_PROBE_S
+            endpoint.url, name=f"ctl-{os.getpid()}", keys_dir=keys_dir, receipt_timeout=BUS_PROBE_S
         )
     except BusError as exc:
         fail(str(exc), NO_DAEMON)
@@ -492,7 +498,7 @@ def _bus_call(c: Ctl, use: Callable[[Any], Any]) -> Any:
             client.stats()
         except BusTimeout:
             client.close(linger=0)  # the HELLO nobody took must not hold us up
-            fail(f"no agentd bus answering at {endpoint}", NO_DAEMON)
+            fail(f"no agentd bus answering at {endpoint.url}", NO_DAEMON)
         client.receipt_timeout = 5.0
         return use(client)
     except BusError as exc:

@@ -23,7 +23,7 @@ from typing import Any
 
 import msgspec
 
-from .log import get_logger
+from agentd.bus.log import get_logger
 
 #: Events kept for `ctl events --since` by default (`daemon.event_history`; older ones
 #: are only in the daemon's log).

@@ -1,4 +1,4 @@
-"""Finding the config file, and the error type every config problem becomes.
+"""Finding the config file and the daemon it names; the error every config problem becomes.
 
 Split out of config.py so `agentd ctl` can locate the daemon's endpoints
 without importing the whole validator.
@@ -10,6 +10,11 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+#: `daemon.control` and `daemon.bus` unless the config says (SPEC §3).
+CONTROL_DEFAULT = "ipc://{runtime_dir}/control.sock"
+BUS_DEFAULT = "ipc://{runtime_dir}/bus.sock"
 
 
 @dataclass(frozen=True)
@@ -110,3 +115,37 @@ def state_dir_default(environ: Mapping[str, str] | None = None, uid: int | None 
         return f"{xdg}/agentd"
     home = env.get("HOME") or str(Path.home())
     return f"{home}/.local/state/agentd"
+
+
+@dataclass(frozen=True)
+class DaemonLocation:
+    """Where the daemon a config names listens, `{runtime_dir}` substituted."""
+
+    runtime_dir: str
+    control: str
+    bus: str
+    keys_dir: str | None
+
+
+def locate_daemon(config_path: Path, daemon: Mapping[str, Any]) -> DaemonLocation:
+    """The runtime dir, endpoints and keys dir that a `[daemon]` table means.
+
+    The daemon derives them here from its validated table (config.py) and
+    `agentd ctl` from the raw one (it finds the daemon without validating the
+    whole config), so the two cannot come out different. A relative runtime_dir
+    is taken from the config file's directory.
+    """
+    runtime_dir = str(daemon.get("runtime_dir") or runtime_dir_default())
+    if not os.path.isabs(runtime_dir):
+        runtime_dir = str(config_path.resolve().parent / runtime_dir)
+
+    def sub(value: Any) -> str:
+        return str(value).replace("{runtime_dir}", runtime_dir)
+
+    keys_dir = daemon.get("keys_dir")
+    return DaemonLocation(
+        runtime_dir=runtime_dir,
+        control=sub(daemon.get("control", CONTROL_DEFAULT)),
+        bus=sub(daemon.get("bus", BUS_DEFAULT)),
+        keys_dir=sub(keys_dir) if keys_dir else None,
+    )

@@ -14,7 +14,7 @@ import socket
 import time
 from collections.abc import Mapping
 
-from .log import get_logger
+from agentd.bus.log import get_logger
 
 
 class Notifier:

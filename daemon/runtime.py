@@ -109,7 +109,7 @@ class Guard:
             self.popen.wait()
 
 
-class Runtime:
+class ProcessRuntime:
     """Starts, stops and watches agent processes for the supervision tree."""
 
     def __init__(

@@ -20,13 +20,14 @@ from typing import Any
 
 import msgspec
 
+from agentd.bus.log import get_logger
+
 from . import reload as reloading
 from . import spawn
 from .capture import tail
 from .events import EventLog
-from .log import get_logger
 from .proctable import ProcTable
-from .runtime import ExitInfo, Guard, Runtime
+from .runtime import ExitInfo, Guard, ProcessRuntime
 from .spec import AgentSpec, PoolSpec, Spec, pool_member
 from .tree import (
     Action,
@@ -87,7 +88,7 @@ class Daemon:
         self.events = EventLog(spec.daemon.event_history)
         self.tree = tree_from_spec(spec)
         self.guard: Guard | None = None
-        self.runtime: Runtime | None = None
+        self.process_runtime: ProcessRuntime | None = None
         self.exit_code: int | None = None
         self.ready = False
         self.stopping = False
@@ -95,7 +96,7 @@ class Daemon:
         self._kill_timer: asyncio.TimerHandle | None = None
         self.started_at = time.time()
         self.control: Any = None
-        self.broker: Any = None
+        self.broker_child: Any = None
         self.notifier: Any = None
         self.exits: dict[str, int] = {}
         self._waiters: list[tuple[Any, asyncio.Future[None]]] = []
@@ -125,16 +126,15 @@ class Daemon:
             return 1
         spawn.set_child_subreaper()
         _raise_nofile_limit()
-        from .notify import Notifier
+        from .notify import Notifier, watchdog_loop
 
         self.notifier = Notifier.from_env()
         self.notifier.status("starting")
-        interval = self.notifier.watchdog_interval()
-        if interval:
-            # From the loop itself: a stuck loop stops the pings and systemd steps in.
-            self._watchdog = loop.create_task(self._watchdog_loop(interval))
+        # From the loop itself: a stuck loop stops the pings and systemd steps in.
+        # Without a watchdog for this process the task ends at once.
+        self._watchdog = loop.create_task(watchdog_loop(self.notifier))
         self.guard = Guard()
-        self.runtime = Runtime(
+        self.process_runtime = ProcessRuntime(
             self.spec.daemon,
             self.spec.agents,
             self.events,
@@ -167,20 +167,20 @@ class Daemon:
             agents=len(self.spec.agents),
         )
         try:
-            from .bus import Broker
+            from .bus import BrokerChild
 
-            self.broker = Broker(
+            self.broker_child = BrokerChild(
                 self.spec.daemon,
                 self.events,
                 self.guard,
                 on_ready=self._bus_ready,
                 on_hung=self._bus_hung,
             )
-            await self.broker.start(self.spec)
+            await self.broker_child.start(self.spec)
             if not self.stopping:  # SIGTERM while the broker was starting: no tree at all
                 self._apply(self.tree.start(self.now()))
             code = await self._done
-            await self.broker.stop()
+            await self.broker_child.stop()
             for future in self._stopped_waiters:
                 if not future.done():
                     future.set_result(None)
@@ -192,26 +192,21 @@ class Daemon:
             self.notifier.close()
             if self.control is not None:
                 await self.control.close()
-            if self.runtime is not None:
-                self.runtime.close_logs()
-            if self.broker is not None:
-                self.broker.close_logs()
+            if self.process_runtime is not None:
+                self.process_runtime.close_logs()
+            if self.broker_child is not None:
+                self.broker_child.close_logs()
             if self.guard is not None:
                 self.guard.close()
         return code
-
-    async def _watchdog_loop(self, interval: float) -> None:
-        while True:
-            self.notifier.watchdog()
-            await asyncio.sleep(interval)
 
     def shutdown(self) -> None:
         """Orderly stop: the whole tree in reverse order within shutdown_timeout."""
         if self.stopping:
             return
         self.stopping = True
-        if self.broker is not None:
-            self.broker.abort_start()
+        if self.broker_child is not None:
+            self.broker_child.abort_start()
         if self.notifier is not None:
             self.notifier.stopping()
         self.events.emit("daemon.stopping", "agentd")
@@ -223,8 +218,8 @@ class Daemon:
 
     def _shutdown_timed_out(self) -> None:
         self.log.warning("daemon.shutdown_timeout", timeout=self.spec.daemon.shutdown_timeout)
-        assert self.runtime is not None
-        self.runtime.kill_everything()
+        assert self.process_runtime is not None
+        self.process_runtime.kill_everything()
 
     async def shutdown_and_wait(self) -> None:
         """ctl shutdown: returns once the whole tree is stopped."""
@@ -245,8 +240,8 @@ class Daemon:
         if self.stopping:
             # A second SIGTERM/SIGINT during shutdown: no more grace for anyone.
             self.log.warning("daemon.kill_all", reason="second stop signal")
-            assert self.runtime is not None
-            self.runtime.kill_everything()
+            assert self.process_runtime is not None
+            self.process_runtime.kill_everything()
             return
         self.shutdown()
 
@@ -282,37 +277,37 @@ class Daemon:
 
     def _on_chld(self) -> None:
         """SIGCHLD: reap orphans (a waitid peek; agents are reaped through their pidfds)."""
-        assert self.runtime is not None and self.guard is not None
+        assert self.process_runtime is not None and self.guard is not None
         known = {self.guard.popen.pid}
-        if self.broker is not None and self.broker.proc() is not None:
-            known.add(self.broker.proc().pid)
-        self.runtime.reap_strays(known)
+        if self.broker_child is not None and self.broker_child.proc() is not None:
+            known.add(self.broker_child.proc().pid)
+        self.process_runtime.reap_strays(known)
 
     # --- broker -> tree -----------------------------------------------------------------
 
     def _bus_ready(self, name: str, incarnation: int) -> None:
-        assert self.runtime is not None
-        self.runtime.mark_ready(name, incarnation)
+        assert self.process_runtime is not None
+        self.process_runtime.mark_ready(name, incarnation)
 
     def _bus_hung(self, name: str, incarnation: int) -> None:
-        assert self.runtime is not None
-        proc = self.runtime.procs.get(name)
+        assert self.process_runtime is not None
+        proc = self.process_runtime.procs.get(name)
         if proc is None or proc.incarnation != incarnation or proc.stopping:
             return
         self.events.emit("agent.hung", name, pid=proc.pid, incarnation=incarnation)
-        self.runtime.kill(name, "hung", incarnation)
+        self.process_runtime.kill(name, "hung", incarnation)
 
     # --- tree <-> runtime ---------------------------------------------------------------
 
     def _apply(self, actions: list[Action]) -> None:
         """Carry out the tree's decisions."""
-        assert self.runtime is not None
+        assert self.process_runtime is not None
         for action in actions:
             match action:
                 case Start(name=name, incarnation=incarnation):
-                    self.runtime.start(name, incarnation)
+                    self.process_runtime.start(name, incarnation)
                 case Stop(name=name):
-                    self.runtime.stop(name)
+                    self.process_runtime.stop(name)
                 case SetTimer(key=key, delay=delay):
                     asyncio.get_running_loop().call_later(delay, self._timer, key)
                 case Note(event=event, name=name, detail=detail):
@@ -339,8 +334,8 @@ class Daemon:
     def _agent_exited(self, name: str, incarnation: int, info: ExitInfo) -> None:
         self.exits[name] = self.exits.get(name, 0) + 1
         self._on_chld()  # an orphan's zombie may have been waiting behind this agent's
-        if self.broker is not None:
-            self.broker.agent_exited(name, incarnation)
+        if self.broker_child is not None:
+            self.broker_child.agent_exited(name, incarnation)
         self._apply(
             self.tree.exited(
                 name,
@@ -352,10 +347,10 @@ class Daemon:
         )
 
     def _crash_report(self, reason: str) -> None:
-        assert self.runtime is not None
+        assert self.process_runtime is not None
         exits: dict[str, Any] = {
             name: {"code": e.code, "signal": e.signal, "reason": e.reason, "stderr": e.stderr_tail}
-            for name, e in self.runtime.last_exit.items()
+            for name, e in self.process_runtime.last_exit.items()
         }
         self.log.critical("daemon.crash_report", reason=reason, last_exits=exits)
 
@@ -456,14 +451,14 @@ class Daemon:
 
     def status_rows(self) -> list[dict[str, Any]]:
         """`ctl status --json` rows, the broker (`bus`) included."""
-        assert self.runtime is not None
+        assert self.process_runtime is not None
         now = time.time()
         table = ProcTable()  # one pass over /proc for every row
         rows = []
         for name in self.tree.agents():
             child = self.tree.children[name]
-            proc = self.runtime.procs.get(name)
-            last = self.runtime.last_exit.get(name)
+            proc = self.process_runtime.procs.get(name)
+            last = self.process_runtime.last_exit.get(name)
             rows.append(
                 self._row(name, child.state, child.restarts, child.parent, proc, last, now, table)
             )
@@ -472,15 +467,15 @@ class Daemon:
 
     def _extra_rows(self, now: float, table: ProcTable) -> list[dict[str, Any]]:
         """The broker's row: it is supervised here, outside the user's tree."""
-        if self.broker is None:
+        if self.broker_child is None:
             return []
-        proc = self.broker.proc()
+        proc = self.broker_child.proc()
         state = "running" if proc is not None else "stopped"
-        last = self.broker.last_exit()
-        return [self._row("bus", state, self.broker.restarts, None, proc, last, now, table)]
+        last = self.broker_child.last_exit()
+        return [self._row("bus", state, self.broker_child.restarts, None, proc, last, now, table)]
 
     def _row(self, name, state, restarts, supervisor, proc, last, now, table) -> dict[str, Any]:
-        assert self.runtime is not None
+        assert self.process_runtime is not None
         alive = proc is not None and proc.pid and proc.popen is not None
         return {
             "name": name,
@@ -496,12 +491,13 @@ class Daemon:
                 "signal": signal.Signals(last.signal).name if last.signal else None,
                 "reason": last.reason,
             },
-            "rss": self.runtime.rss(proc, table) if alive else None,
-            "cpu": self.runtime.cpu(proc, table) if alive else None,
+            "rss": self.process_runtime.rss(proc, table) if alive else None,
+            "cpu": self.process_runtime.cpu(proc, table) if alive else None,
         }
 
     def tree_view(self) -> dict[str, Any]:
         """The supervision tree with strategies and states, for `ctl tree`."""
+        procs = self.process_runtime.procs if self.process_runtime is not None else {}
 
         def node(name: str) -> dict[str, Any]:
             sup = self.tree.sups[name]
@@ -511,7 +507,7 @@ class Daemon:
                 if child.is_supervisor:
                     children.append(node(child_name))
                 else:
-                    proc = self.runtime.procs.get(child_name) if self.runtime else None
+                    proc = procs.get(child_name)
                     children.append(
                         {
                             "name": child_name,
@@ -537,20 +533,20 @@ class Daemon:
         return tail(Path(self.spec.daemon.log_dir) / f"{name}.log", lines)
 
     def follow_log(self, name: str) -> asyncio.Queue[str]:
-        assert self.runtime is not None
+        assert self.process_runtime is not None
         queue: asyncio.Queue[str] = asyncio.Queue(maxsize=10_000)
-        self.runtime._log(name).followers.add(queue)
+        self.process_runtime._log(name).followers.add(queue)
         return queue
 
     def unfollow_log(self, name: str, queue: asyncio.Queue[str]) -> None:
-        assert self.runtime is not None
-        log = self.runtime.logs.get(name)
+        assert self.process_runtime is not None
+        log = self.process_runtime.logs.get(name)
         if log is not None:
             log.followers.discard(queue)
 
     async def scale(self, pool: str, count: int) -> dict[str, Any]:
         """Grow or shrink a pool; the highest-numbered members stop first."""
-        assert self.runtime is not None
+        assert self.process_runtime is not None
         members = [n for n, a in self.spec.agents.items() if a.pool == pool]
         members.sort(key=lambda n: int(n.rpartition("@")[2]))
         template = self.spec.agents[members[0]] if members else self._pool_template(pool)
@@ -579,7 +575,7 @@ class Daemon:
         self.spec = msgspec.structs.replace(
             self.spec, agents=agents, supervisors=supervisors, pools=pools
         )
-        self.runtime.agents = dict(agents)
+        self.process_runtime.agents = dict(agents)
         self._bus_table_changed()
         for name in reversed(removed):
             self._apply(self.tree.remove_child(name, self.now()))
@@ -610,7 +606,7 @@ class Daemon:
 
     async def reload(self, new: Spec) -> dict[str, Any]:
         """Apply the difference between the running spec and `new`."""
-        assert self.runtime is not None
+        assert self.process_runtime is not None
         old = self.spec
         plan = reloading.diff(old, new)
         for pool in new.pools:
@@ -618,7 +614,7 @@ class Daemon:
             if members:
                 self._pool_templates[pool] = members[0]
         self.spec = msgspec.structs.replace(new, daemon=old.daemon)
-        self.runtime.agents = dict(new.agents)
+        self.process_runtime.agents = dict(new.agents)
         self._bus_table_changed()
         before = {n: self.tree.children[n].incarnation for n in plan.changed_agents}
         now = self.now()
@@ -684,8 +680,8 @@ class Daemon:
 
     def _bus_table_changed(self) -> None:
         """Tell the broker which agents exist now (reload, scale)."""
-        if self.broker is not None:
-            self.broker.set_agents(self.spec)
+        if self.broker_child is not None:
+            self.broker_child.set_agents(self.spec)
 
     # --- views --------------------------------------------------------------------------
 

@@ -26,6 +26,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from agentd.bus.endpoint import parse_endpoint
+
 from .spec import AgentSpec, Limits
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -127,7 +129,7 @@ def agent_env(
         env["AGENTD_POOL"] = spec.pool
     if spec.ack:
         env["AGENTD_ACK"] = "1"
-    if keys_dir and bus.startswith("tcp://"):
+    if keys_dir and parse_endpoint(bus).needs_keys:
         env["AGENTD_KEYS_DIR"] = keys_dir
     if state_dir:
         env["AGENTD_STATE_DIR"] = state_dir

@@ -375,11 +375,11 @@ class Feed:
     def __init__(self, c: Ctl) -> None:
         import zmq
 
-        self.endpoint = c.settings()["control"]
+        self.endpoint = c.endpoint("control")
         self.ctx = zmq.Context()
         self.sock = c.dealer(self.ctx)
         self.sock.setsockopt(zmq.IMMEDIATE, 1)
-        self.sock.connect(self.endpoint)
+        self.sock.connect(self.endpoint.url)
         self.tree: dict[str, Any] | None = None
         self.agents: list[dict[str, Any]] | None = None
         self.answered = time.monotonic()  # the last reply (or the start)
@@ -392,7 +392,7 @@ class Feed:
 
         from .protocol import Request, encoder
 
-        if self.endpoint.startswith("ipc://") and not os.path.exists(self.endpoint[6:]):
+        if self.endpoint.path is not None and not os.path.exists(self.endpoint.path):
             self.problem = "no socket there"
             return False
         try:
@@ -482,7 +482,7 @@ def _unicode(console: Console) -> bool:
 
 def print_once(c: Ctl, sort: str) -> int:
     """One frame on a stdout that is not a terminal (scripts, tests): exit 0, or 3."""
-    endpoint = c.settings()["control"]
+    endpoint = c.endpoint("control")
     check_socket(endpoint)
     feed = Feed(c)
     try:
@@ -490,7 +490,7 @@ def print_once(c: Ctl, sort: str) -> int:
         sent = False
         while feed.tree is None or feed.agents is None:
             if time.monotonic() > deadline:
-                fail(f"no agentd answering at {endpoint}", NO_DAEMON)
+                fail(f"no agentd answering at {endpoint.url}", NO_DAEMON)
             sent = sent or feed.ask()
             feed.sock.poll(50)
             feed.receive()
@@ -499,7 +499,7 @@ def print_once(c: Ctl, sort: str) -> int:
     finally:
         feed.close()
     console = Console()
-    frame = Frame(feed.tree, feed.agents, endpoint, time.strftime("%H:%M:%S"))
+    frame = Frame(feed.tree, feed.agents, endpoint.url, time.strftime("%H:%M:%S"))
     console.print(render(frame, View(sort), console.width, None, _unicode(console)))
     return 0
 
@@ -534,7 +534,7 @@ def run_live(c: Ctl, sort: str, interval: float) -> int:
     """Refresh every `interval` until q or Ctrl-C (0), or GONE_AFTER_S without a reply (3)."""
     import zmq
 
-    endpoint = c.settings()["control"]
+    endpoint = c.endpoint("control")
     check_socket(endpoint)
     feed = Feed(c)
     view: View | None = View(sort)
@@ -563,7 +563,7 @@ def run_live(c: Ctl, sort: str, interval: float) -> int:
                 console.size = (width, height)
                 clock = time.strftime("%H:%M:%S")
                 problem = _banner(feed, now, patience)
-                frame = Frame(feed.tree, feed.agents or [], endpoint, clock, problem, keys=True)
+                frame = Frame(feed.tree, feed.agents or [], endpoint.url, clock, problem, keys=True)
                 live.update(render(frame, view, width, height, unicode), refresh=True)
                 wake = min(next_ask, feed.answered + GONE_AFTER_S)
                 for ready, _ in poller.poll(max(0.0, wake - time.monotonic()) * 1000 + 1):
@@ -583,7 +583,7 @@ def run_live(c: Ctl, sort: str, interval: float) -> int:
         return 0
     finally:
         feed.close()
-    fail(f"no agentd answering at {endpoint} for {GONE_AFTER_S:g}s: gave up", NO_DAEMON)
+    fail(f"no agentd answering at {endpoint.url} for {GONE_AFTER_S:g}s: gave up", NO_DAEMON)
     return NO_DAEMON
 
 

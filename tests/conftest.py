@@ -108,14 +108,15 @@ class DaemonProc:
                 self.lines.append(record)
                 self._cond.notify_all()
 
+    @staticmethod
+    def _is(record: dict[str, Any], event: str | None, agent: str | None) -> bool:
+        return (event is None or record.get("event") == event) and (
+            agent is None or record.get("agent") == agent
+        )
+
     def events(self, event: str | None = None, agent: str | None = None) -> list[dict[str, Any]]:
         with self._cond:
-            return [
-                r
-                for r in self.lines
-                if (event is None or r.get("event") == event)
-                and (agent is None or r.get("agent") == agent)
-            ]
+            return [r for r in self.lines if self._is(r, event, agent)]
 
     def wait_event(
         self,
@@ -125,14 +126,26 @@ class DaemonProc:
         timeout: float = 10.0,
         where: Callable[[dict[str, Any]], bool] = lambda r: True,
     ) -> dict[str, Any]:
-        def found() -> Any:
-            matches = [r for r in self.events(event, agent) if where(r)]
+        """The `count`th matching record, waiting on the reader's Condition until the deadline."""
+        matches: list[dict[str, Any]] = []
+        scanned = 0
+
+        def found() -> dict[str, Any] | None:
+            nonlocal scanned  # each wake-up looks only at the lines that came since the last
+            for record in self.lines[scanned:]:
+                if self._is(record, event, agent) and where(record):
+                    matches.append(record)
+            scanned = len(self.lines)
             return matches[count - 1] if len(matches) >= count else None
 
-        try:
-            return wait_for(found, timeout, f"{count}x {event} {agent or ''}")
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}\n--- daemon log, last lines:\n{self.tail()}") from None
+        with self._cond:
+            record = self._cond.wait_for(found, timeout)
+        if record is None:
+            raise AssertionError(
+                f"timed out after {timeout}s waiting for {count}x {event} {agent or ''}"
+                f"\n--- daemon log, last lines:\n{self.tail()}"
+            )
+        return record
 
     def tail(self, n: int = 15) -> str:
         with self._cond:

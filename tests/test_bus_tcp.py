@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from agentd.bus import BusTimeout, Client
-from agentd.daemon.keys import SERVER, create_keypair, create_keys_dir
+from agentd.bus.keys import SERVER, create_keypair, create_keys_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 

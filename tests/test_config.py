@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from agentd.daemon.config import ConfigError, load
@@ -86,6 +87,9 @@ def test_defaults(tmp_path: Path) -> None:
         ('[agents.bus]\ncommand = ["x"]\n', 1, "reserved name"),
         ('[agents."a.b"]\ncommand = ["x"]\n', 1, "bad name"),
         ('[daemon]\nbus = "tcp://127.0.0.1:5555"\n', 2, "needs CurveZMQ keys"),
+        ('[daemon]\nkeys_dir = "k"\ncontrol = "tcp://127.0.0.1"\n', 3, "needs a host and a port"),
+        ('[daemon]\n\nbus = "udp://127.0.0.1:5555"\n', 3, "unknown transport 'udp'"),
+        ('[daemon]\ncontrol = "/run/agentd/control.sock"\n', 2, "is not an endpoint"),
         ('[daemon]\nshutdown_timeout = "soon"\n', 2, "Expected `float`"),
         ('[agents.a]\ncommand = ["x"]\nheartbeat = 0\n', 3, "must be > 0"),
         ('[agents.a]\ncommand = ["x"]\nuser = "no-such-user-agentd"\n', 3, "no such user"),
@@ -280,6 +284,40 @@ def test_runtime_and_log_dir_defaults_are_systemds_directories(
     assert load(write(tmp_path, '[agents.a]\ncommand = ["x"]\n')).daemon.log_dir == (
         f"{tmp_path}/run/agentd/log"
     )
+
+
+def test_a_config_that_says_nothing_gets_the_specs_defaults(tmp_path: Path) -> None:
+    """spec.py holds every default once: an unset key means exactly what it says there."""
+    from agentd.daemon.spec import AgentSpec, SupervisorSpec
+
+    spec = load(write(tmp_path, '[daemon]\nruntime_dir = "run"\n[agents.a]\ncommand = ["x"]\n'))
+    assert spec.agents["a"] == AgentSpec(name="a", pool=None, argv=("x",), bus_agent=False)
+    assert spec.supervisors["root"] == SupervisorSpec(name="root", children=("a",))
+    given = {"runtime_dir", "log_dir", "control", "bus", "state_dir"}  # derived, not defaults
+    unset = {f: v for f, v in msgspec.structs.asdict(spec.daemon).items() if f not in given}
+    assert unset == {
+        f.name: f.default for f in msgspec.structs.fields(type(spec.daemon)) if f.name in unset
+    }
+
+
+@pytest.mark.parametrize(
+    "daemon",
+    [
+        "",
+        'runtime_dir = "run"\n',
+        'runtime_dir = "run"\ncontrol = "ipc://{runtime_dir}/c.sock"\nbus = "ipc://b.sock"\n',
+        'control = "tcp://127.0.0.1:5555"\nkeys_dir = "{runtime_dir}/keys"\n',
+    ],
+)
+def test_ctl_finds_the_endpoints_the_daemon_serves(tmp_path: Path, daemon: str) -> None:
+    """ctl reads the raw config (no validation) and must land where the daemon binds."""
+    from agentd.daemon.ctl import Ctl
+
+    path = write(tmp_path / "etc", f'[daemon]\n{daemon}[agents.a]\ncommand = ["x"]\n')
+    spec = load(path).daemon
+    settings = Ctl(str(path)).settings()
+    assert (settings["control"], settings["bus"]) == (spec.control, spec.bus)
+    assert settings["keys_dir"] == (spec.keys_dir or "")
 
 
 def test_state_dir_default_for_other_users(tmp_path: Path) -> None:

@@ -55,10 +55,14 @@ start_seconds = 0.3
         wait_for(lambda: notify.lines().count("WATCHDOG=1") >= 3, 5, "watchdog pings")
         d.signal(signal.SIGHUP)
         d.wait_event("daemon.reloaded")
-        lines = notify.lines()
-        reloading = lines.index("RELOADING=1")
-        assert "READY=1" in lines[reloading:]
-        assert any(line.startswith("MONOTONIC_USEC=") for line in lines[reloading:])
+
+        def after_reloading() -> list[str]:
+            lines = notify.lines()
+            return lines[lines.index("RELOADING=1") :] if "RELOADING=1" in lines else []
+
+        # READY=1 follows the reload's last log line (daemon.reloaded), not before it.
+        wait_for(lambda: "READY=1" in after_reloading(), 5, "READY=1 after RELOADING=1")
+        assert any(line.startswith("MONOTONIC_USEC=") for line in after_reloading())
         assert d.stop() == 0
         assert "STOPPING=1" in notify.lines()
     finally:

@@ -33,7 +33,7 @@ from agentd.agents.examples.audit import Audit, trail_path
 from agentd.agents.examples.ingress import JobStore
 from agentd.agents.examples.orchestrator import Orchestrator, Outcomes
 from agentd.agents.examples.store import HubDb
-from agentd.daemon.log import get_logger
+from agentd.bus.log import get_logger
 from tests.conftest import DaemonProc, wait_for
 from tests.test_hub import (
     ROOT,

@@ -9,12 +9,11 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from agentd.daemon.keys import (
+from agentd.bus.keys import (
     SERVER,
     client_curve,
     create_keypair,
     create_keys_dir,
-    endpoint_needs_keys,
     server_auth,
 )
 
@@ -35,13 +34,6 @@ def test_keys_dir_layout(tmp_path) -> None:
     assert (made["client_secret"].stat().st_mode & 0o777) == 0o600
     assert (made["allowed"] / made["client_public"].name).exists()
     assert not (made["allowed"] / made["server_public"].name).exists()
-
-
-def test_endpoint_needs_keys() -> None:
-    assert endpoint_needs_keys("tcp://127.0.0.1:5555")
-    assert endpoint_needs_keys("TCP://0.0.0.0:1")
-    assert not endpoint_needs_keys("ipc:///run/agentd/control.sock")
-    assert not endpoint_needs_keys("inproc://bus")
 
 
 def exchange(ctx: zmq.Context, server: zmq.Socket, port: int, setups) -> list[zmq.Socket]:

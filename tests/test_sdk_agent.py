@@ -64,7 +64,7 @@ def test_sigterm_finishes_the_handler_then_exits_0(bus) -> None:
     bus.link.wait_event("disconnected", "w", 0)
 
 
-def test_runtime_needs_the_bus_endpoint() -> None:
+def test_the_agent_runner_needs_the_bus_endpoint() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTD_")}
     result = subprocess.run(
         [sys.executable, "-m", "agentd.agents", "tests.bus_agents:Recorder"],

@@ -39,7 +39,7 @@ from typing import Any
 import msgspec
 
 from agentd.agents import Agent, Context, Signal, on
-from agentd.daemon.log import get_logger
+from agentd.bus.log import get_logger
 
 OUTCOMES = ("job.completed", "job.failed")
 

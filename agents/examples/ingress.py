@@ -54,7 +54,7 @@ import msgspec
 from aiohttp import web
 
 from agentd.agents import Agent, BusError, BusTimeout, Context, Signal, on
-from agentd.daemon.log import get_logger
+from agentd.bus.log import get_logger
 
 from .jobs import JobError, split
 from .store import HubDb

@@ -48,7 +48,7 @@ from typing import Any
 import msgspec
 
 from agentd.agents import Agent, BusError, BusTimeout, Context, RemoteError, Signal, on
-from agentd.daemon.log import get_logger
+from agentd.bus.log import get_logger
 
 from .jobs import JobError, Task, join, split
 from .store import HubDb

@@ -25,7 +25,7 @@ import uuid
 import msgspec
 
 from agentd.agents import Agent, BusError
-from agentd.daemon.log import get_logger
+from agentd.bus.log import get_logger
 
 from .jobs import split
 

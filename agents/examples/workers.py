@@ -24,7 +24,7 @@ import os
 from typing import Any
 
 from agentd.agents import Agent, Context, Signal, on
-from agentd.daemon.log import get_logger
+from agentd.bus.log import get_logger
 
 from .jobs import task_delay, work
 

@@ -5,7 +5,8 @@ bus) needs CurveZMQ. `agentd keys DIR` makes the daemon's key pair and a
 client pair, and puts the client's public key in DIR/allowed/. The daemon
 serves as a CURVE server with its secret key and lets in only clients whose
 public keys are in DIR/allowed/ (zmq.auth's ZAP handler); everyone else
-gets nothing at all.
+gets nothing at all. Which endpoints need keys: `Endpoint.needs_keys`
+(bus/endpoint.py).
 
 Layout of a keys dir:
 
@@ -51,16 +52,6 @@ def create_keys_dir(directory: Path) -> dict[str, Path]:
         "client_secret": client_secret,
         "allowed": allowed,
     }
-
-
-def endpoint_needs_keys(endpoint: str) -> bool:
-    """True unless the endpoint is host-local (ipc://, inproc://): tcp:// needs CurveZMQ.
-
-    Any other transport (ws://, pgm://, ...) also counts as network, so it needs
-    keys too: there is no unauthenticated network endpoint.
-    """
-    scheme = endpoint.partition("://")[0].lower()
-    return scheme not in ("ipc", "inproc")
 
 
 def _load_secret(secret_file: Path) -> tuple[bytes, bytes]:
