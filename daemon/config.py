@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import glob
 import grp
+import math
 import os
 import pwd
 import re
@@ -42,6 +43,7 @@ from .spec import (
     RESERVED_NAMES,
     ROOT,
     AgentSpec,
+    AutoShutdown,
     DaemonSpec,
     JournalSync,
     Limits,
@@ -96,13 +98,18 @@ class SupervisorConfig(_Strict):
     max_seconds: float = _SUPERVISOR["max_seconds"]
     restart: RestartType = _SUPERVISOR["restart"]
     children: list[str] | None = None  # None in [supervisor]: every agent no one lists
+    auto_shutdown: AutoShutdown = _SUPERVISOR["auto_shutdown"]
+    significant: bool = _SUPERVISOR["significant"]
+    # A supervisor's stop waits for each child's own escalation: OTP's `infinity`, the
+    # one value that fits a supervisor child, accepted so a config can say so.
+    shutdown: Literal["infinity"] = "infinity"
 
 
 class AgentConfig(_Strict):
     module: str | None = None
     command: list[str] | None = None
     restart: RestartType = _AGENT["restart"]
-    shutdown: float | Literal["brutal_kill"] = _AGENT["shutdown"]
+    shutdown: float | Literal["brutal_kill", "infinity"] = _AGENT["shutdown"]
     stop_signal: str = signal.Signals(_AGENT["stop_signal"]).name
     env: dict[str, str] = {}
     cwd: str | None = None
@@ -114,6 +121,7 @@ class AgentConfig(_Strict):
     replicas: int | None = None
     ack: bool = _AGENT["ack"]
     restart_delay: float = _AGENT["restart_delay"]
+    significant: bool = _AGENT["significant"]
     limits: Limits = _AGENT["limits"]
     max_deliveries: int = _AGENT["max_deliveries"]
     retry_backoff: float = _AGENT["retry_backoff"]
@@ -414,7 +422,7 @@ class _Validator:
             value = config
             for part in parts:
                 value = getattr(value, part)
-            # None (replicas unset) and "brutal_kill" have no bound.
+            # None (replicas unset), "brutal_kill" and "infinity" have no bound.
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 ok = self.bounded(source, (*path, *parts), f"{where}.{attr}", key, value) and ok
         return ok
@@ -671,6 +679,7 @@ def _agent_template(
     if stop_signal is None:
         v.issue(src, (*path, "stop_signal"), f"agents.{name}.stop_signal: unknown signal")
     ok = v.within_bounds(src, path, f"agents.{name}", "agent", cfg)
+    ok = _significant_ok(v, src, path, f"agents.{name}", cfg) and ok
     ok = _patterns_ok(v, src, path, name, cfg.subscribe) and ok
     ok = _text_ok(v, src, path, name, cfg) and ok
     if cfg.user is not None and not _user_exists(cfg.user):
@@ -688,7 +697,7 @@ def _agent_template(
         argv=argv,
         bus_agent=cfg.module is not None,
         restart=cfg.restart,
-        shutdown=None if cfg.shutdown == "brutal_kill" else float(cfg.shutdown),
+        shutdown=_shutdown(cfg.shutdown),
         stop_signal=stop_signal,
         env=tuple((k, sub(val)) for k, val in cfg.env.items()),
         cwd=cwd,
@@ -699,6 +708,7 @@ def _agent_template(
         start_seconds=cfg.start_seconds,
         ack=cfg.ack,
         restart_delay=cfg.restart_delay,
+        significant=cfg.significant,
         limits=cfg.limits,
         max_deliveries=cfg.max_deliveries,
         retry_backoff=cfg.retry_backoff,
@@ -706,6 +716,28 @@ def _agent_template(
         max_pending=cfg.max_pending,
     )
     return _Template(fields, cfg.replicas)
+
+
+def _shutdown(value: float | str) -> float | None:
+    """Seconds of grace; None for brutal_kill; inf for infinity (no SIGKILL at all)."""
+    if value == "brutal_kill":
+        return None
+    return math.inf if value == "infinity" else float(value)
+
+
+def _significant_ok(
+    v: _Validator, src: _Source, path: tuple[str, ...], where: str, cfg: Any
+) -> bool:
+    """OTP's rule: only a transient or temporary child may be significant."""
+    if cfg.significant and cfg.restart == "permanent":
+        v.issue(
+            src,
+            (*path, "significant"),
+            f"{where}.significant: a permanent child is always restarted, so it never ends; "
+            'set restart = "transient" or "temporary"',
+        )
+        return False
+    return True
 
 
 def _argv(
@@ -830,6 +862,14 @@ def _check_tree(
     _check_cycles(v, sups)
     for sup in sups.values():
         v.within_bounds(sup.source, sup.path, sup.where, "supervisor", sup.config)
+        _significant_ok(v, sup.source, sup.path, sup.where, sup.config)
+    if root_cfg.significant:
+        v.issue(
+            main,
+            ("supervisor", "significant"),
+            "supervisor.significant: the root has no "
+            "supervisor above it (auto_shutdown of the root ends agentd)",
+        )
     _check_sizes(v, sups, defined)
     return sups, parent
 
@@ -928,6 +968,8 @@ def _supervisor_specs(
             max_seconds=sup.config.max_seconds,
             restart="permanent" if name == ROOT else sup.config.restart,
             children=expand(sup.children),
+            auto_shutdown=sup.config.auto_shutdown,
+            significant=sup.config.significant,
         )
         for name, sup in sups.items()
     }

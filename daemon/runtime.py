@@ -10,6 +10,7 @@ the memory sampler — and reports back through two callbacks: `on_started`
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import signal
 import subprocess
@@ -193,6 +194,8 @@ class ProcessRuntime:
             spawn.kill_group(proc.pid, signal.SIGKILL)
             return
         spawn.kill_group(proc.pid, spec.stop_signal)
+        if spec.shutdown == math.inf:
+            return  # "infinity": its own time (a daemon stop is still bounded, kill_everything)
         proc.timers.append(
             self.loop.call_later(spec.shutdown, spawn.kill_group, proc.pid, signal.SIGKILL)
         )

@@ -383,7 +383,9 @@ class Daemon:
 
     def _stop_timeout(self, names: list[str]) -> float:
         specs = [self.spec.agents[n] for n in names if n in self.spec.agents]
-        return 10.0 + sum(a.shutdown or 0 for a in specs)
+        # An agent with shutdown = "infinity" is waited for as long as a daemon stop.
+        bound = self.spec.daemon.shutdown_timeout
+        return 10.0 + sum(min(a.shutdown or 0, bound) for a in specs)
 
     # --- ctl commands -----------------------------------------------------------------
 

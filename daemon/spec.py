@@ -39,7 +39,7 @@ class AgentSpec(msgspec.Struct, frozen=True):
     argv: tuple[str, ...]
     bus_agent: bool  # an SDK agent: started = READY on the bus
     restart: RestartType = "permanent"
-    shutdown: float | None = 5.0  # None = brutal_kill
+    shutdown: float | None = 5.0  # None = brutal_kill; math.inf = infinity (no SIGKILL)
     stop_signal: int = 15
     env: tuple[tuple[str, str], ...] = ()
     cwd: str | None = None

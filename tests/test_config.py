@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -90,6 +91,12 @@ def test_defaults(tmp_path: Path) -> None:
         ('[daemon]\nkeys_dir = "k"\ncontrol = "tcp://127.0.0.1"\n', 3, "needs a host and a port"),
         ('[daemon]\n\nbus = "udp://127.0.0.1:5555"\n', 3, "unknown transport 'udp'"),
         ('[daemon]\ncontrol = "/run/agentd/control.sock"\n', 2, "is not an endpoint"),
+        ('[agents.a]\ncommand = ["x"]\nsignificant = true\n', 3, "a permanent child"),
+        ('[supervisor]\nsignificant = true\n[agents.a]\ncommand = ["x"]\n', 2, "the root"),
+        ("[supervisors.s]\nchildren = []\nsignificant = true\n", 3, "a permanent child"),
+        ('[supervisor]\nauto_shutdown = "some"\n', 2, "Invalid enum value"),
+        ("[supervisors.s]\nchildren = []\nshutdown = 5\n", 3, "Expected `str`"),
+        ('[agents.a]\ncommand = ["x"]\nshutdown = "forever"\n', 3, "shutdown"),
         ('[daemon]\nshutdown_timeout = "soon"\n', 2, "Expected `float`"),
         ('[agents.a]\ncommand = ["x"]\nheartbeat = 0\n', 3, "must be > 0"),
         ('[agents.a]\ncommand = ["x"]\nuser = "no-such-user-agentd"\n', 3, "no such user"),
@@ -729,3 +736,19 @@ def test_strings_exec_cannot_carry_are_errors(tmp_path: Path, setting: str, need
     path = write(tmp_path, f"[agents.a]\n{setting}\n")
     found = errors(path)
     assert any(e.startswith(f"{path}:") and needle in e for e in found), found
+
+
+def test_otp_keys_reach_the_spec(tmp_path: Path) -> None:
+    spec = load(
+        write(
+            tmp_path,
+            '[supervisor]\nauto_shutdown = "all_significant"\n'
+            '[supervisors.s]\nrestart = "transient"\nsignificant = true\nshutdown = "infinity"\n'
+            'children = ["a"]\n'
+            '[agents.a]\ncommand = ["x"]\nrestart = "temporary"\nsignificant = true\n'
+            'shutdown = "infinity"\n',
+        )
+    )
+    assert spec.supervisors["root"].auto_shutdown == "all_significant"
+    assert spec.supervisors["s"].significant and not spec.supervisors["root"].significant
+    assert spec.agents["a"].significant and spec.agents["a"].shutdown == math.inf
