@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import contextvars
 import inspect
+import json
 import os
 import signal as signals
 import sys
@@ -57,7 +58,11 @@ from agentd.bus.envelope import (
     Receipt,
     Reconnect,
     Signal,
+    Spawn,
+    SpawnReply,
+    Terminate,
     encoder,
+    new_id,
     peer_decoder,
 )
 from agentd.bus.envelope import signal as make_signal
@@ -136,6 +141,20 @@ class Context:
         """Send a request and wait for the reply's data (BusTimeout, BusError)."""
         return await self._runner.request(to, type, data, timeout)
 
+    async def spawn(
+        self, supervisor: str, name: str, args: Any = None, timeout: float = 30.0
+    ) -> None:
+        """Start child `name` of dynamic `supervisor` (its `self.args` = `args`); once it runs.
+
+        RemoteError with agentd's reason if it cannot (name taken, max_children, ...).
+        """
+        frame = Spawn(new_id(), supervisor, name, args)
+        await self._runner.ask_daemon(frame, f"spawn {name}", timeout)
+
+    async def terminate(self, name: str, timeout: float = 30.0) -> None:
+        """Stop dynamic child `name` for good; returns once it is gone."""
+        await self._runner.ask_daemon(Terminate(new_id(), name), f"terminate {name}", timeout)
+
     @contextlib.contextmanager
     def trace(self, traceparent: str | None = None) -> Iterator[str]:
         """Within the block, what this task sends is in the trace of `traceparent`.
@@ -158,6 +177,7 @@ class Agent:
     name: str
     incarnation: int
     ctx: Context
+    args: Any = None  # a dynamic child's spawn args (decoded AGENTD_ARGS); else None
 
     def setup(self) -> Awaitable[None] | None:
         """Once per process, before READY. May be async."""
@@ -201,6 +221,7 @@ class AgentRunner:
                     self.rank.append((*_specificity(pattern), index))
                     self.trie.add(pattern, str(index))
         self.receipts: dict[str, asyncio.Future[Receipt]] = {}
+        self.daemon_asks: dict[str, asyncio.Future[SpawnReply]] = {}  # spawn, terminate
         self.requests: dict[str, asyncio.Future[Signal]] = {}
         self.request_ids: dict[str, str] = {}  # signal id -> correlation id
         self.inflight: set[asyncio.Task[Any]] = set()
@@ -228,6 +249,7 @@ class AgentRunner:
         self.sock.connect(self.endpoint)
         self.agent.name = self.name
         self.agent.incarnation = self.incarnation
+        self.agent.args = _spawn_args()
         self.agent.ctx = Context(self)
         self.send(self._hello())
         beat = loop.create_task(self._heartbeats())
@@ -318,6 +340,20 @@ class AgentRunner:
             raise RemoteError(f"{to}: {reply.error}")
         return reply.data
 
+    async def ask_daemon(self, frame: Spawn | Terminate, what: str, timeout: float) -> None:
+        """Send a spawn/terminate (the broker hands it to agentd); raise unless it is done."""
+        future: asyncio.Future[SpawnReply] = asyncio.get_running_loop().create_future()
+        self.daemon_asks[frame.id] = future
+        self.send(frame)
+        try:
+            answer = await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            raise BusTimeout(f"no answer to {what} within {timeout}s") from None
+        finally:
+            self.daemon_asks.pop(frame.id, None)
+        if not answer.ok:
+            raise RemoteError(answer.error or "refused")
+
     # --- receiving -------------------------------------------------------------------------
 
     async def _receive(self) -> None:
@@ -337,6 +373,10 @@ class AgentRunner:
                 future = self.receipts.get(frame.id)
                 if future is not None and not future.done():
                     future.set_result(frame)
+            elif isinstance(frame, SpawnReply):
+                asked = self.daemon_asks.get(frame.id)
+                if asked is not None and not asked.done():
+                    asked.set_result(frame)
             elif isinstance(frame, Error):
                 self._error(frame)
             elif isinstance(frame, Reconnect):
@@ -445,6 +485,12 @@ class AgentRunner:
         if self._acks:
             ids, self._acks = self._acks, []
             self.send(Ack(ids))
+
+
+def _spawn_args() -> Any:
+    """AGENTD_ARGS decoded (a dynamic child's spawn args), None when absent."""
+    text = os.environ.get("AGENTD_ARGS")
+    return None if text is None else json.loads(text)
 
 
 def _reply_parent(sig: Signal) -> str:

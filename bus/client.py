@@ -34,8 +34,11 @@ from .envelope import (
     Hello,
     Receipt,
     Signal,
+    Spawn,
+    SpawnReply,
     Stats,
     Subscribe,
+    Terminate,
     Trace,
     TraceRecord,
     TraceReply,
@@ -244,6 +247,33 @@ class Client:
             if isinstance(frame, Error) and frame.id is None:
                 raise BusError(frame.reason)
             self._keep(frame)
+
+    def spawn(self, supervisor: str, name: str, args: Any = None, timeout: float = 30.0) -> None:
+        """Start child `name` of dynamic `supervisor`; returns once it runs (SPEC §12).
+
+        `args` (a JSON value) reach the child as `self.args` and `AGENTD_ARGS`.
+        RemoteError with the daemon's reason if it cannot be spawned (name taken,
+        max_children reached, ...); BusTimeout if no answer in `timeout` seconds.
+        """
+        self._ask_daemon(Spawn(uuid.uuid4().hex, supervisor, name, args), timeout)
+
+    def terminate(self, name: str, timeout: float = 30.0) -> None:
+        """Stop dynamic child `name` for good; returns once it is gone (RemoteError if not)."""
+        self._ask_daemon(Terminate(uuid.uuid4().hex, name), timeout)
+
+    def _ask_daemon(self, frame: Spawn | Terminate, timeout: float) -> None:
+        self._sock.send(self._enc.encode(frame))
+        deadline = time.monotonic() + timeout
+        what = f"{type(frame).__name__.lower()} {frame.name}"
+        while True:
+            answer = self._next(deadline, f"no answer to {what} within {timeout}s")
+            if isinstance(answer, SpawnReply) and answer.id == frame.id:
+                if not answer.ok:
+                    raise RemoteError(answer.error or "refused")
+                return
+            if isinstance(answer, Error) and answer.id is None:
+                raise BusError(answer.reason)
+            self._keep(answer)
 
     def request(
         self,

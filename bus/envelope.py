@@ -189,6 +189,38 @@ class Stats(_Frame, tag="stats"):
     counters: dict[str, int] = {}
 
 
+class Spawn(_Frame, tag="spawn"):
+    """Peer → broker → daemon: start child `name` of a dynamic supervisor (SPEC §12).
+
+    The broker hands it to the daemon with `caller` set to the sender (whatever the
+    sender put there); the answer is a SpawnReply with the same `id`, once the
+    child is running or could not be spawned.
+    """
+
+    id: str
+    supervisor: str
+    name: str
+    args: Any = None  # a JSON value: the child's self.args and AGENTD_ARGS
+    caller: str | None = None  # set by the broker
+
+
+class Terminate(_Frame, tag="terminate"):
+    """Peer → broker → daemon: stop dynamic child `name` for good (answer: SpawnReply)."""
+
+    id: str
+    name: str
+    caller: str | None = None  # set by the broker
+
+
+class SpawnReply(_Frame, tag="spawn_reply"):
+    """The daemon's answer to a Spawn or Terminate, through the broker to the caller."""
+
+    id: str
+    ok: bool
+    error: str | None = None
+    to: str | None = None  # daemon → broker: the caller; the broker clears it
+
+
 # --- daemon <-> broker ------------------------------------------------------------
 
 
@@ -263,6 +295,9 @@ Frame = (
     | Trace
     | TraceReply
     | Stats
+    | Spawn
+    | Terminate
+    | SpawnReply
     | Table
     | TableOk
     | Down
@@ -287,6 +322,9 @@ BrokerFrame = (
     | Trace
     | TraceReply
     | Stats
+    | Spawn
+    | Terminate
+    | SpawnReply
     | Table
     | TableOk
     | Down

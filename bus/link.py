@@ -6,6 +6,9 @@ confirms that version — which also covers a broker that was just restarted
 and knows nothing. The broker answers with `event` frames: connected, ready,
 hung, disconnected; and with `notice` frames, things the operator should see
 (`bus.dead_lettered`, `bus.journal_unavailable`, ...), handed to `on_notice`.
+A peer's `spawn` and `terminate` frames (dynamic supervisors) come through the
+broker too: `on_request(frame, reply)` gets each, and `reply(ok, error)` sends
+the `spawn_reply` back to the peer that asked.
 """
 
 from __future__ import annotations
@@ -28,8 +31,11 @@ from .envelope import (
     Heartbeat,
     Notice,
     Reconnect,
+    Spawn,
+    SpawnReply,
     Table,
     TableOk,
+    Terminate,
     encoder,
     peer_decoder,
 )
@@ -69,8 +75,11 @@ class BrokerLink:
         on_event: Callable[[BrokerEvent], None],
         keys_dir: str | None = None,
         on_notice: Callable[[Notice], None] | None = None,
+        on_request: Callable[[Spawn | Terminate, Callable[[bool, str | None], None]], None]
+        | None = None,
     ) -> None:
         self.endpoint = endpoint
+        self.on_request = on_request
         self.keys_dir = keys_dir
         self.on_event = on_event
         self.on_notice = on_notice
@@ -169,6 +178,21 @@ class BrokerLink:
                 self._call(self.on_event, event, frame.event)
             elif isinstance(frame, Notice) and self.on_notice is not None:
                 self._call(self.on_notice, frame, frame.event)
+            elif isinstance(frame, (Spawn, Terminate)) and self.on_request is not None:
+                request = (frame, self._replier(frame))
+                self._call(lambda r: self.on_request(*r), request, type(frame).__name__)
+
+    def _replier(self, frame: Spawn | Terminate) -> Callable[[bool, str | None], None]:
+        """How the daemon answers one request: a spawn_reply routed back to its caller."""
+
+        def reply(ok: bool, error: str | None) -> None:
+            if self.sock is None or frame.caller is None:
+                return
+            answer = SpawnReply(frame.id, ok, error, to=frame.caller)
+            with contextlib.suppress(zmq.ZMQError):
+                self.sock.send(self.enc.encode(answer), zmq.NOBLOCK)
+
+        return reply
 
     @staticmethod
     def _call(callback: Callable[[Any], None], arg: Any, about: str) -> None:

@@ -57,10 +57,13 @@ from .envelope import (
     Ready,
     Receipt,
     Reconnect,
+    Spawn,
+    SpawnReply,
     Stats,
     Subscribe,
     Table,
     TableOk,
+    Terminate,
     Trace,
     broker_decoder,
     encoder,
@@ -469,6 +472,8 @@ class Router:
             self._dlq(sender, frame, now)
         elif kind is Trace:
             self._control(sender, self.traces.answer(frame.id))
+        elif kind is Spawn or kind is Terminate:
+            self._to_daemon(sender, frame)
         else:
             self.malformed(ident, f"unexpected frame kind {kind.__name__.lower()}", now)
 
@@ -484,8 +489,18 @@ class Router:
                 self._gone(frame.name, None, now)
         elif kind is Stats:
             self._control("agentd", Stats(counters=self.stats()))
+        elif kind is SpawnReply:
+            if frame.to:  # the caller may have gone: ROUTER drops it then, as for any peer
+                self._control(frame.to, msgspec.structs.replace(frame, to=None))
         elif kind is not Heartbeat:
             self.malformed(DAEMON_ID, f"unexpected frame kind {kind.__name__.lower()}", now)
+
+    def _to_daemon(self, sender: str, frame: Any) -> None:
+        """Spawn/Terminate are the daemon's to answer: forwarded, naming who asked."""
+        if not self.daemon_connected:
+            why = "no agentd connected to this broker (spawn and terminate are its job)"
+            return self._control(sender, SpawnReply(frame.id, False, why))
+        self._control("agentd", msgspec.structs.replace(frame, caller=sender))
 
     def malformed(self, ident: bytes, why: str, now: float) -> None:
         """Counted, logged (at most once a second) and answered; never raised."""

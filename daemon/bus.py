@@ -108,8 +108,10 @@ class BrokerChild:
         guard: Guard,
         on_ready: Callable[[str, int], None],
         on_hung: Callable[[str, int], None],
+        on_request: Callable[[Any, Callable[[bool, str | None], None]], None] | None = None,
     ) -> None:
         self.daemon = daemon
+        self.on_request = on_request  # a peer's spawn/terminate (daemon/dynamic.py)
         self.events = events
         self.on_ready = on_ready
         self.on_hung = on_hung
@@ -141,6 +143,7 @@ class BrokerChild:
             self._on_event,
             keys_dir=self.daemon.keys_dir,
             on_notice=self._on_notice,
+            on_request=self.on_request,
         )
         await self.link.start()
         self.set_agents(spec)

@@ -103,6 +103,8 @@ class SupervisorConfig(_Strict):
     # A supervisor's stop waits for each child's own escalation: OTP's `infinity`, the
     # one value that fits a supervisor child, accepted so a config can say so.
     shutdown: Literal["infinity"] = "infinity"
+    template: str | None = None  # strategy = "dynamic" only: the agent children are made from
+    max_children: int = _SUPERVISOR["max_children"]
 
 
 class AgentConfig(_Strict):
@@ -175,6 +177,8 @@ BOUNDS: dict[str, Bound] = {
     # [supervisor], [supervisors.*]: restart intensity
     "supervisor.max_restarts": Bound(0, 10_000),  # more restarts than this within ...
     "supervisor.max_seconds": Bound(0, _DAY, "seconds", above=True),  # ... this: it gives up
+    # strategy = "dynamic": children spawned at run time, at most (default 1000; SPEC §12)
+    "supervisor.max_children": Bound(1, 100_000),
     # [agents.*]
     "agent.replicas": Bound(0, 100_000),  # pool members (SPEC §11); 0 = a pool scaled to none
     "agent.shutdown": Bound(0, _DAY, "seconds"),  # stop_signal → SIGKILL ("brutal_kill": none)
@@ -435,6 +439,7 @@ class _Defined:
     kind: Literal["agent", "supervisor"]
     source: _Source
     config: Any
+    keys: frozenset[str] = frozenset()  # the keys the file sets (a default is not "set")
 
 
 def load(path: str | os.PathLike[str] | None = None) -> Spec:
@@ -457,15 +462,18 @@ def build(sources: list[_Source], issues: list[ConfigIssue] | None = None) -> Sp
     if daemon_cfg is None or root_cfg is None or v.issues:
         raise ConfigError(v.issues)
     daemon = _daemon_spec(v, main, daemon_cfg)
+    dynamic = _dynamic_templates(root_cfg, defined)
+    _transient_by_default(defined, dynamic)
     templates = _agent_templates(v, defined, daemon)
-    sups, parent = _check_tree(v, defined, root_cfg, main)
+    sups, parent = _check_tree(v, defined, root_cfg, main, dynamic)
     if v.issues:
         raise ConfigError(v.issues)
-    agents, instances = _expand(templates)
+    spawnable = {n: t for n, t in templates.items() if n in dynamic}
+    agents, instances = _expand({n: t for n, t in templates.items() if n not in dynamic})
     pools = {
         name: PoolSpec(name, template.replicas, parent[name])
         for name, template in templates.items()
-        if template.replicas is not None
+        if template.replicas is not None and name not in dynamic
     }
     return Spec(
         daemon=daemon,
@@ -474,7 +482,31 @@ def build(sources: list[_Source], issues: list[ConfigIssue] | None = None) -> Sp
         agents=agents,
         pools=pools,
         files=tuple(s.path for s in sources),
+        templates={n: AgentSpec(name=n, pool=None, **t.fields) for n, t in spawnable.items()},
     )
+
+
+def _dynamic_templates(root_cfg: SupervisorConfig, defined: dict[str, _Defined]) -> set[str]:
+    """The agents some dynamic supervisor names as its `template` (not started on their own)."""
+    configs = [root_cfg] + [e.config for e in defined.values() if e.kind == "supervisor"]
+    return {
+        c.template
+        for c in configs
+        if c.strategy == "dynamic" and c.template in defined and defined[c.template].kind == "agent"
+    }
+
+
+def _transient_by_default(defined: dict[str, _Defined], dynamic: set[str]) -> None:
+    """A template's children are transient unless its table says `restart` itself (SPEC §12).
+
+    "Itself" means the key is in the file: `restart = "permanent"` written out keeps
+    children permanent, while leaving it out (the default for a configured agent)
+    makes them transient, as OTP's dynamic children usually are.
+    """
+    for name in dynamic:
+        entry = defined[name]
+        if "restart" not in entry.keys:
+            entry.config = msgspec.structs.replace(entry.config, restart="transient")
 
 
 def _collect(
@@ -545,7 +577,7 @@ def _define(
         return
     config = v.convert(source, path, value, shape)
     if config is not None:
-        defined[name] = _Defined(kind, source, config)
+        defined[name] = _Defined(kind, source, config, frozenset(value))
 
 
 def _daemon_spec(v: _Validator, main: _Source, cfg: DaemonConfig) -> DaemonSpec:
@@ -847,7 +879,11 @@ class _Sup:
 
 
 def _check_tree(
-    v: _Validator, defined: dict[str, _Defined], root_cfg: SupervisorConfig, main: _Source
+    v: _Validator,
+    defined: dict[str, _Defined],
+    root_cfg: SupervisorConfig,
+    main: _Source,
+    dynamic: set[str],
 ) -> tuple[dict[str, _Sup], dict[str, str]]:
     """Supervisors and each child's parent; checks references, cycles, intensity, sizes.
 
@@ -858,7 +894,10 @@ def _check_tree(
         if entry.kind == "supervisor":
             children = list(entry.config.children or [])
             sups[name] = _Sup(entry.config, entry.source, ("supervisors", name), children)
-    parent = _claim(v, sups, defined, default_root=root_cfg.children is None)
+    default_root = root_cfg.children is None and root_cfg.strategy != "dynamic"
+    parent = _claim(v, sups, defined, default_root=default_root, templates=dynamic)
+    for sup in sups.values():
+        _dynamic_ok(v, sup, defined, dynamic)
     _check_cycles(v, sups)
     for sup in sups.values():
         v.within_bounds(sup.source, sup.path, sup.where, "supervisor", sup.config)
@@ -874,8 +913,59 @@ def _check_tree(
     return sups, parent
 
 
+def _dynamic_ok(v: _Validator, sup: _Sup, defined: dict[str, _Defined], dynamic: set[str]) -> None:
+    """A dynamic supervisor: a template agent, no configured children; others: neither key."""
+    cfg, where = sup.config, sup.where
+    if cfg.strategy != "dynamic":
+        for key in ("template", "max_children"):
+            if key in _keys_of(sup, defined):
+                v.issue(
+                    sup.source,
+                    (*sup.path, key),
+                    f'{where}.{key}: only a supervisor with strategy = "dynamic" has one',
+                )
+        return
+    if sup.children:
+        v.issue(
+            sup.source,
+            (*sup.path, "children"),
+            f"{where}.children: a dynamic supervisor has no configured children "
+            "(they are spawned at run time from its `template`)",
+        )
+    if cfg.template is None:
+        v.issue(
+            sup.source, (*sup.path, "strategy"), f"{where}: a dynamic supervisor needs `template`"
+        )
+    elif cfg.template not in dynamic:
+        what = "a supervisor" if cfg.template in defined else "not defined"
+        v.issue(
+            sup.source,
+            (*sup.path, "template"),
+            f"{where}.template: `{cfg.template}` is {what}; name an [agents.*] table",
+        )
+    elif defined[cfg.template].config.replicas is not None:
+        entry = defined[cfg.template]
+        v.issue(
+            entry.source,
+            ("agents", cfg.template, "replicas"),
+            f"agents.{cfg.template}.replicas: a template (of `{sup.where}`) is not a pool",
+        )
+
+
+def _keys_of(sup: _Sup, defined: dict[str, _Defined]) -> frozenset[str]:
+    """The keys a supervisor's own table sets ([supervisor]'s are found by line)."""
+    if sup.path == ("supervisor",):
+        table = sup.source.data.get("supervisor", {})
+        return frozenset(table) if isinstance(table, dict) else frozenset()
+    return defined[sup.path[-1]].keys
+
+
 def _claim(
-    v: _Validator, sups: dict[str, _Sup], defined: dict[str, _Defined], default_root: bool
+    v: _Validator,
+    sups: dict[str, _Sup],
+    defined: dict[str, _Defined],
+    default_root: bool,
+    templates: set[str] = frozenset(),  # type: ignore[assignment]
 ) -> dict[str, str]:
     """child -> the supervisor that lists it; unknown, doubly listed and orphan children."""
     claimed: dict[str, str] = {}
@@ -884,6 +974,13 @@ def _claim(
             where = (*sup.path, "children")
             if child not in defined:
                 v.issue(sup.source, where, f"{sup.where}.children: unknown child `{child}`")
+            elif child in templates:
+                v.issue(
+                    sup.source,
+                    where,
+                    f"{sup.where}.children: `{child}` is a dynamic supervisor's template, "
+                    "not started on its own",
+                )
             elif child in claimed:
                 v.issue(
                     sup.source,
@@ -893,11 +990,11 @@ def _claim(
             else:
                 claimed[child] = sup_name
     if default_root:  # every agent and supervisor not named elsewhere, in file order
-        sups[ROOT].children = [name for name in defined if name not in claimed]
+        sups[ROOT].children = [n for n in defined if n not in claimed and n not in templates]
     for name in sups[ROOT].children:
         claimed.setdefault(name, ROOT)
     for name, entry in defined.items():
-        if name not in claimed:
+        if name not in claimed and name not in templates:
             path = ("agents" if entry.kind == "agent" else "supervisors", name)
             v.issue(entry.source, path, f"`{name}` is not a child of any supervisor")
     return claimed
@@ -970,6 +1067,8 @@ def _supervisor_specs(
             children=expand(sup.children),
             auto_shutdown=sup.config.auto_shutdown,
             significant=sup.config.significant,
+            template=sup.config.template if sup.config.strategy == "dynamic" else None,
+            max_children=sup.config.max_children,
         )
         for name, sup in sups.items()
     }

@@ -23,6 +23,7 @@ import zmq.asyncio
 from agentd.bus.endpoint import parse_endpoint
 from agentd.bus.log import get_logger
 
+from .dynamic import SpawnError
 from .events import NotHeld
 from .locate import ConfigError
 from .protocol import Ack, Item, Reply, Request, decoder, encoder
@@ -223,6 +224,23 @@ async def cmd_scale(daemon: Daemon, args: dict[str, Any], send: Send) -> Any:
     return await daemon.scale(name, count)
 
 
+async def cmd_spawn(daemon: Daemon, args: dict[str, Any], send: Send) -> Any:
+    """A child of a dynamic supervisor, from its template; answered once it runs."""
+    try:
+        supervisor, name = args.get("supervisor"), args.get("name")
+        return await daemon.dynamic.spawn(supervisor, name, args.get("args"))
+    except SpawnError as exc:
+        raise Refused(str(exc)) from None
+
+
+async def cmd_terminate(daemon: Daemon, args: dict[str, Any], send: Send) -> Any:
+    """A dynamic child stopped for good (out of the record); answered once it is gone."""
+    try:
+        return await daemon.dynamic.terminate(args.get("name"))
+    except SpawnError as exc:
+        raise Refused(str(exc)) from None
+
+
 async def cmd_logs(daemon: Daemon, args: dict[str, Any], send: Send) -> Any:
     name = args.get("name", "")
     if name not in daemon.spec.agents and name != "bus":
@@ -294,6 +312,8 @@ COMMANDS: dict[str, Callable[[Daemon, dict[str, Any], Send], Awaitable[Any]]] = 
     "restart": cmd_restart,
     "reload": cmd_reload,
     "scale": cmd_scale,
+    "spawn": cmd_spawn,
+    "terminate": cmd_terminate,
     "logs": cmd_logs,
     "events": cmd_events,
     "shutdown": cmd_shutdown,

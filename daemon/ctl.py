@@ -284,6 +284,32 @@ def reload(c: Ctl) -> None:
 
 
 @ctl.command()
+@click.argument("supervisor")
+@click.argument("name")
+@click.option("--args", "args_json", metavar="JSON", help="The child's args (self.args).")
+@pass_ctl
+def spawn(c: Ctl, supervisor: str, name: str, args_json: str | None) -> None:
+    """Start NAME, a child of the dynamic SUPERVISOR; returns once it runs."""
+    args = None
+    if args_json is not None:
+        try:
+            args = json.loads(args_json)
+        except json.JSONDecodeError as exc:
+            fail(f"--args is not JSON: {exc}", REFUSED)
+    data = c.call("spawn", {"supervisor": supervisor, "name": name, "args": args})
+    click.echo(f"spawned {name} under {supervisor} (pid {data.get('pid')})")
+
+
+@ctl.command()
+@click.argument("name")
+@pass_ctl
+def terminate(c: Ctl, name: str) -> None:
+    """Stop the dynamic child NAME for good (it is not spawned again)."""
+    c.call("terminate", {"name": name})
+    click.echo(f"terminated {name}")
+
+
+@ctl.command()
 @click.argument("name")
 @click.argument("count", type=click.IntRange(min=0))
 @pass_ctl

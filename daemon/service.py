@@ -25,6 +25,7 @@ from agentd.bus.log import get_logger
 from . import reload as reloading
 from . import spawn
 from .capture import tail
+from .dynamic import Dynamic, SpawnError
 from .events import EventLog
 from .proctable import ProcTable
 from .runtime import ExitInfo, Guard, ProcessRuntime
@@ -86,7 +87,9 @@ class Daemon:
         self.config_path = config_path
         self.log = get_logger("agentd")
         self.events = EventLog(spec.daemon.event_history)
-        self.tree = tree_from_spec(spec)
+        self.dynamic = Dynamic(self)
+        self.spec = self.dynamic.restore(spec)  # dynamic children recorded by the last run
+        self.tree = tree_from_spec(self.spec)
         self.guard: Guard | None = None
         self.process_runtime: ProcessRuntime | None = None
         self.exit_code: int | None = None
@@ -175,6 +178,7 @@ class Daemon:
                 self.guard,
                 on_ready=self._bus_ready,
                 on_hung=self._bus_hung,
+                on_request=self._bus_request,
             )
             await self.broker_child.start(self.spec)
             if not self.stopping:  # SIGTERM while the broker was starting: no tree at all
@@ -345,6 +349,7 @@ class Daemon:
                 incarnation=incarnation,
             )
         )
+        self.dynamic.sweep()
 
     def _crash_report(self, reason: str) -> None:
         assert self.process_runtime is not None
@@ -610,6 +615,7 @@ class Daemon:
         """Apply the difference between the running spec and `new`."""
         assert self.process_runtime is not None
         old = self.spec
+        new = self.dynamic.carry(new)  # running dynamic children stay, from the new template
         plan = reloading.diff(old, new)
         for pool in new.pools:
             members = [a for a in new.agents.values() if a.pool == pool]
@@ -618,6 +624,7 @@ class Daemon:
         self.spec = msgspec.structs.replace(new, daemon=old.daemon)
         self.process_runtime.agents = dict(new.agents)
         self._bus_table_changed()
+        self.dynamic.save_quietly()
         before = {n: self.tree.children[n].incarnation for n in plan.changed_agents}
         now = self.now()
         for name in plan.removed:
@@ -679,6 +686,28 @@ class Daemon:
         if plan.daemon_changed:
             result["warning"] = "[daemon] settings changed: restart agentd to apply them"
         return result
+
+    def _bus_request(self, frame: Any, reply: Any) -> None:
+        """A spawn or terminate from the bus: the same code as `ctl spawn`/`terminate`."""
+        from agentd.bus.envelope import Spawn
+
+        async def serve() -> None:
+            try:
+                if isinstance(frame, Spawn):
+                    await self.dynamic.spawn(frame.supervisor, frame.name, frame.args)
+                else:
+                    await self.dynamic.terminate(frame.name)
+            except SpawnError as exc:
+                reply(False, str(exc))
+            except Exception as exc:  # a bug must not leave the caller waiting
+                self.log.exception("dynamic.error", frame=type(frame).__name__)
+                reply(False, f"internal error: {exc}")
+            else:
+                reply(True, None)
+
+        task = asyncio.get_running_loop().create_task(serve())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _bus_table_changed(self) -> None:
         """Tell the broker which agents exist now (reload, scale)."""

@@ -14,7 +14,9 @@ import msgspec
 
 from .events import HISTORY
 
-Strategy = Literal["one_for_one", "one_for_all", "rest_for_one"]
+#: `dynamic`: no configured children; they are spawned at run time from `template` and
+#: restarted one for one (OTP's simple_one_for_one; SPEC §12).
+Strategy = Literal["one_for_one", "one_for_all", "rest_for_one", "dynamic"]
 RestartType = Literal["permanent", "transient", "temporary"]
 AutoShutdown = Literal["never", "any_significant", "all_significant"]
 JournalSync = Literal["batch", "always"]
@@ -71,6 +73,8 @@ class SupervisorSpec(msgspec.Struct, frozen=True):
     children: tuple[str, ...] = ()
     auto_shutdown: AutoShutdown = "never"  # OTP 24: end when significant children have ended
     significant: bool = False  # as a child of its parent
+    template: str | None = None  # dynamic: the agent (in Spec.templates) children are made from
+    max_children: int = 1000  # dynamic: children at most (a spawn past it is refused)
 
 
 class DaemonSpec(msgspec.Struct, frozen=True):
@@ -109,6 +113,9 @@ class Spec(msgspec.Struct, frozen=True):
     agents: dict[str, AgentSpec]  # by instance name
     pools: dict[str, PoolSpec]
     files: tuple[str, ...] = ()  # the files it was read from, main first
+    # Agents named as a dynamic supervisor's `template`: never started on their own, the
+    # pattern of each child spawned (daemon/dynamic.py). Not in `agents`.
+    templates: dict[str, AgentSpec] = {}
 
     def parent_of(self, name: str) -> str | None:
         """The supervisor that has `name` among its children, if any."""

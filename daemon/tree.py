@@ -623,7 +623,7 @@ class Tree:
     def _affected(self, sup: Supervisor, failed: str) -> list[str]:
         """Siblings the strategy stops along with the failed child."""
         strategy: Strategy = sup.spec.strategy
-        if strategy == "one_for_one":
+        if strategy in ("one_for_one", "dynamic"):  # dynamic: OTP's simple_one_for_one
             return []
         children = list(sup.children)
         if strategy == "one_for_all":

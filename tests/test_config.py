@@ -448,6 +448,7 @@ EDGES = [
     ("daemon.event_history", "0", "1", "1000000", "1000001"),
     ("supervisor.max_restarts", "-1", "0", "10000", "10001"),
     ("supervisor.max_seconds", "0", "0.001", "86400", "86401"),
+    ("supervisor.max_children", "0", "1", "100000", "100001"),
     ("agent.replicas", "-1", "0", "100000", "100001"),
     ("agent.shutdown", "-1", "0", "86400", "86401"),
     ("agent.heartbeat", "0", "0.001", "86400", "86401"),
@@ -478,6 +479,9 @@ def config_setting(key: str, value: str) -> tuple[str, int, str]:
     section, _, attr = key.partition(".")
     if section == "daemon":
         return f"[daemon]\n{attr} = {value}\n", 2, key
+    if key == "supervisor.max_children":  # a dynamic supervisor's key only
+        text = f'[supervisors.s]\nstrategy = "dynamic"\ntemplate = "a"\n{attr} = {value}\n'
+        return text + '[agents.a]\ncommand = ["x"]\n', 4, f"supervisors.s.{attr}"
     if section == "supervisor":
         text = f'[supervisors.s]\nchildren = ["a"]\n{attr} = {value}\n[agents.a]\ncommand = ["x"]\n'
         return text, 3, f"supervisors.s.{attr}"

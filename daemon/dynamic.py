@@ -1,0 +1,368 @@
+"""Dynamic supervisors: children spawned at run time from a template, and their record.
+
+A supervisor with `strategy = "dynamic"` starts empty (SPEC §12). `spawn` makes an
+agent spec from the supervisor's `template` (the child's name, its `args` as
+`AGENTD_ARGS` in the env) and adds it to the running spec and the tree exactly as
+`ctl scale` adds a pool member; `terminate` removes it. The tree restarts dynamic
+children one for one (tree.py treats `dynamic` as OTP's simple_one_for_one).
+
+Permanent and transient children are written to `<state_dir>/dynamic.json`
+before a spawn is answered, so that a daemon started again — after a stop or a
+`kill -9` — spawns them again with the same names and args. The record is the
+whole list, rewritten atomically (tmp, fsync, rename, fsync of the directory) on
+every change; it is bounded by RECORD_MAX.
+
+`ctl spawn`/`terminate` and the bus's `spawn`/`terminate` frames both come here:
+`Dynamic.spawn` and `Dynamic.terminate` are the one implementation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from agentd.bus.log import get_logger
+
+from .spec import RESERVED_NAMES, ROOT, AgentSpec, Spec
+from .tree import Policy
+
+if TYPE_CHECKING:
+    from .service import Daemon
+
+RECORD = "dynamic.json"  # in state_dir
+ARGS_MAX = 64 * 1024  # bytes of JSON args per child
+RECORD_MAX = 64 * 2**20  # bytes of the whole record: a spawn that would pass it is refused
+NAME_MAX = 128  # as config.py's tree.name_length: a routing id and a log file name must fit
+NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")  # as config.py's: no `@` (pool members)
+
+
+class SpawnError(Exception):
+    """A spawn or terminate that cannot be done; the message is for the caller."""
+
+
+class Child(msgspec.Struct, frozen=True):
+    """One dynamic child as recorded: enough to spawn it again."""
+
+    name: str
+    supervisor: str
+    args: str | None = None  # JSON text, exactly as AGENTD_ARGS carries it
+
+
+class RecordFile(msgspec.Struct):
+    version: int = 1
+    children: list[Child] = []
+
+
+# --- pure parts ---------------------------------------------------------------------
+
+
+def encode_args(args: Any) -> str | None:
+    """`args` as compact JSON text (None stays None); SpawnError if not JSON or too large."""
+    if args is None:
+        return None
+    try:
+        text = json.dumps(args, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
+    except (TypeError, ValueError) as exc:
+        raise SpawnError(f"args must be a JSON value: {exc}") from None
+    size = len(text.encode())
+    if size > ARGS_MAX:
+        raise SpawnError(f"args are {size} bytes of JSON, more than the {ARGS_MAX} allowed")
+    return text
+
+
+def child_spec(template: AgentSpec, name: str, args: str | None) -> AgentSpec:
+    """The child's agent spec: the template's, under its own name, args in AGENTD_ARGS."""
+    env = tuple((k, v) for k, v in template.env if k != "AGENTD_ARGS")
+    if args is not None:
+        env += (("AGENTD_ARGS", args),)
+    return msgspec.structs.replace(template, name=name, pool=None, env=env)
+
+
+def name_problem(spec: Spec, name: Any) -> str | None:
+    """Why `name` cannot be a new child's (None if it can): invalid, reserved or taken."""
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        return f"bad name `{name}`: use letters, digits, `_` and `-`, starting with a letter"
+    if len(name) > NAME_MAX:
+        return f"bad name: {len(name)} characters, more than the {NAME_MAX} allowed"
+    if name in RESERVED_NAMES or name == ROOT:
+        return f"`{name}` is a reserved name"
+    if name in spec.agents or name in spec.supervisors or name in spec.pools:
+        return f"the name `{name}` is taken"
+    if name in spec.templates:
+        return f"the name `{name}` is taken (by a template)"
+    return None
+
+
+def with_children(spec: Spec, children: Iterable[Child]) -> tuple[Spec, list[Child]]:
+    """`spec` with these dynamic children in it, each made from its supervisor's template now.
+
+    Used when the daemon starts (the record) and on reload (the running children): a
+    child whose supervisor is gone or no longer dynamic, or whose name a configured
+    agent now has, is left out. The second value is the children kept.
+    """
+    agents = dict(spec.agents)
+    supervisors = dict(spec.supervisors)
+    kept: list[Child] = []
+    for child in children:
+        sup = supervisors.get(child.supervisor)
+        if sup is None or sup.strategy != "dynamic" or sup.template not in spec.templates:
+            continue
+        if child.name in agents or child.name in supervisors or name_problem(spec, child.name):
+            continue
+        agents[child.name] = child_spec(spec.templates[sup.template], child.name, child.args)
+        supervisors[sup.name] = msgspec.structs.replace(sup, children=(*sup.children, child.name))
+        kept.append(child)
+    return msgspec.structs.replace(spec, agents=agents, supervisors=supervisors), kept
+
+
+# --- the record -------------------------------------------------------------------
+
+
+class Record:
+    """`<state_dir>/dynamic.json`: the children to spawn again when the daemon starts."""
+
+    def __init__(self, state_dir: str) -> None:
+        self.path = Path(state_dir) / RECORD
+        self.log = get_logger("agentd.dynamic")
+
+    def load(self) -> list[Child]:
+        """The recorded children; a missing file is none, a bad one is set aside and logged."""
+        try:
+            if self.path.stat().st_size > RECORD_MAX:
+                raise ValueError(f"larger than {RECORD_MAX} bytes")
+            return msgspec.json.decode(self.path.read_bytes(), type=RecordFile).children
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError, msgspec.DecodeError) as exc:
+            bad = self.path.with_name(RECORD + ".bad")
+            with contextlib.suppress(OSError):
+                os.replace(self.path, bad)
+            self.log.error("dynamic.record_unreadable", path=str(self.path), error=str(exc))
+            return []
+
+    def save(self, children: Iterable[Child]) -> None:
+        """Write the whole list atomically; SpawnError if it would pass RECORD_MAX."""
+        data = msgspec.json.encode(RecordFile(children=list(children)))
+        if len(data) > RECORD_MAX:
+            raise SpawnError(f"the record of dynamic children would pass {RECORD_MAX} bytes")
+        tmp = self.path.with_name(RECORD + ".tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.path)
+            dir_fd = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            raise SpawnError(f"cannot record the dynamic children in {self.path}: {exc}") from None
+
+
+# --- the driver ---------------------------------------------------------------------
+
+
+class Dynamic:
+    """The daemon's dynamic children: spawn, terminate, forget, record."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.record = Record(daemon.spec.daemon.state_dir)
+        self.children: dict[str, Child] = {}  # every live dynamic child, temporary ones too
+        self.log = get_logger("agentd.dynamic")
+
+    def restore(self, spec: Spec) -> Spec:
+        """At start: `spec` with the recorded children in it (the tree starts them)."""
+        spec, kept = with_children(spec, self.record.load())
+        self.children = {c.name: c for c in kept}
+        if kept:
+            self.log.info("dynamic.restored", children=len(kept))
+        return spec
+
+    def carry(self, new: Spec) -> Spec:
+        """Reload: `new` with the running children kept, made from the (new) template.
+
+        A child whose template changed is a changed agent to reload's diff, so it
+        restarts with the new template; one whose supervisor is gone or no longer
+        dynamic is not in the result, so reload stops it.
+        """
+        spec, kept = with_children(new, self.children.values())
+        self.children = {c.name: c for c in kept}
+        return spec
+
+    def save(self) -> None:
+        """Record the permanent and transient children (temporary ones never come back)."""
+        spec = self.daemon.spec
+        self.record.save(
+            c
+            for c in self.children.values()
+            if c.name in spec.agents and spec.agents[c.name].restart != "temporary"
+        )
+
+    async def spawn(self, supervisor: Any, name: Any, args: Any = None) -> dict[str, Any]:
+        """Start child `name` of dynamic `supervisor`; returns once it runs (SpawnError if not)."""
+        d = self.daemon
+        text = encode_args(args)
+        agent = self._check(supervisor, name, text)
+        child = Child(name, supervisor, text)
+        self.children[name] = child
+        self._put(supervisor, agent)
+        if agent.restart != "temporary":
+            try:
+                self.save()  # before the answer: a spawn's OK is a promise
+            except SpawnError:
+                self.children.pop(name)
+                self._unput(name)
+                raise
+        exits = {name: d.exits.get(name, 0)}
+        d._apply(d.tree.add_child(supervisor, name, d.now(), agents={name: Policy.of(agent)}))
+        failed = await d._await_running([name], exits)
+        if failed and name in self.children:
+            await self._remove(name)
+            raise SpawnError(f"`{name}` did not start{self._why(name)}")
+        if failed:
+            raise SpawnError(f"`{name}` did not start")
+        d.events.emit("agent.spawned", name, supervisor=supervisor)
+        proc = d.process_runtime.procs.get(name) if d.process_runtime else None
+        return {"spawned": name, "supervisor": supervisor, "pid": proc.pid if proc else None}
+
+    async def terminate(self, name: Any) -> dict[str, Any]:
+        """Stop dynamic child `name` for good; returns once it is gone."""
+        if name not in self.children:
+            if isinstance(name, str) and name in self.daemon.tree.children:
+                raise SpawnError(
+                    f"`{name}` is not a dynamic child (`ctl stop` stops a configured agent)"
+                )
+            raise SpawnError(f"unknown agent `{name}`")
+        await self._remove(name)
+        self.daemon.events.emit("agent.terminated", name)
+        return {"terminated": name}
+
+    def sweep(self) -> None:
+        """Forget children that ended for good: a temporary one, a transient one's normal end.
+
+        OTP deletes such a child of a simple_one_for_one supervisor; here it also
+        leaves the record (it will not come back) and frees its name. Called after
+        every exit the tree was told of.
+        """
+        tree = self.daemon.tree
+        done = []
+        for name in self.children:
+            child = tree.children.get(name)
+            if child is None:
+                done.append(name)  # its supervisor was removed (reload)
+            elif child.ended and not child.want and child.state in ("stopped", "failed"):
+                done.append(name)
+        if not done:
+            return
+        for name in done:
+            self.children.pop(name, None)
+            if name in tree.children:
+                self.daemon._apply(tree.remove_child(name, self.daemon.now()))
+            self._unput(name)
+        self.save_quietly()
+
+    # --- internals ----------------------------------------------------------------
+
+    def _check(self, supervisor: Any, name: Any, args: str | None) -> AgentSpec:
+        """The new child's spec, or SpawnError saying why it cannot be spawned."""
+        d = self.daemon
+        spec = d.spec
+        sup = spec.supervisors.get(supervisor) if isinstance(supervisor, str) else None
+        if sup is None:
+            raise SpawnError(f"unknown supervisor `{supervisor}`")
+        if sup.strategy != "dynamic" or sup.template not in spec.templates:
+            raise SpawnError(
+                f'`{supervisor}` is not a dynamic supervisor (strategy = "{sup.strategy}")'
+            )
+        problem = name_problem(spec, name)
+        if problem is None and name in d.tree.children:
+            problem = f"the name `{name}` is taken"
+        if problem:
+            raise SpawnError(problem)
+        if len(sup.children) >= sup.max_children:
+            raise SpawnError(
+                f"`{supervisor}` has {len(sup.children)} children: its max_children "
+                f"({sup.max_children}) is reached"
+            )
+        if d.stopping:
+            raise SpawnError("agentd is stopping")
+        phase = d.tree.sups[supervisor].phase
+        if phase in ("failed", "failing", "stopping"):
+            raise SpawnError(f"supervisor `{supervisor}` is {phase}")
+        return child_spec(spec.templates[sup.template], name, args)
+
+    def _put(self, supervisor: str, agent: AgentSpec) -> None:
+        """Into the running spec, the runtime's and the broker's tables (not yet the tree)."""
+        d = self.daemon
+        sup = d.spec.supervisors[supervisor]
+        agents = {**d.spec.agents, agent.name: agent}
+        supervisors = {
+            **d.spec.supervisors,
+            supervisor: msgspec.structs.replace(sup, children=(*sup.children, agent.name)),
+        }
+        d.spec = msgspec.structs.replace(d.spec, agents=agents, supervisors=supervisors)
+        self._tables_changed()
+
+    def _unput(self, name: str) -> None:
+        """Out of the running spec and the tables; its log file closed."""
+        d = self.daemon
+        agents = dict(d.spec.agents)
+        if agents.pop(name, None) is None:
+            return
+        supervisors = {
+            k: msgspec.structs.replace(s, children=tuple(c for c in s.children if c != name))
+            if name in s.children
+            else s
+            for k, s in d.spec.supervisors.items()
+        }
+        d.spec = msgspec.structs.replace(d.spec, agents=agents, supervisors=supervisors)
+        self._tables_changed()
+        runtime = d.process_runtime
+        if runtime is not None and name not in runtime.procs:
+            runtime.last_exit.pop(name, None)  # a new child of this name starts afresh
+            log = runtime.logs.pop(name, None)
+            if log is not None:
+                log.close()
+
+    def _tables_changed(self) -> None:
+        d = self.daemon
+        if d.process_runtime is not None:
+            d.process_runtime.agents = dict(d.spec.agents)
+        d._bus_table_changed()
+
+    async def _remove(self, name: str) -> None:
+        """Out of the record first (a crash now must not bring it back), then stopped."""
+        d = self.daemon
+        self.children.pop(name, None)
+        self.save_quietly()
+        if name in d.tree.children:
+            d._apply(d.tree.remove_child(name, d.now()))
+            await d.wait_until(lambda: name not in d.tree.children, d._stop_timeout([name]))
+        self._unput(name)
+
+    def save_quietly(self) -> None:
+        try:
+            self.save()
+        except SpawnError as exc:
+            self.log.error("dynamic.record_failed", error=str(exc))
+
+    def _why(self, name: str) -> str:
+        runtime = self.daemon.process_runtime
+        last = runtime.last_exit.get(name) if runtime is not None else None
+        if last is None:
+            return ""
+        what = f"signal {last.signal}" if last.signal else f"code {last.code}"
+        tail = f"; stderr: {last.stderr_tail[-1]}" if last.stderr_tail else ""
+        return f" ({last.reason}, {what}{tail})"
