@@ -191,6 +191,15 @@ class Tree:
         else:
             policy = Policy(*agents[name])
             self.children[name] = Child(name, parent, False, *policy)
+            self.children[name].group = self._group(parent, policy)
+
+    def _group(self, parent: str, policy: Policy) -> str | None:
+        """A dynamic supervisor's children start together, as a pool's members do.
+
+        They are independent of each other (simple_one_for_one): ordered start only
+        makes a daemon that restores a thousand recorded children slow to be ready.
+        """
+        return parent if self.sups[parent].spec.strategy == "dynamic" else policy.group
 
     # --- queries ---------------------------------------------------------------
 
@@ -375,7 +384,8 @@ class Tree:
     def set_agent(self, name: str, policy: Policy) -> None:
         """Reload: an agent's restart type, delay and significance apply from its next exit."""
         child = self._child(name)
-        child.restart, child.restart_delay, child.significant, child.group = policy
+        child.restart, child.restart_delay, child.significant, _ = policy
+        child.group = self._group(child.parent, policy)
 
     # --- the engine ----------------------------------------------------------------
 
