@@ -18,6 +18,7 @@ every change; it is bounded by RECORD_MAX.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -40,6 +41,7 @@ RECORD = "dynamic.json"  # in state_dir
 ARGS_MAX = 64 * 1024  # bytes of JSON args per child
 RECORD_MAX = 64 * 2**20  # bytes of the whole record: a spawn that would pass it is refused
 NAME_MAX = 128  # as config.py's tree.name_length: a routing id and a log file name must fit
+_DAY = 86_400.0  # a restored child waits its turn in the tree's start, however long
 NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")  # as config.py's: no `@` (pool members)
 
 
@@ -103,9 +105,9 @@ def name_problem(spec: Spec, name: Any) -> str | None:
 def with_children(spec: Spec, children: Iterable[Child]) -> tuple[Spec, list[Child]]:
     """`spec` with these dynamic children in it, each made from its supervisor's template now.
 
-    Used when the daemon starts (the record) and on reload (the running children): a
-    child whose supervisor is gone or no longer dynamic, or whose name a configured
-    agent now has, is left out. The second value is the children kept.
+    Used on reload, with the running children: a child whose supervisor is gone or
+    no longer dynamic, or whose name a configured agent now has, is left out. The
+    second value is the children kept.
     """
     agents = dict(spec.agents)
     supervisors = dict(spec.supervisors)
@@ -182,13 +184,40 @@ class Dynamic:
         self.children: dict[str, Child] = {}  # every live dynamic child, temporary ones too
         self.log = get_logger("agentd.dynamic")
 
-    def restore(self, spec: Spec) -> Spec:
-        """At start: `spec` with the recorded children in it (the tree starts them)."""
-        spec, kept = with_children(spec, self.record.load())
-        self.children = {c.name: c for c in kept}
-        if kept:
-            self.log.info("dynamic.restored", children=len(kept))
-        return spec
+    def restore(self) -> list[str]:
+        """At start, before the tree starts: the recorded children back in, started with it.
+
+        Each goes through the same checks as a spawn; one that no longer fits (its
+        supervisor gone or not dynamic, its name now a configured agent's) is left
+        out, and the record rewritten. `settle` then waits for each to run.
+        """
+        names = []
+        for child in self.record.load():
+            try:
+                self._begin(child.supervisor, child.name, child.args, record=False)
+            except SpawnError as exc:
+                self.log.warning("dynamic.not_restored", name=child.name, reason=str(exc))
+            else:
+                names.append(child.name)
+        self.save_quietly()
+        if names:
+            self.log.info("dynamic.restored", children=len(names))
+        return names
+
+    async def settle(self, names: list[str]) -> None:
+        """Restored children that cannot start any more are dropped, as a spawn would be.
+
+        (They would otherwise crash-loop until their supervisor, and maybe agentd,
+        gives up: a spawn's promise is to run what ran, not to take the tree down.)
+        """
+
+        async def one(name: str) -> None:
+            try:
+                await self._settle(name, {name: 0}, timeout=_DAY)
+            except SpawnError as exc:
+                self.daemon.events.emit("agent.spawn_failed", name, reason=str(exc))
+
+        await asyncio.gather(*(one(n) for n in names))
 
     def carry(self, new: Spec) -> Spec:
         """Reload: `new` with the running children kept, made from the (new) template.
@@ -213,29 +242,39 @@ class Dynamic:
     async def spawn(self, supervisor: Any, name: Any, args: Any = None) -> dict[str, Any]:
         """Start child `name` of dynamic `supervisor`; returns once it runs (SpawnError if not)."""
         d = self.daemon
-        text = encode_args(args)
-        agent = self._check(supervisor, name, text)
-        child = Child(name, supervisor, text)
-        self.children[name] = child
+        exits = {name: d.exits.get(name, 0)} if isinstance(name, str) else {}
+        self._begin(supervisor, name, encode_args(args))
+        await self._settle(name, exits, timeout=d._start_timeout([name]))
+        d.events.emit("agent.spawned", name, supervisor=supervisor)
+        proc = d.process_runtime.procs.get(name) if d.process_runtime else None
+        return {"spawned": name, "supervisor": supervisor, "pid": proc.pid if proc else None}
+
+    def _begin(self, supervisor: Any, name: Any, args: str | None, record: bool = True) -> None:
+        """Checked, recorded (before any answer: a spawn's OK is a promise), in the tree."""
+        d = self.daemon
+        agent = self._check(supervisor, name, args)
+        self.children[name] = Child(name, supervisor, args)
         self._put(supervisor, agent)
-        if agent.restart != "temporary":
+        if record and agent.restart != "temporary":
             try:
-                self.save()  # before the answer: a spawn's OK is a promise
+                self.save()
             except SpawnError:
                 self.children.pop(name)
                 self._unput(name)
                 raise
-        exits = {name: d.exits.get(name, 0)}
         d._apply(d.tree.add_child(supervisor, name, d.now(), agents={name: Policy.of(agent)}))
-        failed = await d._await_running([name], exits)
-        if failed and name in self.children:
+
+    async def _settle(self, name: str, exits: dict[str, int], timeout: float) -> None:
+        """Wait until `name` runs; if it ends or times out first, remove it (SpawnError)."""
+        failed = await self.daemon._await_running([name], exits, timeout=timeout)
+        if not failed:
+            return
+        if self.daemon.stopping:  # stopped by the shutdown: still recorded, back next start
+            raise SpawnError("agentd is stopping")
+        why = self._why(name)
+        if name in self.children:
             await self._remove(name)
-            raise SpawnError(f"`{name}` did not start{self._why(name)}")
-        if failed:
-            raise SpawnError(f"`{name}` did not start")
-        d.events.emit("agent.spawned", name, supervisor=supervisor)
-        proc = d.process_runtime.procs.get(name) if d.process_runtime else None
-        return {"spawned": name, "supervisor": supervisor, "pid": proc.pid if proc else None}
+        raise SpawnError(f"`{name}` did not start{why}")
 
     async def terminate(self, name: Any) -> dict[str, Any]:
         """Stop dynamic child `name` for good; returns once it is gone."""

@@ -88,8 +88,7 @@ class Daemon:
         self.log = get_logger("agentd")
         self.events = EventLog(spec.daemon.event_history)
         self.dynamic = Dynamic(self)
-        self.spec = self.dynamic.restore(spec)  # dynamic children recorded by the last run
-        self.tree = tree_from_spec(self.spec)
+        self.tree = tree_from_spec(spec)
         self.guard: Guard | None = None
         self.process_runtime: ProcessRuntime | None = None
         self.exit_code: int | None = None
@@ -145,6 +144,7 @@ class Daemon:
             on_exited=self._agent_exited,
             guard=self.guard,
         )
+        restored = self.dynamic.restore()  # the last run's dynamic children, in the spec now
         for sig, handler in (
             (signal.SIGTERM, self._on_term),
             (signal.SIGINT, self._on_term),
@@ -183,6 +183,7 @@ class Daemon:
             await self.broker_child.start(self.spec)
             if not self.stopping:  # SIGTERM while the broker was starting: no tree at all
                 self._apply(self.tree.start(self.now()))
+                self._background(self.dynamic.settle(restored))
             code = await self._done
             await self.broker_child.stop()
             for future in self._stopped_waiters:
@@ -425,7 +426,11 @@ class Daemon:
         return await self._await_running(names, exits, before)
 
     async def _await_running(
-        self, names: list[str], exits: dict[str, int], before: dict[str, int] | None = None
+        self,
+        names: list[str],
+        exits: dict[str, int],
+        before: dict[str, int] | None = None,
+        timeout: float | None = None,
     ) -> list[str]:
         def settled(name: str) -> bool:
             child = self.tree.children.get(name)
@@ -436,7 +441,8 @@ class Daemon:
             fresh = before is None or child.incarnation > before[name]
             return child.state == "running" and fresh
 
-        await self.wait_until(lambda: all(settled(n) for n in names), self._start_timeout(names))
+        timeout = self._start_timeout(names) if timeout is None else timeout
+        await self.wait_until(lambda: all(settled(n) for n in names), timeout)
         return [
             n
             for n in names
@@ -705,7 +711,11 @@ class Daemon:
             else:
                 reply(True, None)
 
-        task = asyncio.get_running_loop().create_task(serve())
+        self._background(serve())
+
+    def _background(self, work: Any) -> None:
+        """Run a coroutine on the loop, kept referenced until it is done."""
+        task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

@@ -578,8 +578,9 @@ class Tree:
         if sup.inflight in (("start", child.name), ("stop", child.name)):
             sup.inflight = None
         sup.group_starting.discard(child.name)
-        if was == "starting" and sup.phase == "starting":
+        if was == "starting" and sup.phase == "starting" and sup.spec.strategy != "dynamic":
             # As in OTP's init: a child that cannot start fails its supervisor's start.
+            # (A dynamic supervisor's children are not its init: the spawn fails instead.)
             self._give_up(sup, f"child {child.name} failed to start ({reason})")
             return
         if sup.phase not in ("starting", "running"):

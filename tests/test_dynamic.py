@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 CONFIG = f"""
 [supervisor]
-children = ["spawner", "sessions", "jobs"]
+children = ["spawner", "sessions", "jobs", "broken"]
 
 [supervisors.sessions]
 strategy = "dynamic"
@@ -44,6 +44,14 @@ max_children = 3
 [supervisors.jobs]
 strategy = "dynamic"
 template = "job"
+
+[supervisors.broken]
+strategy = "dynamic"
+template = "crash"
+
+[agents.crash]
+command = ["/bin/sh", "-c", "echo cannot start >&2; exit 3"]
+start_seconds = 0.5
 
 [agents.session]
 module = "tests.dynamic_agents:Session"
@@ -131,6 +139,10 @@ def test_spawn_and_terminate_from_ctl_client_and_sdk(daemon_factory) -> None:
         assert "more than the" in refused(d, "spawn", "jobs", "x", "--args", big)
         with pytest.raises(RemoteError, match="taken"):
             c.spawn("jobs", "s2")
+        # a child that cannot start is not kept: the spawn fails, with why
+        stderr = refused(d, "spawn", "broken", "x")
+        assert "`x` did not start (start_failed, code 3; stderr: cannot start)" in stderr
+        assert "x" not in rows(d) and "x" not in recorded(d)
 
         # terminate: ctl, Client, SDK
         assert d.ctl("terminate", "s1").returncode == 0
@@ -190,9 +202,19 @@ def test_restart_one_for_one_and_normal_end_and_the_record_across_daemon_restart
     d2.signal(signal.SIGKILL)
     d2.wait()
     wait_for(lambda: not any(alive(p) for p in pids), 10, "the children to die with agentd")
+    # two entries the next start cannot bring back: one that fails to start now, and one
+    # whose supervisor is gone. Neither takes the tree down; both leave the record.
+    path = d2.state_dir / "dynamic.json"
+    record = json.loads(path.read_text())
+    record["children"] += [{"name": "zz", "supervisor": "broken"}]
+    record["children"] += [{"name": "y", "supervisor": "no"}]
+    path.write_text(json.dumps(record))
     d3 = daemon_factory(CONFIG).start()
     table = rows(d3)
     assert table["a"]["state"] == table["b"]["state"] == "running"
+    assert "did not start" in d3.wait_event("agent.spawn_failed", "zz")["reason"]
+    wait_for(lambda: recorded(d3) == ["a", "b"], 10, "the record without zz and y")
+    assert "zz" not in rows(d3) and "y" not in rows(d3)
     with bus(d3) as c:
         assert c.request("a", "session.args")["args"] == {"k": "A"}
 
@@ -222,7 +244,7 @@ def test_reload_keeps_children_restarts_them_on_a_new_template_drops_them_with_i
         assert recorded(d) == ["r"]
     # the supervisor removed: its children stop and leave the record
     without = re.sub(r"\[(supervisors\.sessions|agents\.session)\][^\[]*", "", CONFIG)
-    d.rewrite(without.replace('"spawner", "sessions", "jobs"', '"spawner", "jobs"'))
+    d.rewrite(without.replace('"spawner", "sessions",', '"spawner",'))
     result = d.ctl("reload")
     assert result.returncode == 0, result.stderr
     assert "r" not in rows(d)
