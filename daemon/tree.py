@@ -426,6 +426,10 @@ class Tree:
         for name in sup.children:
             child = self.children[name]
             child.ended = False
+            ran = child.incarnation >= 0
+            if sup.spec.strategy == "dynamic" and child.restart == "temporary" and ran:
+                child.want, child.ended = False, True  # a temporary child never runs again
+                continue
             if not child.held:
                 child.want = True
         self._advance(sup)

@@ -27,8 +27,10 @@ from agentd.daemon.dynamic import (
     name_problem,
     with_children,
 )
+from agentd.daemon.tree import Policy
 from tests.conftest import alive, wait_for
 from tests.test_router import Net
+from tests.treesim import Sim, sup
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -331,6 +333,25 @@ def test_config_template_is_not_started_and_children_are_transient_unless_set(
 
 
 # --- the pure parts ---------------------------------------------------------------------
+
+
+def test_tree_dynamic_children_one_for_one_and_a_restarted_supervisor() -> None:
+    """Pure tree: one for one among children added at run time; when the dynamic
+    supervisor is restarted by its parent, its temporary children stay ended."""
+    sim = Sim.make(
+        [sup("root", ["web", "dyn"], max_restarts=5), sup("dyn", [], "dynamic", max_restarts=1)],
+    ).start()
+    for name, restart in (("a", "transient"), ("b", "transient"), ("t", "temporary")):
+        sim.apply(sim.tree.add_child("dyn", name, sim.now, agents={name: Policy(restart)}))
+    assert sim.ops("start") == ["web", "a", "b", "t"]
+    sim.clear()
+    sim.crash("a")
+    assert sim.ops("start") == ["a"] and sim.ops("stop") == []  # siblings untouched
+    sim.clear()
+    sim.crash("b")  # the second restart within the window: dyn gives up, root restarts it
+    assert "supervisor.gave_up" in [n.event for n in sim.notes]
+    assert sorted(sim.ops("start")) == ["a", "b"]  # not t
+    assert sim.tree.children["t"].ended and sim.tree.state("dyn") == "running"
 
 
 def test_args_are_compact_json_and_bounded() -> None:
