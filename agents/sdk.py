@@ -12,6 +12,11 @@ subscriptions, `setup()`, READY, a heartbeat every `heartbeat / 3` seconds,
 replies and error replies, acks (for `ack = true` agents), and a graceful
 SIGTERM — no new signals, the handlers in flight finish, then exit 0.
 
+Dynamic supervisors (SPEC §12): `await ctx.spawn(supervisor, name, args)` starts
+a child from the supervisor's template and `await ctx.terminate(name)` stops
+one; agentd answers over the bus (RemoteError with its reason if it cannot). A
+spawned child finds its args in `self.args`.
+
 Tracing: while a handler runs, whatever it sends, emits or requests, and its
 reply, is a new span in the handled signal's trace (`traceparent`) with
 `causation_id` = the handled signal's id — also from tasks the handler

@@ -4,6 +4,7 @@
         c.send("worker", "doc.created", {"id": 1})   # BusError if refused
         c.publish("doc.created", {"id": 2})
         reply = c.request("worker", "doc.summarize", {"id": 3}, timeout=5.0)
+        c.spawn("sessions", "session-7", {"user": "ann"})   # a dynamic supervisor's child
 
 Each signal starts a new trace, unless the call is given a `traceparent` (a
 server that received one in a request of its own): then it is a new span in

@@ -63,8 +63,10 @@ def check(config_path: str | None) -> None:
         for issue in exc.issues:
             click.echo(str(issue), err=True)
         sys.exit(1)
-    supervisors = len(spec.supervisors)
-    click.echo(f"{path}: ok ({len(spec.agents)} agents, {supervisors} supervisors)")
+    counts = f"{len(spec.agents)} agents, {len(spec.supervisors)} supervisors"
+    if spec.templates:  # agents a dynamic supervisor spawns from, not started on their own
+        counts += f", {len(spec.templates)} templates"
+    click.echo(f"{path}: ok ({counts})")
 
 
 @main.command()

@@ -238,8 +238,11 @@ def tree(c: Ctl) -> None:
     def draw(node: dict[str, Any], prefix: str, last: bool, top: bool) -> None:
         branch = "" if top else ("└── " if last else "├── ")
         if node["type"] == "supervisor":
+            strategy = node["strategy"]
+            if node.get("template"):  # dynamic: what it spawns, and how many at most
+                strategy += f" of {node['template']}, max {node['max_children']}"
             label = (
-                f"{node['name']} [{node['strategy']}, {node['max_restarts']} in "
+                f"{node['name']} [{strategy}, {node['max_restarts']} in "
                 f"{node['max_seconds']:g}s] {state(node['state'])}"
             )
         else:

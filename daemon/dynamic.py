@@ -278,7 +278,7 @@ class Dynamic:
 
     async def terminate(self, name: Any) -> dict[str, Any]:
         """Stop dynamic child `name` for good; returns once it is gone."""
-        if name not in self.children:
+        if not isinstance(name, str) or name not in self.children:
             if isinstance(name, str) and name in self.daemon.tree.children:
                 raise SpawnError(
                     f"`{name}` is not a dynamic child (`ctl stop` stops a configured agent)"

@@ -530,7 +530,12 @@ class Daemon:
                             "pid": proc.pid if proc and proc.pid else None,
                         }
                     )
+            dynamic = self.spec.supervisors.get(name)
+            extra = {}
+            if dynamic is not None and dynamic.strategy == "dynamic":
+                extra = {"template": dynamic.template, "max_children": dynamic.max_children}
             return {
+                **extra,
                 "name": name,
                 "type": "supervisor",
                 "strategy": sup.spec.strategy,

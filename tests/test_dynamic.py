@@ -114,7 +114,7 @@ def test_spawn_and_terminate_from_ctl_client_and_sdk(daemon_factory) -> None:
         assert {table[n]["supervisor"] for n in ("s1", "s2", "s3")} == {"sessions"}
         assert all(table[n]["state"] == "running" for n in ("s1", "s2", "s3"))
         tree = d.ctl("tree").stdout
-        assert "sessions [dynamic, 3 in 5s] running" in tree
+        assert "sessions [dynamic of session, max 3, 3 in 5s] running" in tree
         assert all(f"── {n} (transient) running pid" in tree for n in ("s1", "s2", "s3"))
         assert recorded(d) == ["s1", "s2", "s3"]  # transient: recorded
         assert d.wait_event("agent.spawned", "s3")["supervisor"] == "sessions"
