@@ -338,8 +338,10 @@ class Dynamic:
         if d.stopping:
             raise SpawnError("agentd is stopping")
         phase = d.tree.sups[supervisor].phase
-        if phase in ("failed", "failing", "stopping"):
-            raise SpawnError(f"supervisor `{supervisor}` is {phase}")
+        # Idle before the tree is up: its turn to start has not come yet (the child
+        # starts with it). Idle after: stopped (ctl stop), and so is anything else.
+        if phase not in ("starting", "running") and (phase != "idle" or d.ready):
+            raise SpawnError(f"supervisor `{supervisor}` is not running ({phase})")
         return child_spec(spec.templates[sup.template], name, args)
 
     def _put(self, supervisor: str, agent: AgentSpec) -> None:

@@ -330,6 +330,18 @@ def test_config_template_is_not_started_and_children_are_transient_unless_set(
     assert spec.supervisors["s"].max_children == 1000
     assert spec.supervisors["p"].max_children == 7
     assert spec.supervisors["s"].children == ()
+    # nested anywhere, and at the root too
+    path.write_text(
+        '[supervisors.outer]\nstrategy = "one_for_all"\nchildren = ["c", "s"]\n'
+        '[supervisors.s]\nstrategy = "dynamic"\ntemplate = "a"\n'
+        '[agents.a]\ncommand = ["x"]\n[agents.c]\ncommand = ["x"]\n'
+    )
+    assert load(path).supervisors["outer"].children == ("c", "s")
+    path.write_text(
+        '[supervisor]\nstrategy = "dynamic"\ntemplate = "a"\n[agents.a]\ncommand = ["x"]\n'
+    )
+    spec = load(path)
+    assert spec.supervisors["root"].children == () and spec.supervisors["root"].template == "a"
 
 
 # --- the pure parts ---------------------------------------------------------------------
