@@ -2,7 +2,7 @@
 
 A supervisor with `strategy = "dynamic"` starts empty (SPEC §12). `spawn` makes an
 agent spec from the supervisor's `template` (the child's name, its `args` as
-`AGENTD_ARGS` in the env) and adds it to the running spec and the tree exactly as
+`AGENTD_ARGS` in its environment) and adds it to the running spec and the tree exactly as
 `ctl scale` adds a pool member; `terminate` removes it. The tree restarts dynamic
 children one for one (tree.py treats `dynamic` as OTP's simple_one_for_one).
 
@@ -80,11 +80,8 @@ def encode_args(args: Any) -> str | None:
 
 
 def child_spec(template: AgentSpec, name: str, args: str | None) -> AgentSpec:
-    """The child's agent spec: the template's, under its own name, args in AGENTD_ARGS."""
-    env = tuple((k, v) for k, v in template.env if k != "AGENTD_ARGS")
-    if args is not None:
-        env += (("AGENTD_ARGS", args),)
-    return msgspec.structs.replace(template, name=name, pool=None, env=env)
+    """The child's agent spec: the template's, under its own name, with its args."""
+    return msgspec.structs.replace(template, name=name, pool=None, args=args)
 
 
 def name_problem(spec: Spec, name: Any) -> str | None:

@@ -134,6 +134,9 @@ def agent_env(
     if state_dir:
         env["AGENTD_STATE_DIR"] = state_dir
     env.update(dict(spec.env))
+    env.pop("AGENTD_ARGS", None)  # the contract's, never inherited or configured
+    if spec.args is not None:  # a dynamic child's spawn args (daemon/dynamic.py)
+        env["AGENTD_ARGS"] = spec.args
     return env
 
 

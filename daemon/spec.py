@@ -60,6 +60,9 @@ class AgentSpec(msgspec.Struct, frozen=True):
     retry_backoff: float = 0.5  # seconds before a failed delivery is retried (doubling)
     max_in_flight: int = 100  # handed to the agent and not yet acknowledged, at most
     max_pending: int = 10_000  # kept by the broker for the agent, at most
+    # A dynamic child's spawn args as JSON text: AGENTD_ARGS (spawn.agent_env). A field of
+    # its own, not in `env`: children of one template differ only in name and args.
+    args: str | None = None
 
 
 class SupervisorSpec(msgspec.Struct, frozen=True):

@@ -27,6 +27,7 @@ from agentd.daemon.dynamic import (
     name_problem,
     with_children,
 )
+from agentd.daemon.spawn import agent_env
 from agentd.daemon.tree import Policy
 from tests.conftest import alive, wait_for
 from tests.test_router import Net
@@ -395,8 +396,10 @@ def test_with_children_keeps_those_whose_supervisor_is_still_dynamic(tmp_path: P
     new, kept = with_children(spec, children)
     assert [c.name for c in kept] == ["k1", "k2"]
     assert new.supervisors["s"].children == ("k1", "k2")
-    assert dict(new.agents["k1"].env) == {"K": "v", "AGENTD_ARGS": '{"n":1}'}
-    assert dict(new.agents["k2"].env) == {"K": "v"}  # no args: no AGENTD_ARGS at all
+    assert new.agents["k1"].args == '{"n":1}' and new.agents["k2"].args is None
+    env = agent_env(new.agents["k1"], 0, "ipc:///x")
+    assert env["AGENTD_ARGS"] == '{"n":1}' and env["K"] == "v"  # the spawn's args win,
+    assert "AGENTD_ARGS" not in agent_env(new.agents["k2"], 0, "ipc:///x")  # and no args: none
     assert new.agents["k1"].restart == "transient" and new.agents["k1"].pool is None
     assert child_spec(spec.templates["a"], "z", None).name == "z"
     assert name_problem(new, "k1") == "the name `k1` is taken"
