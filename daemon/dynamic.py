@@ -191,7 +191,7 @@ class Dynamic:
         names = []
         for child in self.record.load():
             try:
-                self._begin(child.supervisor, child.name, child.args, record=False)
+                self._begin(child.supervisor, child.name, child.args, restoring=True)
             except SpawnError as exc:
                 self.log.warning("dynamic.not_restored", name=child.name, reason=str(exc))
             else:
@@ -246,13 +246,13 @@ class Dynamic:
         proc = d.process_runtime.procs.get(name) if d.process_runtime else None
         return {"spawned": name, "supervisor": supervisor, "pid": proc.pid if proc else None}
 
-    def _begin(self, supervisor: Any, name: Any, args: str | None, record: bool = True) -> None:
+    def _begin(self, supervisor: Any, name: Any, args: str | None, restoring: bool = False) -> None:
         """Checked, recorded (before any answer: a spawn's OK is a promise), in the tree."""
         d = self.daemon
-        agent = self._check(supervisor, name, args)
+        agent = self._check(supervisor, name, args, restoring)
         self.children[name] = Child(name, supervisor, args)
         self._put(supervisor, agent)
-        if record and agent.restart != "temporary":
+        if not restoring and agent.restart != "temporary":
             try:
                 self.save()
             except SpawnError:
@@ -311,8 +311,14 @@ class Dynamic:
 
     # --- internals ----------------------------------------------------------------
 
-    def _check(self, supervisor: Any, name: Any, args: str | None) -> AgentSpec:
-        """The new child's spec, or SpawnError saying why it cannot be spawned."""
+    def _check(
+        self, supervisor: Any, name: Any, args: str | None, restoring: bool = False
+    ) -> AgentSpec:
+        """The new child's spec, or SpawnError saying why it cannot be spawned.
+
+        A restored child is not refused for max_children (lowered since): as on a
+        reload, the children there are keep running and new spawns wait for room.
+        """
         d = self.daemon
         spec = d.spec
         sup = spec.supervisors.get(supervisor) if isinstance(supervisor, str) else None
@@ -327,7 +333,7 @@ class Dynamic:
             problem = f"the name `{name}` is taken"
         if problem:
             raise SpawnError(problem)
-        if len(sup.children) >= sup.max_children:
+        if len(sup.children) >= sup.max_children and not restoring:
             raise SpawnError(
                 f"`{supervisor}` has {len(sup.children)} children: its max_children "
                 f"({sup.max_children}) is reached"
