@@ -75,6 +75,9 @@ class DaemonConfig(_Strict):
     keys_dir: str | None = None
     max_frame: int = 1024 * 1024
     death_signal: bool = True
+    metrics: str | None = None
+    metrics_tls_cert: str | None = None
+    metrics_tls_key: str | None = None
 
 
 class SupervisorConfig(_Strict):
@@ -552,6 +555,12 @@ def _daemon_spec(v: _Validator, main: _Source, cfg: DaemonConfig) -> DaemonSpec:
         elif not endpoint.startswith("ipc://"):
             v.issue(main, line, f"daemon.{key}: endpoint must be ipc://PATH or tcp://HOST:PORT")
     v.within_bounds(main, ("daemon",), "daemon", "daemon", cfg)
+    tls = {
+        key: _path(base, sub(value)) if value else None
+        for key, value in (("cert", cfg.metrics_tls_cert), ("key", cfg.metrics_tls_key))
+    }
+    if cfg.metrics is not None:
+        _check_metrics(v, main, cfg.metrics, tls["cert"], tls["key"])
     return DaemonSpec(
         runtime_dir=runtime_dir,
         log_dir=log_dir,
@@ -566,7 +575,44 @@ def _daemon_spec(v: _Validator, main: _Source, cfg: DaemonConfig) -> DaemonSpec:
         keys_dir=keys_dir,
         max_frame=cfg.max_frame,
         death_signal=cfg.death_signal,
+        metrics=cfg.metrics,
+        metrics_tls_cert=tls["cert"],
+        metrics_tls_key=tls["key"],
     )
+
+
+def _path(base: Path, value: str) -> str:
+    """A path from the config: relative ones are relative to the main file's folder."""
+    return value if os.path.isabs(value) else str(base / value)
+
+
+def _check_metrics(
+    v: _Validator, main: _Source, address: str, cert: str | None, key: str | None
+) -> None:
+    """daemon.metrics: HOST:PORT; anything but loopback only over TLS (cert and key)."""
+    from .metrics import is_loopback, parse_address
+
+    try:
+        host, _ = parse_address(address)
+    except ValueError as exc:
+        v.issue(main, ("daemon", "metrics"), f"daemon.metrics: {exc}")
+        return
+    for name, path in (("metrics_tls_cert", cert), ("metrics_tls_key", key)):
+        if path is None:
+            continue
+        if not os.path.isfile(path) or not os.access(path, os.R_OK):
+            v.issue(main, ("daemon", name), f"daemon.{name}: cannot read {path}")
+    if (cert is None) != (key is None):
+        missing = "metrics_tls_key" if key is None else "metrics_tls_cert"
+        have = "metrics_tls_cert" if key is None else "metrics_tls_key"
+        v.issue(main, ("daemon", have), f"daemon.{have} needs daemon.{missing} too")
+    elif cert is None and not is_loopback(host):
+        v.issue(
+            main,
+            ("daemon", "metrics"),
+            f"daemon.metrics: {address} is not a loopback address; serving metrics there "
+            "needs TLS (set daemon.metrics_tls_cert and daemon.metrics_tls_key)",
+        )
 
 
 def _check_state_dir(

@@ -238,6 +238,13 @@ def tree(c: Ctl) -> None:
     draw(data, "", True, True)
 
 
+@ctl.command()
+@pass_ctl
+def metrics(c: Ctl) -> None:
+    """Print the Prometheus metrics (text exposition), e.g. for node_exporter's textfile."""
+    click.echo(c.call("metrics"), nl=False)
+
+
 def _simple(cmd: str, verb: str) -> Callable[..., None]:
     @click.argument("names", nargs=-1, required=True)
     @pass_ctl
