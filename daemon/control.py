@@ -186,7 +186,7 @@ async def cmd_status(daemon: Daemon, args: dict[str, Any], send: Send) -> Any:
 async def cmd_metrics(daemon: Daemon, args: dict[str, Any], send: Send) -> Any:
     """The Prometheus text exposition (what `daemon.metrics` serves over HTTP)."""
     assert daemon.metrics is not None
-    return await daemon.metrics.exposition()
+    return await daemon.metrics.exposition(process=not args.get("textfile"))
 
 
 async def cmd_tree(daemon: Daemon, args: dict[str, Any], send: Send) -> Any:

@@ -239,10 +239,16 @@ def tree(c: Ctl) -> None:
 
 
 @ctl.command()
+@click.option(
+    "--textfile",
+    is_flag=True,
+    help="For node_exporter's textfile collector: without the daemon's process_* metrics "
+    "(node_exporter has its own).",
+)
 @pass_ctl
-def metrics(c: Ctl) -> None:
-    """Print the Prometheus metrics (text exposition), e.g. for node_exporter's textfile."""
-    click.echo(c.call("metrics"), nl=False)
+def metrics(c: Ctl, textfile: bool) -> None:
+    """Print the Prometheus metrics (text exposition)."""
+    click.echo(c.call("metrics", {"textfile": textfile}), nl=False)
 
 
 def _simple(cmd: str, verb: str) -> Callable[..., None]:

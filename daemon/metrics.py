@@ -149,11 +149,16 @@ class DaemonCollector:
         yield from families(Snapshot(agents=[], bus={}))
 
 
-def make_registry(take: Callable[[], Snapshot]) -> CollectorRegistry:
-    """A registry of its own: the daemon's collector and the `process_*` metrics."""
+def make_registry(take: Callable[[], Snapshot], process: bool = True) -> CollectorRegistry:
+    """A registry of its own: the daemon's collector and (`process`) its `process_*` metrics.
+
+    Without them for node_exporter's textfile collector: node_exporter exports its own
+    `process_*`, and the same series twice fail its scrape.
+    """
     registry = CollectorRegistry()
     registry.register(DaemonCollector(take))
-    ProcessCollector(registry=registry)
+    if process:
+        ProcessCollector(registry=registry)
     return registry
 
 
@@ -166,6 +171,7 @@ class MetricsEndpoint:
         self._snapshot = snapshot
         self._loop = loop
         self.registry = make_registry(self._take)
+        self._textfile = make_registry(self._take, process=False)
         self._server: Any = None
 
     def _take(self) -> Snapshot:
@@ -179,9 +185,10 @@ class MetricsEndpoint:
         future = asyncio.run_coroutine_threadsafe(self._snapshot(), self._loop)
         return future.result(SNAPSHOT_TIMEOUT)
 
-    async def exposition(self) -> str:
-        """The Prometheus text format, as `ctl metrics` prints it."""
-        return (await asyncio.to_thread(generate_latest, self.registry)).decode()
+    async def exposition(self, process: bool = True) -> str:
+        """The Prometheus text format, as `ctl metrics` prints it (`--textfile`: no process_*)."""
+        registry = self.registry if process else self._textfile
+        return (await asyncio.to_thread(generate_latest, registry)).decode()
 
     def serve(self, address: str, certfile: str | None, keyfile: str | None) -> None:
         """Serve GET /metrics on HOST:PORT (HTTPS with a cert and key); OSError if it cannot."""

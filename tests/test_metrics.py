@@ -191,6 +191,14 @@ def test_bus_figures_move_in_the_scrape_and_in_status(live) -> None:
     assert rows["bus"]["held"] == value(scrape, "agentd_bus_held")
 
 
+def test_textfile_scrape_leaves_out_the_process_metrics(live) -> None:
+    result = live.d.ctl("metrics", "--textfile")
+    assert result.returncode == 0, result.stderr
+    names = {name for name, _ in parse(result.stdout)}
+    assert "agentd_agent_up" in names and "agentd_bus_held" in names
+    assert not [n for n in names if n.startswith("process_")]
+
+
 def test_every_metric_in_the_alert_rules_is_in_a_live_scrape(live) -> None:
     used = set(re.findall(r"\bagentd_[a-z_]+", RULES.read_text()))
     assert {"agentd_agent_restarts_total", "agentd_agent_up"} <= used
@@ -211,6 +219,10 @@ def test_ctl_metrics_without_a_daemon_exits_3(tmp_path: Path) -> None:
 
 
 # --- the alert rules -------------------------------------------------------------------
+
+
+def test_the_readme_shows_the_alert_rules_file_as_it_is() -> None:
+    assert RULES.read_text() in (REPO / "README.md").read_text()
 
 
 def test_alert_rules_pass_promtool() -> None:
