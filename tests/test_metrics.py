@@ -39,6 +39,7 @@ from agentd.daemon.metrics import (
 )
 from tests.conftest import DaemonProc, wait_for
 from tests.test_router import Net, acked
+from tests.treesim import Sim, sup
 
 REPO = Path(__file__).resolve().parent.parent
 RULES = REPO / "etc" / "prometheus" / "agentd-rules.yml"
@@ -429,3 +430,32 @@ def test_router_counts_held_pending_in_flight_and_dead_per_agent() -> None:
     net.send("c", Stats())
     [plain] = [f for f in net.take("c") if isinstance(f, Stats)]
     assert plain.agents == {} and plain.counters["held_now"] == 2
+
+
+# --- restarts by reason: counted where the tree decides them ----------------------------------
+
+
+def test_the_tree_counts_restarts_by_the_reason_of_the_exit_before_each() -> None:
+    sim = Sim.make(
+        [
+            sup("root", ["g", "c"], max_restarts=100, max_seconds=1),
+            sup("g", ["a", "b"], "one_for_all", max_restarts=100, max_seconds=1),
+        ],
+        agents={"c": ("permanent", 5.0)},
+    ).start()
+    tree = sim.tree
+    for reason in ("signal", "signal", "hung", "memory"):
+        sim.now += 2
+        sim.crash("a", reason=reason)
+    assert tree.children["a"].restarts_by_reason == {"signal": 2, "hung": 1, "memory": 1}
+    assert tree.children["b"].restarts_by_reason == {"stopped": 4}  # one_for_all stopped it
+    assert tree.children["a"].restarts == 4  # what `status` shows: the sum
+    sim.apply(tree.restart_child("a", sim.now))  # ctl restart
+    assert tree.children["a"].restarts_by_reason["stopped"] == 1
+    sim.crash("c", reason="signal")
+    sim.advance(6)  # its restart_delay
+    assert tree.children["c"].restarts_by_reason == {"signal": 1}
+    sim.crash("c", reason="signal")  # backing off again ...
+    sim.apply(tree.stop_child("c", sim.now))  # ... ctl stops it meanwhile, then starts it
+    sim.apply(tree.start_child("c", sim.now))
+    assert tree.children["c"].restarts_by_reason == {"signal": 1, "stopped": 1}
