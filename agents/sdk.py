@@ -12,6 +12,14 @@ subscriptions, `setup()`, READY, a heartbeat every `heartbeat / 3` seconds,
 replies and error replies, acks (for `ack = true` agents), and a graceful
 SIGTERM — no new signals, the handlers in flight finish, then exit 0.
 
+Tracing: while a handler runs, whatever it sends, emits or requests, and its
+reply, is a new span in the handled signal's trace (`traceparent`) with
+`causation_id` = the handled signal's id — also from tasks the handler
+starts, and through `self.ctx`, since the handling is a context variable of
+the task. Anything sent outside a handler (`setup`, a background task it
+starts) begins a new trace; `with ctx.trace(traceparent):` continues one
+that came from elsewhere (an HTTP header, say).
+
 `def` handlers run on the agent's own event loop. That is deliberate: a
 handler that blocks forever also stops the heartbeat, so the broker reports
 the agent hung and agentd restarts it. Use `async def` for anything that
@@ -21,12 +29,14 @@ waits.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import inspect
 import os
 import signal as signals
 import sys
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import msgspec
@@ -51,8 +61,25 @@ from agentd.bus.envelope import (
 )
 from agentd.bus.envelope import signal as make_signal
 from agentd.bus.patterns import Trie
+from agentd.bus.tracecontext import accept, new_trace, next_span
 
 Handler = Callable[..., Any]
+
+# (traceparent, signal id) of the signal being handled in this task, if any: what a
+# signal sent now is caused by. A context variable, so each handler (and every task it
+# starts) sees its own, whether it is a `def` or an `async def` and however many run.
+_cause: contextvars.ContextVar[tuple[str, str | None] | None] = contextvars.ContextVar(
+    "agentd_cause", default=None
+)
+
+
+def _caused() -> tuple[str, str | None]:
+    """(traceparent, causation_id) for a signal sent now: a child of the cause, or a new trace."""
+    cause = _cause.get()
+    if cause is None:
+        return new_trace(), None
+    return next_span(cause[0]), cause[1]
+
 
 __all__ = ["Agent", "BusError", "BusTimeout", "Context", "Signal", "on"]
 
@@ -89,18 +116,39 @@ class Context:
         agent that acks its own signal after an emit never acks work whose result was
         lost; BusError if the broker refused it.
         """
-        sig = make_signal(type, data, self.name, subject=subject, receipt=True)
+        tp, cause = _caused()
+        sig = make_signal(
+            type, data, self.name, subject=subject, receipt=True, traceparent=tp, causation_id=cause
+        )
         return (await self._runtime.send_with_receipt(sig)).delivered
 
     async def send(self, to: str, type: str, data: Any = None) -> None:
         """Direct to an agent, a pool (one member) or a client; BusError if refused."""
+        tp, cause = _caused()
         await self._runtime.send_with_receipt(
-            make_signal(type, data, self.name, to=to, receipt=True)
+            make_signal(
+                type, data, self.name, to=to, receipt=True, traceparent=tp, causation_id=cause
+            )
         )
 
     async def request(self, to: str, type: str, data: Any = None, timeout: float = 5.0) -> Any:
         """Send a request and wait for the reply's data (BusTimeout, BusError)."""
         return await self._runtime.request(to, type, data, timeout)
+
+    @contextlib.contextmanager
+    def trace(self, traceparent: str | None = None) -> Iterator[str]:
+        """Within the block, what this task sends is in the trace of `traceparent`.
+
+        For work that comes from outside the bus with a W3C `traceparent` (an
+        HTTP request's header): invalid or None starts a new trace. Yields the
+        traceparent in effect, to hand back to the caller.
+        """
+        tp = accept(traceparent)
+        token = _cause.set((tp, None))
+        try:
+            yield tp
+        finally:
+            _cause.reset(token)
 
 
 class Agent:
@@ -251,7 +299,8 @@ class Runtime:
         return receipt
 
     async def request(self, to: str, type: str, data: Any, timeout: float) -> Any:
-        sig = make_signal(type, data, self.name, to=to, correlation_id=None)
+        tp, cause = _caused()
+        sig = make_signal(type, data, self.name, to=to, traceparent=tp, causation_id=cause)
         sig = msgspec.structs.replace(sig, correlation_id=sig.id)
         future: asyncio.Future[Signal] = asyncio.get_running_loop().create_future()
         self.requests[sig.id] = future
@@ -319,17 +368,23 @@ class Runtime:
         # The most specific matching route wins; among equals, the first defined.
         _, handler = self.routes[min(self.rank[int(i)] for i in matches)[-1]]
         ctx = Context(self, sig)
-        if inspect.iscoroutinefunction(handler):
-            task = asyncio.get_running_loop().create_task(self._run_async(handler, sig, ctx))
-            self.inflight.add(task)
-            task.add_done_callback(self.inflight.discard)
-            return
+        # What the handler sends is caused by `sig`: the task copies this at creation.
+        token = _cause.set((accept(sig.traceparent), sig.id))  # checked once, here
         try:
-            result = handler(sig, ctx)  # on the loop, by design (see the module docstring)
-        except Exception as exc:
-            self._failed(sig, exc)
-        else:
-            self._done_with(sig, result)
+            if inspect.iscoroutinefunction(handler):
+                loop = asyncio.get_running_loop()
+                task = loop.create_task(self._run_async(handler, sig, ctx))
+                self.inflight.add(task)
+                task.add_done_callback(self.inflight.discard)
+                return
+            try:
+                result = handler(sig, ctx)  # on the loop, by design (see the module docstring)
+            except Exception as exc:
+                self._failed(sig, exc)
+            else:
+                self._done_with(sig, result)
+        finally:
+            _cause.reset(token)
         # A busy agent is not a hung one: between two `def` handlers the loop runs its
         # timers, so heartbeats keep going out however long the backlog.
         await asyncio.sleep(0)
@@ -372,6 +427,8 @@ class Runtime:
             self.name,
             to=sig.reply_to or sig.source,
             correlation_id=sig.correlation_id,
+            traceparent=next_span(_reply_parent(sig)),
+            causation_id=sig.id,
         )
         self.send(msgspec.structs.replace(reply, reply=True, error=error))
 
@@ -387,6 +444,12 @@ class Runtime:
         if self._acks:
             ids, self._acks = self._acks, []
             self.send(Ack(ids))
+
+
+def _reply_parent(sig: Signal) -> str:
+    """The reply is in the trace the handler's sends went into (one trace, even if invalid)."""
+    cause = _cause.get()
+    return cause[0] if cause is not None and cause[1] == sig.id else accept(sig.traceparent)
 
 
 def _specificity(pattern: str) -> tuple[int, int, int]:

@@ -124,7 +124,7 @@ class Broker:
 def open_journal(path: str, sync: str, router: Router, logger: Any) -> Journal:
     """Open (and replay) the journal, report what it found, and hand it to the router."""
     journal = Journal(path, sync)  # type: ignore[arg-type]
-    loaded = journal.open()
+    loaded = journal.open(observe=router.traces.from_journal)
     if loaded.corrupt_moved_to:
         logger.error("bus.journal_corrupt", path=path, moved_to=loaded.corrupt_moved_to)
         router.pending_notices.append(

@@ -5,6 +5,10 @@
         c.publish("doc.created", {"id": 2})
         reply = c.request("worker", "doc.summarize", {"id": 3}, timeout=5.0)
 
+Each signal starts a new trace, unless the call is given a `traceparent` (a
+server that received one in a request of its own): then it is a new span in
+that trace. `trace(id)` is the broker's record of a signal's whole trace.
+
 Plain pyzmq, no asyncio, no threads: `agentd ctl send/publish/request` use
 it and start fast. Every call that reports success waited for the broker's
 receipt (or the reply).
@@ -31,10 +35,14 @@ from .envelope import (
     Signal,
     Stats,
     Subscribe,
+    Trace,
+    TraceRecord,
+    TraceReply,
     encoder,
     peer_decoder,
 )
 from .envelope import signal as make_signal
+from .tracecontext import child
 
 
 class BusError(Exception):
@@ -99,13 +107,25 @@ class Client:
 
     # --- sending -------------------------------------------------------------------------
 
-    def send(self, to: str, type: str, data: Any = None, *, receipt: bool = True) -> None:
+    def send(
+        self,
+        to: str,
+        type: str,
+        data: Any = None,
+        *,
+        receipt: bool = True,
+        traceparent: str | None = None,
+    ) -> None:
         """A direct signal to an agent, a pool or a client; BusError if refused."""
-        self._emit(make_signal(type, data, self.name, to=to, receipt=receipt))
+        tp = child(traceparent)
+        self._emit(make_signal(type, data, self.name, to=to, receipt=receipt, traceparent=tp))
 
-    def publish(self, type: str, data: Any = None, *, receipt: bool = True) -> int:
+    def publish(
+        self, type: str, data: Any = None, *, receipt: bool = True, traceparent: str | None = None
+    ) -> int:
         """To every subscriber whose pattern matches; the number it went to."""
-        return self._emit(make_signal(type, data, self.name, receipt=receipt))
+        tp = child(traceparent)
+        return self._emit(make_signal(type, data, self.name, receipt=receipt, traceparent=tp))
 
     def subscribe(self, *patterns: str) -> None:
         """Receive published signals matching these patterns (see `receive`).
@@ -126,13 +146,22 @@ class Client:
                 return frame.counters
             self._keep(frame)
 
-    def send_batch(self, signals: list[tuple[str | None, str, Any]]) -> None:
+    def send_batch(
+        self, signals: list[tuple[str | None, str, Any]], *, traceparent: str | None = None
+    ) -> None:
         """Many signals in one frame (no receipts): [(to or None, type, data), ...]."""
-        batch = [make_signal(t, d, self.name, to=to) for to, t, d in signals]
+        batch = [
+            make_signal(t, d, self.name, to=to, traceparent=child(traceparent))
+            for to, t, d in signals
+        ]
         self._sock.send(self._enc.encode(Batch(batch)))
 
     def send_confirmed(
-        self, signals: Iterable[tuple[str | None, str, Any]], *, window: int = 256
+        self,
+        signals: Iterable[tuple[str | None, str, Any]],
+        *,
+        window: int = 256,
+        traceparent: str | None = None,
     ) -> list[Receipt]:
         """Pipelined receipted sends: up to `window` unconfirmed at a time.
 
@@ -146,7 +175,8 @@ class Client:
         waiting: set[str] = set()
         enc, sock = self._enc, self._sock
         for to, type_, data in signals:
-            sig = make_signal(type_, data, self.name, to=to, receipt=True)
+            tp = child(traceparent)
+            sig = make_signal(type_, data, self.name, to=to, receipt=True, traceparent=tp)
             order.append(sig.id)
             waiting.add(sig.id)
             sock.send(enc.encode(sig))
@@ -193,10 +223,36 @@ class Client:
                 raise BusError(frame.reason)
             self._keep(frame)
 
-    def request(self, to: str, type: str, data: Any = None, timeout: float = 5.0) -> Any:
+    def trace(self, id: str) -> list[TraceRecord]:
+        """The broker's records of every signal in the trace of signal `id` (or trace id `id`).
+
+        BusError if the broker knows neither (its ring holds the last signals only).
+        """
+        self._sock.send(self._enc.encode(Trace(id)))
+        deadline = time.monotonic() + self.receipt_timeout
+        while True:
+            frame = self._next(deadline, f"no answer from the broker at {self.endpoint}")
+            if isinstance(frame, TraceReply):
+                if frame.error:
+                    raise BusError(frame.error)
+                return frame.records
+            if isinstance(frame, Error) and frame.id is None:
+                raise BusError(frame.reason)
+            self._keep(frame)
+
+    def request(
+        self,
+        to: str,
+        type: str,
+        data: Any = None,
+        timeout: float = 5.0,
+        *,
+        traceparent: str | None = None,
+    ) -> Any:
         """Send a request and wait for its reply's data."""
         correlation = uuid.uuid4().hex
-        sig = make_signal(type, data, self.name, to=to, correlation_id=correlation)
+        tp = child(traceparent)
+        sig = make_signal(type, data, self.name, to=to, correlation_id=correlation, traceparent=tp)
         self._sock.send(self._enc.encode(sig))
         deadline = time.monotonic() + timeout
         while True:

@@ -15,6 +15,8 @@ from typing import Any
 
 import msgspec
 
+from .tracecontext import new_trace
+
 Raw = msgspec.Raw
 
 
@@ -70,6 +72,8 @@ class Signal(_Frame, tag="signal"):
     error: str | None = None  # an error reply (the handler raised)
     redelivered: bool = False  # set by the broker on redelivery (ack = true agents)
     deliveries: int = 0  # set by the broker on a redelivery (ack = true): the count; 0 first
+    traceparent: str | None = None  # W3C trace context: its trace, and its own span (tracecontext)
+    causation_id: str | None = None  # the id of the signal being handled when this one was sent
 
 
 class RawSignal(Signal, tag="signal"):
@@ -140,6 +144,42 @@ class Dlq(_Frame, tag="dlq"):
 
 class DlqReply(_Frame, tag="dlq_reply"):
     dead_letters: list[DeadLetter] = []  # list: what matched; redrive/purge: what was moved
+    error: str | None = None
+
+
+class TraceRecord(msgspec.Struct, omit_defaults=True, gc=False):
+    """What the broker knows of one signal it routed (its trace ring, bus/traces.py).
+
+    `outcome` is the latest news: routed, delivered, held, kept (journaled,
+    waiting for its agent), acked, replied, nacked, retrying, dead-lettered,
+    redriven, purged, error. A publication's `to` is None and `outcomes`
+    has one per subscriber; a signal to a pool names the member in `member`.
+    """
+
+    id: str
+    type: str
+    source: str
+    time: float  # the signal's own time (unix seconds)
+    to: str | None = None
+    traceparent: str | None = None
+    causation_id: str | None = None
+    correlation_id: str | None = None
+    reply: bool = False
+    outcome: str = "routed"
+    error: str = ""  # why, for error, nacked, retrying, dead-lettered (and error replies)
+    deliveries: int = 0  # ack = true: deliveries so far
+    member: str | None = None  # the pool member it went to
+    outcomes: dict[str, str] | None = None  # a publication: subscriber -> outcome
+
+
+class Trace(_Frame, tag="trace"):
+    """Ask the broker for the trace of a signal id (or of a trace id): answer TraceReply."""
+
+    id: str
+
+
+class TraceReply(_Frame, tag="trace_reply"):
+    records: list[TraceRecord] = []  # every signal the broker knows in that trace
     error: str | None = None
 
 
@@ -235,6 +275,8 @@ Frame = (
     | Nack
     | Dlq
     | DlqReply
+    | Trace
+    | TraceReply
     | Stats
     | Table
     | TableOk
@@ -257,6 +299,8 @@ BrokerFrame = (
     | Nack
     | Dlq
     | DlqReply
+    | Trace
+    | TraceReply
     | Stats
     | Table
     | TableOk
@@ -299,7 +343,10 @@ def signal(
     subject: str | None = None,
     correlation_id: str | None = None,
     receipt: bool = False,
+    traceparent: str | None = None,
+    causation_id: str | None = None,
 ) -> Signal:
+    """A new signal; without a `traceparent`, the first of a new trace."""
     return Signal(
         id=new_id(),
         type=type,
@@ -310,4 +357,6 @@ def signal(
         to=to,
         correlation_id=correlation_id,
         receipt=receipt,
+        traceparent=traceparent or new_trace(),
+        causation_id=causation_id,
     )

@@ -36,7 +36,7 @@ import os
 import struct
 import time
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -88,14 +88,15 @@ class Journal:
 
     # --- open and replay ------------------------------------------------------------
 
-    def open(self) -> Loaded:
+    def open(self, observe: Callable[[list[Any]], None] | None = None) -> Loaded:
+        """Lock and replay the log; `observe` sees each record in order (the trace ring)."""
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
         loaded = Loaded()
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
         self._lock(fd)
         try:
             data = _read_all(fd)
-            state, good, bad_crc = replay(data)
+            state, good, bad_crc = replay(data, observe)
             if bad_crc:
                 moved = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
                 os.rename(self.path, moved)
@@ -214,8 +215,13 @@ def _read_all(fd: int) -> bytes:
     return b"".join(chunks)
 
 
-def replay(data: bytes) -> tuple[dict[tuple[str, str], Stored], int, bool]:
-    """Apply the records in order: (state, bytes of whole records, a bad checksum seen)."""
+def replay(
+    data: bytes, observe: Callable[[list[Any]], None] | None = None
+) -> tuple[dict[tuple[str, str], Stored], int, bool]:
+    """Apply the records in order: (state, bytes of whole records, a bad checksum seen).
+
+    `observe` is shown each record that applied (a bad one is never shown).
+    """
     state: dict[tuple[str, str], Stored] = {}
     decode = msgspec.msgpack.decode
     pos, end = 0, len(data)
@@ -230,9 +236,12 @@ def replay(data: bytes) -> tuple[dict[tuple[str, str], Stored], int, bool]:
         if zlib.crc32(body) != crc:
             return state, pos, True
         try:
-            _apply(state, decode(body))
+            rec = decode(body)
+            _apply(state, rec)
         except (msgspec.DecodeError, ValueError, TypeError, IndexError):
             return state, pos, True
+        if observe is not None:
+            observe(rec)
         pos = start + length
     return state, pos, False
 

@@ -62,11 +62,27 @@ from .envelope import (
     Subscribe,
     Table,
     TableOk,
+    Trace,
     broker_decoder,
     encoder,
 )
 from .journal import Stored
 from .patterns import Trie, valid
+from .traces import (
+    ACKED,
+    DEAD,
+    DELIVERED,
+    ERROR,
+    HELD,
+    NACKED,
+    PURGED,
+    REDRIVEN,
+    REPLIED,
+    RETRYING,
+    ROUTED,
+    TraceRing,
+)
+from .traces import KEPT as KEPT_OUTCOME  # (KEPT here is a kind of Send)
 
 RESERVED = frozenset({"agentd", "bus", "ctl"})  # the daemon, the broker, the ctl command
 BACKOFF_MAX = 30.0  # seconds: the longest retry backoff
@@ -187,9 +203,11 @@ class Router:
         self.rr: dict[str, int] = {}
         self.peers: dict[str, Peer] = {}
         self.incarnations: dict[str, int] = {}  # highest incarnation that said HELLO
-        self.held: dict[str, deque[Any]] = {}  # at-most-once: name or pool -> frames waiting
+        # At most once: name or pool -> (signal id, frame) waiting.
+        self.held: dict[str, deque[tuple[str, bytes]]] = {}
         self.boxes: dict[str, Mailbox] = {}  # ack = true agents and pools
         self.trie = Trie()
+        self.traces = TraceRing()  # what happened to the last signals (ctl trace)
         self.daemon_connected = False
         self.journal_ok = True
         self._probe_at = 0.0
@@ -300,12 +318,14 @@ class Router:
             self._gone(send.to, "disconnected", now)
         for sender, sig_id, payload in send.items:
             if result == GONE and send.to in self.table:
-                ok, why = self._hold(send.to, payload)
+                ok, why = self._hold(send.to, payload, sig_id)
             elif result == GONE:
                 ok, why = False, f"{send.to} is not connected"
             else:
                 ok, why = False, f"{send.to} is not keeping up (its queue is full)"
                 self.counters["dropped"] += 1
+            if not ok:
+                self.traces.mark(sig_id, ERROR, send.to, why or "refused")
             if not ok and sender:  # a hold-queue flush has no sender left to tell
                 self._control(sender, Error(why or "refused", id=sig_id, to=send.to))
 
@@ -448,6 +468,8 @@ class Router:
             self._control(sender, self._stats_answer(frame))
         elif kind is Dlq:
             self._dlq(sender, frame, now)
+        elif kind is Trace:
+            self._control(sender, self.traces.answer(frame.id))
         else:
             self.malformed(ident, f"unexpected frame kind {kind.__name__.lower()}", now)
 
@@ -787,14 +809,18 @@ class Router:
         if self.table_version == -1 and self._waiting_for_table(now):
             return self._early(sender, sig, payload)
         self.counters["routed"] += 1
+        rec = self.traces.add(sig)
         if sig.source != sender:
             return self._refuse(sender, sig, f"source {sig.source!r} is not your name {sender!r}")
         if sig.reply and sig.correlation_id is not None:
+            self.traces.replied(sig)
             self._reply_settles(sender, sig.correlation_id, now)
         fresh = len(self._fresh)
         if sig.to is not None:
             ok, why = self._direct(sender, sig, payload, now)
             count = 1
+            if ok and rec.outcome == ROUTED:  # forwarded: held, kept or a pool's say so
+                rec.outcome = DELIVERED
         else:
             ok, why, count = True, None, 0
             for name in self.trie.match(sig.type):
@@ -829,6 +855,7 @@ class Router:
 
     def _refuse(self, sender: str, sig: RawSignal, why: str) -> None:
         self.counters["errors"] += 1
+        self.traces.mark(sig.id, ERROR, error=why)
         if sig.receipt:
             frame: Any = Receipt(sig.id, False, error=why)
         else:
@@ -852,11 +879,13 @@ class Router:
         """At most once to a pool: the next ready member, round robin, or its hold queue."""
         live = self.live.get(pool)
         if not live or self.held.get(pool):
-            return self._hold(pool, payload)
+            return self._hold(pool, payload, sig.id)
         start = self.rr.get(pool, 0)
         self.rr[pool] = (start + 1) % len(live)
-        self._forward(live[start % len(live)], payload, sender, sig.id)
+        member = live[start % len(live)]
+        self._forward(member, payload, sender, sig.id)
         self.counters["delivered"] += 1
+        self.traces.mark(sig.id, DELIVERED, member)
         return True, None
 
     def _to_agent(
@@ -873,18 +902,21 @@ class Router:
         if name in self.peers and not self.held.get(name):
             self._forward(name, payload, sender, sig.id)
             self.counters["delivered"] += 1
+            if sig.to is None:  # a publication: one outcome per subscriber (else: _route)
+                self.traces.mark(sig.id, DELIVERED, name)
             return True, None
         if name not in self.table:
             return False, f"{name} is not connected"
-        return self._hold(name, payload)
+        return self._hold(name, payload, sig.id)
 
-    def _hold(self, name: str, payload: Any) -> tuple[bool, str | None]:
+    def _hold(self, name: str, payload: Any, sig_id: str) -> tuple[bool, str | None]:
         queue = self.held.setdefault(name, deque())
         if len(queue) >= self.queue_limit:
             self.counters["dropped"] += 1
             return False, f"hold queue for {name} is full ({self.queue_limit})"
-        queue.append(bytes(payload))  # a batch item: do not keep the whole batch alive
+        queue.append((sig_id, bytes(payload)))  # a batch item: not the whole batch kept alive
         self.counters["held"] += 1
+        self.traces.mark(sig_id, HELD, name)
         return True, None
 
     def _flush_held(self, name: str, now: float) -> None:
@@ -899,14 +931,19 @@ class Router:
             while queue:
                 start = self.rr.get(name, 0)
                 self.rr[name] = (start + 1) % len(live)
-                self._forward(live[start % len(live)], queue.popleft(), "", "")
+                sig_id, frame = queue.popleft()
+                member = live[start % len(live)]
+                self._forward(member, frame, "", sig_id)
                 self.counters["delivered"] += 1
+                self.traces.mark(sig_id, DELIVERED, member)
             return
         if name not in self.peers:
             return
         while queue:
-            self._forward(name, queue.popleft(), "", "")
+            sig_id, frame = queue.popleft()
+            self._forward(name, frame, "", sig_id)
             self.counters["delivered"] += 1
+            self.traces.mark(sig_id, DELIVERED, name)
 
     # === mailboxes (ack = true) ========================================================
 
@@ -942,6 +979,7 @@ class Router:
         self._records.append(("p", box.name, k.id, frame, 0, "", None))
         self._dirty.add(box.name)
         self.counters["kept"] += 1
+        self.traces.mark(k.id, KEPT_OUTCOME, box.name)
         return True, None
 
     def _undo_fresh(self, taken: list[tuple[Any, ...]]) -> None:
@@ -956,6 +994,7 @@ class Router:
             if box is not None and box.pending.pop(k.id, None) is not None:
                 box.kept -= 1
                 box.known.discard(k.id)
+            self.traces.mark(k.id, ERROR, k.box, "journal unavailable")
         self._fresh.clear()
         again = [r for r in taken if r[0] != "z" and not (r[0] == "p" and (r[1], r[2]) in fresh)]
         self._records[:0] = again
@@ -1035,7 +1074,9 @@ class Router:
         if not out:
             return
         frames: list[Any] = []
+        mark = self.traces.mark
         for k in out:
+            mark(k.id, DELIVERED, name, deliveries=k.deliveries)
             if k.deliveries > 1 or k.recovered:
                 sig = self.dec.decode(k.frame)
                 again = msgspec.structs.replace(sig, redelivered=True, deliveries=k.deliveries)
@@ -1069,6 +1110,7 @@ class Router:
         self._done.append(("d", k.box, k.id))
         self._done_keys.add((k.box, k.id))
         self.counters["acked"] += 1
+        self.traces.mark(k.id, ACKED if k.corr is None else REPLIED, holder.name)
 
     def _reply_settles(self, name: str, corr: str, now: float) -> None:
         """`name` answered a request it was given: done with it, acked or not."""
@@ -1101,6 +1143,7 @@ class Router:
         if k.deliveries >= settings.max_deliveries:
             return self._dead_letter(box, k, now)
         self._records.append(("n", k.box, k.id, k.deliveries, error))
+        self.traces.mark(k.id, NACKED if backoff else RETRYING, k.box, error, k.deliveries)
         if backoff:
             delay = min(BACKOFF_MAX, settings.retry_backoff * 2 ** max(0, k.deliveries - 1))
             heapq.heappush(box.retry, (now + delay, next(self._seq), k))
@@ -1126,6 +1169,7 @@ class Router:
             self.log("bus.dead_letter_dropped", agent=box.name, id=oldest.id)
         box.dead[k.id] = k
         self._records.append(("x", k.box, k.id, k.deliveries, k.error, k.dead_at))
+        self.traces.mark(k.id, DEAD, k.box, k.error, k.deliveries)
         self.counters["dead_lettered"] += 1
         self.log("bus.dead_lettered", agent=k.box, id=k.id, type=k.type, error=k.error)
         self._notice(
@@ -1168,11 +1212,13 @@ class Router:
             if query.op == "purge":
                 box.known.discard(k.id)
                 self._records.append(("d", k.box, k.id))
+                self.traces.mark(k.id, PURGED, k.box)
                 continue
             k.deliveries, k.dead_at, k.recovered = 0, None, True  # flagged: it was delivered
             box.pending[k.id] = k
             box.kept += 1
             self._records.append(("r", k.box, k.id))
+            self.traces.mark(k.id, REDRIVEN, k.box)
             self._dirty.add(box.name)
         self._control(sender, DlqReply(dead_letters=letters))
 

@@ -27,6 +27,7 @@ from typing import Any, Literal
 import msgspec
 
 from ..bus.patterns import valid as patterns_valid
+from .events import HISTORY
 from .locate import (
     ConfigError,
     ConfigIssue,
@@ -78,6 +79,7 @@ class DaemonConfig(_Strict):
     metrics: str | None = None
     metrics_tls_cert: str | None = None
     metrics_tls_key: str | None = None
+    event_history: int = HISTORY
 
 
 class SupervisorConfig(_Strict):
@@ -152,6 +154,8 @@ BOUNDS: dict[str, Bound] = {
     # The broker refuses a larger signal; it also allocates max_frame bytes to probe a full
     # disk, and lets ZeroMQ take 16 x max_frame before it drops a peer: 256 MiB → 4 GiB.
     "daemon.max_frame": Bound(1024, 256 * 2**20, "bytes"),
+    # Events kept in memory for `ctl events --since` (each a few hundred bytes).
+    "daemon.event_history": Bound(1, 1_000_000),
     # [supervisor], [supervisors.*]: restart intensity
     "supervisor.max_restarts": Bound(0, 10_000),  # more restarts than this within ...
     "supervisor.max_seconds": Bound(0, _DAY, "seconds", above=True),  # ... this: it gives up
@@ -578,6 +582,7 @@ def _daemon_spec(v: _Validator, main: _Source, cfg: DaemonConfig) -> DaemonSpec:
         metrics=cfg.metrics,
         metrics_tls_cert=tls["cert"],
         metrics_tls_key=tls["key"],
+        event_history=cfg.event_history,
     )
 
 

@@ -73,6 +73,23 @@ class Ctl:
             }
         return self._settings
 
+    def dealer(self, ctx: Any) -> Any:
+        """A DEALER for the control socket, not yet connected (options go first).
+
+        LINGER 0, and the client's CurveZMQ keys when the endpoint is tcp.
+        """
+        import zmq
+
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        if self.settings()["control"].startswith("tcp://"):
+            from pathlib import Path
+
+            from .keys import client_curve
+
+            client_curve(sock, Path(self.settings()["keys_dir"]))
+        return sock
+
     def call(
         self,
         cmd: str,
@@ -87,14 +104,7 @@ class Ctl:
         endpoint = self.settings()["control"]
         check_socket(endpoint)
         ctx = zmq.Context()
-        sock = ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        if endpoint.startswith("tcp://"):
-            from pathlib import Path
-
-            from .keys import client_curve
-
-            client_curve(sock, Path(self.settings()["keys_dir"]))
+        sock = self.dealer(ctx)
         try:
             sock.connect(endpoint)
             sock.send(encoder.encode(Request(cmd, args or {})))
@@ -352,17 +362,10 @@ def _follow_events(c: Ctl, args: dict[str, Any]) -> None:
         return None
 
     ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
+    sock = c.dealer(ctx)
     sock.setsockopt(zmq.HEARTBEAT_IVL, STREAM_HEARTBEAT_MS)
     sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * STREAM_HEARTBEAT_MS)
     monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)  # before connect: none missed
-    if endpoint.startswith("tcp://"):
-        from pathlib import Path
-
-        from .keys import client_curve
-
-        client_curve(sock, Path(c.settings()["keys_dir"]))
     try:
         sock.connect(endpoint)
         sock.send(encoder.encode(Request("events", args)))
@@ -407,16 +410,53 @@ def events(c: Ctl, follow: bool, since: dict[str, Any]) -> None:
     Each line has `seq` (1, 2, 3... per daemon run) and `run` (this run's
     token). `--since RUN:SEQ` resumes after the line with that run and seq, with
     no gap and no repeat, as long as the daemon still holds SEQ + 1 (it keeps
-    the last 10,000 events) and has not restarted; otherwise it exits 1 saying
-    which. A bare SEQ means the current run, unchecked. A SEQ past the newest
-    prints nothing (and with -f waits for it). With -f, a daemon that goes
-    away ends the stream with exit 3 and the `--since` to resume with.
+    the last `daemon.event_history` events, 10,000 by default) and has not
+    restarted; otherwise it exits 1 saying which. A bare SEQ means the current
+    run, unchecked. A SEQ past the newest prints nothing (and with -f waits for
+    it). With -f, a daemon that goes away ends the stream with exit 3 and the
+    `--since` to resume with.
     """
     args = {"follow": follow, **since}
     if follow:
         _follow_events(c, args)
     else:
         c.call("events", args, lambda e: click.echo(json.dumps(e)))
+
+
+#: `ctl top --sort` and the keys that cycle through them (daemon/top.py sorts by them).
+TOP_SORT_KEYS = ("name", "state", "restarts", "rss", "cpu", "in_flight", "held")
+
+
+@ctl.command()
+@click.option(
+    "--sort",
+    type=click.Choice(TOP_SORT_KEYS),
+    default="name",
+    show_default=True,
+    help="Sort each supervisor's children by this (figures: highest first).",
+)
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.1),
+    default=1.0,
+    show_default=True,
+    help="Seconds between refreshes.",
+)
+@pass_ctl
+def top(c: Ctl, sort: str, interval: float) -> None:
+    """A live view of the tree: state, restarts, RSS, CPU%, in-flight, held.
+
+    \b
+    Keys: s next sort key, S previous, r reverse the order, q (or Ctrl-C) quit.
+    A supervisor's row sums its subtree, so sorting by rss or cpu puts the
+    heaviest subtree first. It fits 80 columns (names clipped; narrower
+    terminals lose columns from the right) and redraws on a resize. When no
+    daemon answers for 5 s it exits 3; a daemon back before that is picked up
+    again. With stdout not a terminal it prints one frame and exits 0.
+    """
+    from .top import run
+
+    sys.exit(run(c, sort, interval))
 
 
 @ctl.command()
@@ -483,9 +523,12 @@ def _bus_call(c: Ctl, use: Callable[[Any], Any]) -> Any:
 @pass_ctl
 def send(c: Ctl, name: str, type_: str, data: str | None) -> None:
     """Send a signal to NAME (an agent or a pool); held if NAME is restarting."""
+    from agentd.bus.tracecontext import new_trace
+
     payload = _json_arg(data)
-    _bus_call(c, lambda client: client.send(name, type_, payload))
-    click.echo(f"sent {type_} to {name}")
+    tp = new_trace()  # printed, for `ctl trace`
+    _bus_call(c, lambda client: client.send(name, type_, payload, traceparent=tp))
+    click.echo(f"sent {type_} to {name} (trace {tp[3:35]})")
 
 
 @ctl.command()
@@ -494,9 +537,13 @@ def send(c: Ctl, name: str, type_: str, data: str | None) -> None:
 @pass_ctl
 def publish(c: Ctl, type_: str, data: str | None) -> None:
     """Publish a signal to every agent subscribed to a matching pattern."""
+    from agentd.bus.tracecontext import new_trace
+
     payload = _json_arg(data)
-    count = _bus_call(c, lambda client: client.publish(type_, payload))
-    click.echo(f"published {type_} to {count} subscriber{'' if count == 1 else 's'}")
+    tp = new_trace()  # printed, for `ctl trace`
+    count = _bus_call(c, lambda client: client.publish(type_, payload, traceparent=tp))
+    plural = "" if count == 1 else "s"
+    click.echo(f"published {type_} to {count} subscriber{plural} (trace {tp[3:35]})")
 
 
 @ctl.command()
@@ -516,6 +563,31 @@ def request(c: Ctl, name: str, type_: str, data: str | None, timeout: float) -> 
     payload = _json_arg(data)
     reply = _bus_call(c, lambda client: client.request(name, type_, payload, timeout=timeout))
     click.echo(json.dumps(reply))
+
+
+@ctl.command()
+@click.argument("id_", metavar="ID")
+@click.option("--json", "as_json", is_flag=True, help="The records and the tree as JSON.")
+@pass_ctl
+def trace(c: Ctl, id_: str, as_json: bool) -> None:
+    """The causal tree of the trace a signal ID belongs to (ID: a signal or trace id).
+
+    Every signal of that trace the broker knows, replies included, each under
+    the one being handled when it was sent: type, source → recipient, time,
+    outcome; ID's line is marked ▶. A trace id is the middle of a
+    `traceparent` (32 hex digits), as `ctl send` and the hub's ingress show.
+    The broker remembers the last 10,000 signals, and for `ack = true` agents
+    what its journal holds.
+    """
+    from agentd.bus.tracetree import as_json as tree_json
+    from agentd.bus.tracetree import render
+
+    records = _bus_call(c, lambda client: client.trace(id_))
+    mark = id_ if any(r.id == id_ for r in records) else None
+    if as_json:
+        click.echo(json.dumps(tree_json(records, mark)))
+    else:
+        click.echo("\n".join(render(records, mark)))
 
 
 # --- the dead-letter queue ------------------------------------------------------------

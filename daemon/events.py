@@ -5,10 +5,11 @@ Each event gets `seq`, 1, 2, 3... in the order the daemon emitted it, and
 does, so `run` is what tells "event 12 of this run" from "event 12 of the run
 before". `agentd ctl events` prints the last `RECENT` of the ring, and
 `events --since [RUN:]SEQ` everything after SEQ that the ring still holds (the
-last `HISTORY` events); `-f` then follows from the ring itself, so a stream is
-gap-free by construction and a reader that falls more than `HISTORY` behind is
-told so instead of silently skipping. Each event is also one structlog line
-(with `seq` and `run`), so the journal and the stream always agree.
+last `daemon.event_history` events, `HISTORY` by default); `-f` then follows
+from the ring itself, so a stream is gap-free by construction and a reader that
+falls more than the ring behind is told so instead of silently skipping. Each
+event is also one structlog line (with `seq` and `run`), so the journal and the
+stream always agree.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import msgspec
 
 from .log import get_logger
 
-#: Events kept for `ctl events --since` (older ones are only in the daemon's log).
+#: Events kept for `ctl events --since` by default (`daemon.event_history`; older ones
+#: are only in the daemon's log).
 HISTORY = 10_000
 #: Events plain `ctl events` prints (SPEC §7).
 RECENT = 100

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .spec import Spec
+from .tree import Policy
 
 
 @dataclass
@@ -108,11 +109,9 @@ def _descendants(spec: Spec, roots: set[str]) -> set[str]:
     return out | roots
 
 
-def subtree(spec: Spec, name: str) -> tuple[dict[str, tuple[str, float]], dict]:
-    """The agents (restart, delay) and supervisor specs under `name`, for add_child."""
+def subtree(spec: Spec, name: str) -> tuple[dict[str, Policy], dict]:
+    """The agents' policies and supervisor specs under `name`, for add_child."""
     nodes = _descendants(spec, {name})
-    agents = {
-        n: (spec.agents[n].restart, spec.agents[n].restart_delay) for n in nodes if n in spec.agents
-    }
+    agents = {n: Policy.of(spec.agents[n]) for n in nodes if n in spec.agents}
     supervisors = {n: spec.supervisors[n] for n in nodes if n in spec.supervisors}
     return agents, supervisors

@@ -33,6 +33,7 @@ from .spec import AgentSpec, PoolSpec, Spec, pool_member
 from .tree import (
     Action,
     Note,
+    Policy,
     SetTimer,
     Start,
     Stop,
@@ -61,7 +62,7 @@ class AgentNow(NamedTuple):
 
 def tree_from_spec(spec: Spec) -> Tree:
     """Build the state machine from a validated spec."""
-    agents = {name: (a.restart, a.restart_delay) for name, a in spec.agents.items()}
+    agents = {name: Policy.of(a) for name, a in spec.agents.items()}
     return Tree(spec.supervisors, agents, root=spec.root)
 
 
@@ -99,7 +100,7 @@ class Daemon:
         self.spec = spec
         self.config_path = config_path
         self.log = get_logger("agentd")
-        self.events = EventLog()
+        self.events = EventLog(spec.daemon.event_history)
         self.tree = tree_from_spec(spec)
         self.guard: Guard | None = None
         self.runtime: Runtime | None = None
@@ -652,7 +653,7 @@ class Daemon:
                     supervisor,
                     name,
                     self.now(),
-                    agents={name: (template.restart, template.restart_delay)},
+                    agents={name: Policy.of(agents[name])},
                     index=anchor + offset,
                 )
             )
@@ -704,7 +705,7 @@ class Daemon:
             )
         for name in plan.changed_agents:
             spec = new.agents[name]
-            self.tree.set_agent(name, spec.restart, spec.restart_delay)
+            self.tree.set_agent(name, Policy.of(spec))
             self._apply(self.tree.restart_child(name, now))
         for name in plan.changed_supervisors:
             if name != new.root:

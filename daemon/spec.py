@@ -12,8 +12,11 @@ from typing import Literal
 
 import msgspec
 
+from .events import HISTORY
+
 Strategy = Literal["one_for_one", "one_for_all", "rest_for_one"]
 RestartType = Literal["permanent", "transient", "temporary"]
+AutoShutdown = Literal["never", "any_significant", "all_significant"]
 JournalSync = Literal["batch", "always"]
 
 #: Names an agent may not take: the broker, the daemon's bus identity, ctl.
@@ -47,6 +50,7 @@ class AgentSpec(msgspec.Struct, frozen=True):
     start_seconds: float = 1.0
     ack: bool = False
     restart_delay: float = 0.0
+    significant: bool = False  # its own end may end its supervisor (auto_shutdown, SPEC §4)
     limits: Limits = Limits()
     # Durable delivery (SPEC §10), passed to the broker in the agent table; they only
     # change anything for an ack = true agent.
@@ -65,6 +69,8 @@ class SupervisorSpec(msgspec.Struct, frozen=True):
     max_seconds: float = 5.0
     restart: RestartType = "permanent"
     children: tuple[str, ...] = ()
+    auto_shutdown: AutoShutdown = "never"  # OTP 24: end when significant children have ended
+    significant: bool = False  # as a child of its parent
 
 
 class DaemonSpec(msgspec.Struct, frozen=True):
@@ -86,6 +92,7 @@ class DaemonSpec(msgspec.Struct, frozen=True):
     metrics: str | None = None  # HOST:PORT of the Prometheus endpoint; None = off (SPEC §13)
     metrics_tls_cert: str | None = None  # PEM files (absolute): HTTPS; required off loopback
     metrics_tls_key: str | None = None
+    event_history: int = HISTORY  # events kept for `ctl events --since`
 
 
 class PoolSpec(msgspec.Struct, frozen=True):

@@ -20,11 +20,25 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import msgspec
 
-from .spec import RestartType, Strategy, SupervisorSpec
+from .spec import AgentSpec, RestartType, Strategy, SupervisorSpec
+
+
+class Policy(NamedTuple):
+    """How the tree treats one agent: what the runtime's spec says, nothing more."""
+
+    restart: RestartType
+    restart_delay: float = 0.0
+    significant: bool = False  # its normal end may end its supervisor (auto_shutdown)
+    group: str | None = None  # a pool's name: its members start together, not in turn
+
+    @classmethod
+    def of(cls, agent: AgentSpec) -> Policy:
+        return cls(agent.restart, agent.restart_delay, agent.significant, agent.pool)
+
 
 ChildState = Literal["stopped", "starting", "running", "stopping", "backoff", "failed"]
 Phase = Literal["idle", "starting", "running", "stopping", "failing", "failed"]
@@ -80,6 +94,14 @@ class TreeStopped(msgspec.Struct, frozen=True, tag=True):
 Action = Start | Stop | SetTimer | Note | TreeReady | TreeFailed | TreeStopped
 
 
+# --- decisions -----------------------------------------------------------------
+
+
+def should_restart(restart: RestartType, abnormal: bool) -> bool:
+    """OTP's rule: permanent always, transient after an abnormal end, temporary never."""
+    return restart == "permanent" or (restart == "transient" and abnormal)
+
+
 # --- state -------------------------------------------------------------------
 
 
@@ -92,6 +114,8 @@ class Child:
     is_supervisor: bool
     restart: RestartType = "permanent"
     restart_delay: float = 0.0
+    significant: bool = False
+    group: str | None = None
     state: ChildState = "stopped"
     want: bool = True  # should be up; false once a temporary child ends, etc.
     held: bool = False  # stopped by ctl: stays down until ctl start
@@ -100,6 +124,7 @@ class Child:
     restarting: bool = False  # the next start is a restart after a failure
     delayed: bool = False  # restart_delay already waited for this restart
     timer_gen: int = 0
+    ended: bool = False  # ended by itself and was not restarted (for auto_shutdown)
     # Restarts so far, by the reason of the exit each one followed (`exit_reason` at the
     # time): `ctl status` shows the sum, the metrics the breakdown (SPEC §13).
     restarts_by_reason: dict[str, int] = field(default_factory=dict)
@@ -119,6 +144,7 @@ class Supervisor:
     history: deque[float] = field(default_factory=deque)
     pending_stops: list[str] = field(default_factory=list)
     inflight: tuple[str, str] | None = None  # ("start"|"stop"|"delay", child)
+    group_starting: set[str] = field(default_factory=set)  # a pool's members, starting
     failure: str = ""
 
     @property
@@ -140,10 +166,10 @@ class Tree:
     def __init__(
         self,
         supervisors: dict[str, SupervisorSpec],
-        agents: dict[str, tuple[RestartType, float]],
+        agents: dict[str, tuple[RestartType, float] | Policy],
         root: str = "root",
     ) -> None:
-        """`agents` maps instance name to (restart type, restart_delay)."""
+        """`agents` maps instance name to its Policy (or a (restart, delay) pair)."""
         self.root = root
         self.sups: dict[str, Supervisor] = {}
         self.children: dict[str, Child] = {}
@@ -162,13 +188,16 @@ class Tree:
         parent: str,
         name: str,
         supervisors: dict[str, SupervisorSpec],
-        agents: dict[str, tuple[RestartType, float]],
+        agents: dict[str, tuple[RestartType, float] | Policy],
     ) -> None:
         if name in supervisors:
-            self.children[name] = Child(name, parent, True, restart=supervisors[name].restart)
+            spec = supervisors[name]
+            self.children[name] = Child(
+                name, parent, True, restart=spec.restart, significant=spec.significant
+            )
         else:
-            restart, delay = agents[name]
-            self.children[name] = Child(name, parent, False, restart, delay)
+            policy = Policy(*agents[name])
+            self.children[name] = Child(name, parent, False, *policy)
 
     # --- queries ---------------------------------------------------------------
 
@@ -301,7 +330,7 @@ class Tree:
         name: str,
         now: float,
         *,
-        agents: dict[str, tuple[RestartType, float]],
+        agents: dict[str, tuple[RestartType, float] | Policy],
         supervisors: dict[str, SupervisorSpec] | None = None,
         index: int | None = None,
     ) -> list[Action]:
@@ -348,12 +377,12 @@ class Tree:
         sup.spec = msgspec.structs.replace(spec, children=tuple(ordered))
         if spec.name in self.children:
             self.children[spec.name].restart = spec.restart
+            self.children[spec.name].significant = spec.significant
 
-    def set_agent(self, name: str, restart: RestartType, restart_delay: float) -> None:
-        """Reload: an agent's restart type and delay apply from its next exit."""
+    def set_agent(self, name: str, policy: Policy) -> None:
+        """Reload: an agent's restart type, delay and significance apply from its next exit."""
         child = self._child(name)
-        child.restart = restart
-        child.restart_delay = restart_delay
+        child.restart, child.restart_delay, child.significant, child.group = policy
 
     # --- the engine ----------------------------------------------------------------
 
@@ -369,28 +398,38 @@ class Tree:
 
     def _queue_stops(self, sup: Supervisor, names: list[str]) -> None:
         """Queue stops, keeping the queue in reverse start order."""
+        if not names:
+            return
         order = {n: i for i, n in enumerate(sup.children)}
         merged = set(sup.pending_stops) | set(names)
         sup.pending_stops = sorted(merged, key=lambda n: -order.get(n, -1))
+        # Never wait for a start we are about to undo (it may never finish).
         if sup.inflight and sup.inflight[0] in ("start", "delay") and sup.inflight[1] in merged:
-            # Never wait for a start we are about to undo (it may never finish).
             sup.inflight = None
+        sup.group_starting -= merged
+
+    @staticmethod
+    def _busy(sup: Supervisor) -> bool:
+        """One operation at a time, as OTP's supervisor: a pool's start counts as one."""
+        return sup.inflight is not None or bool(sup.group_starting)
 
     def _start_supervisor(self, sup: Supervisor) -> None:
         sup.phase = "starting"
         sup.history.clear()
         sup.pending_stops = []
         sup.inflight = None
+        sup.group_starting = set()
         sup.failure = ""
         for name in sup.children:
             child = self.children[name]
+            child.ended = False
             if not child.held:
                 child.want = True
         self._advance(sup)
 
     def _advance(self, sup: Supervisor) -> None:
         """Do the next operation of `sup`, if it is not busy."""
-        while sup.inflight is None:
+        while not self._busy(sup):
             if sup.pending_stops:
                 name = sup.pending_stops.pop(0)
                 self._begin_stop(sup, self.children[name])
@@ -414,7 +453,10 @@ class Tree:
                     sup.phase = "running"
                     self._supervisor_started(sup)
                 return
-            self._begin_start(sup, nxt)
+            if nxt.group is not None and not self._needs_delay(nxt):
+                self._begin_group_start(sup, nxt.group)
+            else:
+                self._begin_start(sup, nxt)
 
     def _begin_stop(self, sup: Supervisor, child: Child) -> None:
         if child.state == "backoff":
@@ -439,20 +481,48 @@ class Tree:
         else:
             self._out.append(Stop(child.name))
 
+    @staticmethod
+    def _needs_delay(child: Child) -> bool:
+        return child.restarting and child.restart_delay > 0 and not child.delayed
+
+    def _begin_group_start(self, sup: Supervisor, group: str) -> None:
+        """Start every member of pool `group` that should be up, all at once.
+
+        Pool members are interchangeable, so waiting for each in turn only
+        makes a large pool slow to start; the next configured child still
+        waits until the whole pool is up.
+        """
+        members = [
+            self.children[c]
+            for c in sup.children
+            if self.children[c].group == group
+            and self.children[c].want
+            and self.children[c].state in ("stopped", "failed")
+            and not self._needs_delay(self.children[c])
+        ]
+        sup.group_starting = {m.name for m in members}
+        for member in members:
+            self._launch(member)
+
     def _begin_start(self, sup: Supervisor, child: Child) -> None:
-        if child.restarting and child.restart_delay > 0 and not child.delayed:
+        if self._needs_delay(child):
             child.state = "backoff"
             child.timer_gen += 1
             sup.inflight = ("delay", child.name)
             self._out.append(SetTimer(f"{child.name}#{child.timer_gen}", child.restart_delay))
             return
+        sup.inflight = ("start", child.name)
+        self._launch(child)
+
+    def _launch(self, child: Child) -> None:
+        """Hand one child to the runtime (or start a nested supervisor)."""
         if child.incarnation >= 0:
             by = child.restarts_by_reason
             by[child.exit_reason] = by.get(child.exit_reason, 0) + 1
         child.incarnation += 1
         child.delayed = False
+        child.ended = False
         child.state = "starting"
-        sup.inflight = ("start", child.name)
         if child.restarting:
             self._out.append(Note("agent.restarting", child.name, {"restarts": child.restarts}))
         child.restarting = False
@@ -466,6 +536,10 @@ class Tree:
         sup = self.sups[child.parent]
         if sup.inflight == ("start", child.name):
             sup.inflight = None
+        elif child.name in sup.group_starting:
+            sup.group_starting.discard(child.name)
+            if sup.group_starting:
+                return  # the pool is not up yet
         self._advance(sup)
 
     def _after_stopped(self, sup: Supervisor, child: Child) -> None:
@@ -503,6 +577,7 @@ class Tree:
             return
         if sup.inflight in (("start", child.name), ("stop", child.name)):
             sup.inflight = None
+        sup.group_starting.discard(child.name)
         if was == "starting" and sup.phase == "starting":
             # As in OTP's init: a child that cannot start fails its supervisor's start.
             self._give_up(sup, f"child {child.name} failed to start ({reason})")
@@ -510,9 +585,12 @@ class Tree:
         if sup.phase not in ("starting", "running"):
             self._advance(sup)
             return
-        restart = child.restart == "permanent" or (child.restart == "transient" and abnormal)
-        if not restart:
+        if not should_restart(child.restart, abnormal):
             child.want = False
+            child.ended = True
+            if child.significant and self._auto_shutdown_due(sup):
+                self._auto_shutdown(sup, child.name)
+                return
             self._advance(sup)
             return
         if self._intensity_exceeded(sup):
@@ -524,9 +602,32 @@ class Tree:
             sibling = self.children[name]
             if sibling.restart == "temporary":
                 sibling.want = False
-            elif not sibling.held:
+            elif not sibling.held and not sibling.removing:
+                # OTP's restart_multiple_children: every kept child starts again, a
+                # transient one that had already ended normally included.
                 sibling.restarting = True
+                sibling.want = True
         self._queue_stops(sup, [n for n in affected if self._is_up(n)])
+        self._advance(sup)
+
+    def _auto_shutdown_due(self, sup: Supervisor) -> bool:
+        """OTP 24's auto_shutdown: has enough significant work ended by itself?"""
+        mode = sup.spec.auto_shutdown
+        if mode == "any_significant":
+            return True
+        if mode == "all_significant":
+            return all(self.children[c].ended for c in sup.children if self.children[c].significant)
+        return False
+
+    def _auto_shutdown(self, sup: Supervisor, last: str) -> None:
+        """Stop the other children in reverse order; then `sup` ends normally."""
+        sup.phase = "stopping"
+        self._out.append(
+            Note(
+                "supervisor.auto_shutdown", sup.name, {"mode": sup.spec.auto_shutdown, "last": last}
+            )
+        )
+        self._queue_stops(sup, [c for c in reversed(sup.children) if self._is_up(c)])
         self._advance(sup)
 
     def _affected(self, sup: Supervisor, failed: str) -> list[str]:

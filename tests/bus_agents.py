@@ -33,6 +33,9 @@ class Recorder(Agent):
                 "source": signal.source,
                 "redelivered": signal.redelivered,
                 "incarnation": ctx.incarnation,
+                "id": signal.id,
+                "traceparent": signal.traceparent,
+                "causation_id": signal.causation_id,
             },
         )
         if signal.type == "work.slow":
@@ -62,6 +65,36 @@ class Relay(Agent):
         answer = await ctx.request(signal.data["to"], "echo", signal.data["value"], timeout=3)
         await ctx.emit("relay.done", {"answer": answer})
         return answer
+
+
+class Tracer(Agent):
+    """Sends, emits and requests while handling, for the trace tests (tests/test_trace.py)."""
+
+    def setup(self) -> None:
+        self.tasks: set[asyncio.Future] = set()
+        self.wake: asyncio.Queue[str] = asyncio.Queue()
+        # The agent's own background task, started outside any handler: a new trace.
+        self.tasks.add(asyncio.get_running_loop().create_task(self.loop()))
+
+    async def loop(self) -> None:
+        while True:
+            await self.ctx.send(await self.wake.get(), "trace.background")
+
+    @on("trace.fan")
+    async def fan(self, signal, ctx):
+        to = signal.data["to"]
+        await asyncio.sleep(signal.data.get("wait", 0))  # concurrent handlers interleave
+        await ctx.send(to, "trace.sent", signal.data)
+        await self.ctx.emit("trace.emitted", signal.data)  # the agent-wide ctx: the same
+        return await ctx.request(to, "trace.asked", signal.data, timeout=3)
+
+    @on("trace.spawn")
+    def spawn(self, signal, ctx):
+        """A def handler that starts a task: what the task sends is caused by `signal`."""
+        to = signal.data["to"]
+        self.tasks.add(asyncio.ensure_future(ctx.send(to, "trace.spawned")))
+        self.wake.put_nowait(to)
+        return "spawned"
 
 
 class Worker(Agent):

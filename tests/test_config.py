@@ -400,6 +400,7 @@ EDGES = [
     ("daemon.log_backups", "-1", "0", "1000", "1001"),
     ("daemon.memory_check_interval", "0.04", "0.05", "3600", "3601"),
     ("daemon.max_frame", "1023", "1024", "268435456", "268435457"),
+    ("daemon.event_history", "0", "1", "1000000", "1000001"),
     ("supervisor.max_restarts", "-1", "0", "10000", "10001"),
     ("supervisor.max_seconds", "0", "0.001", "86400", "86401"),
     ("agent.replicas", "-1", "0", "100000", "100001"),

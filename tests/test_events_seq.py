@@ -1,8 +1,8 @@
 """Events without gaps: seq and run on every event, `ctl events --since [RUN:]SEQ`, -f.
 
-The ring's rollover is tested in-process on a small `EventLog` (a real daemon
-would need 10,000 events); resuming, the run check and a daemon that goes away
-are tested against real daemons through `agentd ctl`.
+The ring's rollover is tested in-process on a small `EventLog`, and live on a
+daemon whose `daemon.event_history` is small; resuming, the run check and a
+daemon that goes away are tested against real daemons through `agentd ctl`.
 """
 
 from __future__ import annotations
@@ -282,3 +282,31 @@ def test_daemon_restart_ends_the_stream_and_the_old_run_is_refused(
     ]
     assert fresh[0]["seq"] == 1
     wait_for(lambda: as_rows(fresh) == logged(again), what="the log to agree")
+
+
+HISTORY_BOUND = 20
+
+
+def test_since_across_the_daemons_history_rollover(daemon_factory, tmp_path) -> None:
+    """A daemon with a 20-event ring, 25 reloads past it: resume inside it, and past its end."""
+    d = daemon_factory(f"[daemon]\nevent_history = {HISTORY_BOUND}\n" + config(tmp_path / "rec"))
+    d.start()
+    for n in range(1, 26):  # one daemon.reloaded each (SIGHUPs sent together would merge)
+        d.signal(signal.SIGHUP)
+        d.wait_event("daemon.reloaded", count=n)
+    newest = max(s for s, _, _ in logged(d))
+    oldest = newest - HISTORY_BOUND + 1  # the ring holds oldest..newest
+    assert oldest > 1
+    run = json.loads(d.ctl("events").stdout.splitlines()[0])["run"]
+
+    held = d.ctl("events", "--since", f"{run}:{oldest - 1}")  # oldest itself is next: held
+    assert held.returncode == 0, held.stderr
+    got = as_rows([json.loads(line) for line in held.stdout.splitlines()])
+    assert got == [row for row in logged(d) if row[0] >= oldest]  # each once, in order
+    assert [seq for seq, _, _ in got] == list(range(oldest, newest + 1))
+
+    gone = d.ctl("events", "--since", f"{run}:{oldest - 2}")  # would need oldest - 1: dropped
+    assert (gone.returncode, gone.stdout) == (1, "")
+    assert f"event {oldest - 1} is no longer held" in gone.stderr
+    assert f"the daemon keeps the last {HISTORY_BOUND} events" in gone.stderr
+    assert f"--since {run}:{oldest - 1} goes on from there" in gone.stderr

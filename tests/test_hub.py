@@ -314,9 +314,14 @@ def test_every_job_type_end_to_end(hub) -> None:
     for kind, (_, expected) in jobs.items():
         body = wait_for(lambda k=kind: _finished(http("GET", f"{base}/jobs/{ids[k]}")[1]), 10, kind)
         assert body == {"id": ids[kind], "status": "completed", "result": expected}
-    outcomes = {r["data"]["id"]: r for r in audit_lines(d) if r["type"].startswith("job.")}
-    assert {outcomes[i]["type"] for i in ids.values()} == {"job.completed"}
-    assert all(outcomes[i]["source"] == "orchestrator" for i in ids.values())
+
+    def outcomes() -> dict[str, dict]:
+        return {r["data"]["id"]: r for r in audit_lines(d) if r["type"].startswith("job.")}
+
+    # The audit agent hears of an outcome after the job's status says so.
+    seen = wait_for(lambda: (o := outcomes()).keys() >= set(ids.values()) and o, 10, "audit")
+    assert {seen[i]["type"] for i in ids.values()} == {"job.completed"}
+    assert all(seen[i]["source"] == "orchestrator" for i in ids.values())
 
 
 def test_delay_is_validated_and_reaches_every_task() -> None:

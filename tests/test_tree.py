@@ -82,6 +82,144 @@ def test_transient_sibling_restarted_by_one_for_all() -> None:
     assert sim.ops("start") == ["a", "t", "c"]
 
 
+@pytest.mark.parametrize(
+    ("strategy", "crashed", "restarted"),
+    [("one_for_all", "c", ["a", "t", "c"]), ("rest_for_one", "a", ["a", "t", "c"])],
+)
+def test_group_restart_starts_a_transient_child_that_had_ended_normally(
+    strategy: str, crashed: str, restarted: list[str]
+) -> None:
+    """OTP's restart_multiple_children: every kept child of the group starts again."""
+    sim = Sim.make([sup("root", ["a", "t", "c"], strategy)], {"t": "transient"}).start()
+    sim.crash("t", abnormal=False)
+    assert sim.tree.state("t") == "stopped"
+    sim.clear()
+    sim.crash(crashed)
+    assert sim.ops("start") == restarted
+    assert sim.tree.state("t") == "running"
+
+
+def test_group_restart_leaves_a_held_child_down() -> None:
+    sim = Sim.make([sup("root", ["a", "t", "c"], "one_for_all")], {"t": "transient"}).start()
+    sim.apply(sim.tree.stop_child("t", sim.now))
+    sim.clear()
+    sim.crash("c")
+    assert sim.ops("start") == ["a", "c"]
+    assert sim.tree.state("t") == "stopped"
+
+
+@pytest.mark.parametrize("restart", ["transient", "temporary"])
+def test_auto_shutdown_any_significant_at_the_root(restart: str) -> None:
+    root = sup("root", ["a", "main", "c"], auto_shutdown="any_significant")
+    sim = Sim.make([root], {"main": (restart, 0.0, True)}).start()
+    sim.clear()
+    sim.crash("main", abnormal=False)
+    assert sim.ops("stop") == ["c", "a"]
+    assert sim.outcome[-1] == TreeStopped()
+    assert [n.event for n in sim.notes] == ["supervisor.auto_shutdown"]
+
+
+def test_auto_shutdown_waits_for_all_significant() -> None:
+    root = sup("root", ["a", "j1", "j2"], auto_shutdown="all_significant")
+    table = {"j1": ("transient", 0.0, True), "j2": ("transient", 0.0, True)}
+    sim = Sim.make([root], table).start()
+    sim.crash("j1", abnormal=False)
+    assert sim.outcome == [TreeReady()]
+    sim.crash("j1", abnormal=True)  # not running: a stale report changes nothing
+    sim.clear()
+    sim.crash("j2", abnormal=False)
+    assert sim.ops("stop") == ["a"]
+    assert sim.outcome[-1] == TreeStopped()
+
+
+def test_a_crashing_significant_transient_child_is_restarted_not_shut_down() -> None:
+    root = sup("root", ["a", "main"], auto_shutdown="any_significant")
+    sim = Sim.make([root], {"main": ("transient", 0.0, True)}).start()
+    sim.clear()
+    sim.crash("main", abnormal=True)
+    assert sim.ops("start") == ["main"]
+    assert sim.outcome == [TreeReady()]
+
+
+def test_auto_shutdown_never_ignores_significance() -> None:
+    sim = Sim.make([sup("root", ["a", "main"])], {"main": ("transient", 0.0, True)}).start()
+    sim.crash("main", abnormal=False)
+    assert sim.outcome == [TreeReady()]
+    assert sim.tree.state("a") == "running"
+
+
+def test_nested_auto_shutdown_ends_the_supervisor_normally() -> None:
+    """A significant transient supervisor that shuts itself down ends its parent too."""
+    inner = sup(
+        "job",
+        ["step", "main"],
+        auto_shutdown="any_significant",
+        restart="transient",
+        significant=True,
+    )
+    root = sup("root", ["web", "job"], auto_shutdown="any_significant")
+    sim = Sim.make([root, inner], {"main": ("transient", 0.0, True)}).start()
+    sim.clear()
+    sim.crash("main", abnormal=False)
+    assert sim.ops("stop") == ["step", "web"]
+    assert sim.outcome[-1] == TreeStopped()
+
+
+def test_nested_auto_shutdown_of_a_permanent_supervisor_restarts_it() -> None:
+    inner = sup("job", ["step", "main"], auto_shutdown="any_significant")
+    sim = Sim.make([sup("root", ["web", "job"]), inner], {"main": ("transient", 0.0, True)})
+    sim.start()
+    sim.clear()
+    sim.crash("main", abnormal=False)
+    assert sim.ops("stop") == ["step"]
+    assert sim.ops("start") == ["step", "main"]
+    assert sim.tree.state("web") == "running"
+
+
+POOL = {f"p@{i}": ("permanent", 0.0, False, "p") for i in range(3)}
+
+
+def test_pool_members_start_together_between_ordered_children() -> None:
+    sim = Sim.make([sup("root", ["a", *POOL, "c"])], POOL, auto_ready=False)
+    assert sim.tree.start(0.0) == [Start("a", 0)]
+    assert sim.tree.started("a", 0.0, 0) == [Start(n, 0) for n in POOL]
+    assert sim.tree.started("p@1", 0.0, 0) == []
+    assert sim.tree.started("p@0", 0.0, 0) == []
+    assert sim.tree.started("p@2", 0.0, 0) == [Start("c", 0)]
+    assert sim.tree.started("c", 0.0, 0) == [TreeReady()]
+
+
+def test_a_pool_member_that_cannot_start_fails_the_start() -> None:
+    sim = Sim.make([sup("root", ["a", *POOL])], POOL, auto_ready=False)
+    sim.apply(sim.tree.start(0.0))
+    sim.apply(sim.tree.started("a", 0.0, 0))
+    sim.apply(sim.tree.started("p@0", 0.0, 0))
+    sim.apply(sim.tree.exited("p@1", 0.0, abnormal=True, incarnation=0))
+    assert sim.ops("stop") == ["p@2", "p@0", "a"]
+    assert isinstance(sim.outcome[-1], TreeFailed)
+
+
+def test_one_pool_member_restarts_alone() -> None:
+    sim = Sim.make([sup("root", ["a", *POOL])], POOL).start()
+    sim.clear()
+    sim.crash("p@1")
+    assert sim.ops("start") == ["p@1"]
+    assert sim.ops("stop") == []
+
+
+def test_one_for_all_restarts_the_pool_together() -> None:
+    sim = Sim.make([sup("root", ["a", *POOL], "one_for_all")], POOL, auto_ready=False)
+    sim.apply(sim.tree.start(0.0))
+    for name in ["a", *POOL]:
+        sim.apply(sim.tree.started(name, 0.0))
+    sim.clear()
+    sim.crash("a")
+    assert sim.ops("stop") == ["p@2", "p@1", "p@0"]
+    assert sim.ops("start") == ["a"]
+    sim.apply(sim.tree.started("a", 0.0))
+    assert sim.ops("start") == ["a", *POOL]
+
+
 def test_intensity_gives_up_and_stops_in_reverse() -> None:
     sim = Sim.make([sup("root", ABC, max_restarts=2, max_seconds=10)]).start()
     for _ in range(2):

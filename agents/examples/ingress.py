@@ -29,6 +29,12 @@ answers the same across an ingress restart, a broker restart and a
 daemon restart. A finished job older than the newest `INGRESS_MAX_JOBS`
 jobs (default 100,000) is forgotten; a pending one never is.
 
+Tracing: POST /jobs takes a W3C `traceparent` header (an invalid one, or
+none, starts a new trace); the job's signals are in that trace, and the
+answer's own `traceparent` header names it, so `agentd ctl trace <its trace
+id>` shows the job's whole causal tree. A job resent after a restart of
+this agent starts a new trace.
+
 Config (the agent's `env` table): `AGENTD_HTTP_PORT` (default 8080),
 `INGRESS_ORCHESTRATOR` (the orchestrator's name, default "orchestrator"),
 `INGRESS_MAX_BODY` (bytes, default 1 MiB).
@@ -224,13 +230,16 @@ class Ingress(Agent):
         except JobError as exc:
             return error(422, str(exc))
         self.store.add(job_id, job["type"], job["payload"])  # committed: we can't forget it
-        try:
-            await self.submit(job_id, job["type"], job["payload"])
-        except BusError as exc:
-            self.store.drop(job_id)
-            return error(503, f"the orchestrator cannot take jobs right now: {exc}")
+        with self.ctx.trace(request.headers.get("traceparent")) as traceparent:
+            try:
+                await self.submit(job_id, job["type"], job["payload"])
+            except BusError as exc:
+                self.store.drop(job_id)
+                refused = error(503, f"the orchestrator cannot take jobs right now: {exc}")
+                refused.headers["traceparent"] = traceparent
+                return refused
         self.store.sent(job_id)  # (if we die before this, the job is only sent twice)
-        return web.json_response({"id": job_id}, status=202)
+        return web.json_response({"id": job_id}, status=202, headers={"traceparent": traceparent})
 
     async def get_job(self, request: web.Request) -> web.Response:
         record = self.store.get(request.match_info["id"])

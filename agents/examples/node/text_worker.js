@@ -22,6 +22,7 @@
 
 "use strict";
 
+const crypto = require("crypto");
 const zmq = require("zeromq");
 const { encode, decode } = require("@msgpack/msgpack");
 
@@ -114,6 +115,36 @@ function newId() {
   );
 }
 
+// --- Tracing (§3.3) ----------------------------------------------------------------------
+
+// Every signal we send while handling one carries the handled signal's trace:
+// `traceparent` = the same trace id with a new span id of our own, and
+// `causation_id` = the handled signal's id. A missing or invalid traceparent
+// (W3C rules: lowercase hex, version ff and all-zero ids invalid, version 00
+// exactly 55 characters) starts a new trace instead: never an error.
+const TRACEPARENT = /^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?$/;
+const ZEROS = /^0+$/;
+
+function randomHex(bytes) {
+  for (;;) {
+    const hex = crypto.randomBytes(bytes).toString("hex");
+    if (!ZEROS.test(hex)) return hex;
+  }
+}
+
+function childTraceparent(parent) {
+  const m = typeof parent === "string" ? TRACEPARENT.exec(parent) : null;
+  const valid =
+    m !== null &&
+    m[1] !== "ff" &&
+    !ZEROS.test(m[2]) &&
+    !ZEROS.test(m[3]) &&
+    (m[1] !== "00" || m[5] === undefined);
+  const traceId = valid ? m[2] : randomHex(16);
+  const sampled = valid ? parseInt(m[4], 16) & 1 : 1; // of the flags, only "sampled" is ours
+  return `00-${traceId}-${randomHex(8)}-0${sampled}`;
+}
+
 const hello = {
   kind: "hello",
   name: NAME, // must equal our routing id
@@ -184,6 +215,8 @@ async function handle(sig) {
       reply: true,
       data: error === null ? data : null,
       error,
+      traceparent: childTraceparent(sig.traceparent), // the request's trace (§3.3)
+      causation_id: sig.id, // sent while handling the request
     });
   } else {
     log("not_a_request", { type: sig.type, id: sig.id });
