@@ -37,7 +37,8 @@ def _read_stat(pid: str) -> Facts | None:
     finally:
         os.close(fd)
     # "pid (comm) state ppid ..." — comm may hold spaces and parentheses: split after the last ")".
-    fields = raw[raw.rfind(b")") + 2 :].split()
+    # Only as far as rss (field 24; 21 after the split point): a third less work per process.
+    fields = raw[raw.rfind(b")") + 2 :].split(None, 22)
     try:
         return Facts(
             ppid=int(fields[1]),
