@@ -8,9 +8,9 @@ For each N: `agentd run` with one pool of N command agents (`/bin/sleep
 waited on until `daemon.ready` and N sleep children in /proc. Then, round by
 round (after --warmup rounds that are dropped), in the same run:
 
-  HTTP scrape         GET /metrics with urllib from this process (the daemon's
-                      prometheus_client server: snapshot on the loop, exposition
-                      in the server's thread)
+  HTTP scrape         GET /metrics with urllib from this process, with the headers
+                      Prometheus sends (the daemon's prometheus_client server:
+                      snapshot on the loop, exposition in the server's thread)
   ctl metrics (req)   the `metrics` request on one connected DEALER: the daemon's
                       part of `agentd ctl metrics`, without the CLI's start-up
   ctl metrics         `agentd ctl metrics` as a whole process
@@ -51,6 +51,12 @@ from _common import (
 )
 
 TARGET_S = 1.0
+#: What Prometheus (2.x) sends: OpenMetrics preferred, gzip accepted.
+ASK = {
+    "Accept": "application/openmetrics-text;version=1.0.0,application/openmetrics-text;"
+    "version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+    "Accept-Encoding": "gzip",
+}
 FDS_PER_AGENT = 4  # two pipes, a pidfd and the log file, in the daemon
 
 
@@ -176,7 +182,7 @@ def measure(cleanup: Cleanup, n: int, runs: int, warmup: int) -> dict[str, Any]:
             keep = i >= warmup
             c0 = cpu_seconds(daemon.pid)
             t = time.perf_counter()
-            with urllib.request.urlopen(url, timeout=60) as r:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=ASK), timeout=60) as r:
                 body = r.read()
             http_ms = (time.perf_counter() - t) * 1000
             c1 = cpu_seconds(daemon.pid)

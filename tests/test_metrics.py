@@ -68,6 +68,13 @@ PROCESS_METRICS = {
     "process_open_fds",
 }
 
+#: The headers of a Prometheus scrape (2.x): OpenMetrics preferred, gzip accepted.
+ASK = {
+    "Accept": "application/openmetrics-text;version=1.0.0,application/openmetrics-text;"
+    "version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+    "Accept-Encoding": "gzip",
+}
+
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
@@ -104,7 +111,11 @@ class Live:
         return parse(result.stdout)
 
     def http_text(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=10) as r:
+        """What Prometheus gets: it asks for OpenMetrics or text, gzip welcome."""
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}/metrics", headers=ASK)
+        with urllib.request.urlopen(request, timeout=10) as r:
+            assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+            assert r.headers["Content-Encoding"] is None  # not worth the daemon's CPU
             return r.read().decode()
 
     def http_scrape(self) -> Samples:
