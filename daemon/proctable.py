@@ -78,11 +78,12 @@ class ProcTable:
 
     def tree_rss(self, pid: int) -> int | None:
         """RSS of `pid` and its descendants, in bytes; None if `pid` is gone."""
-        if pid not in self.facts:
+        facts = self.facts.get(pid)
+        if facts is None:
             return None
-        return self.facts[pid].rss + sum(
-            self.facts[p].rss for p in self.descendants(pid) if p in self.facts
-        )
+        if pid not in self.kids:
+            return facts.rss  # forked nothing: most agents, at every scrape
+        return facts.rss + sum(self.facts[p].rss for p in self.descendants(pid) if p in self.facts)
 
     def cpu_seconds(self, pid: int) -> float | None:
         facts = self.facts.get(pid)
