@@ -21,6 +21,8 @@ STATUS_KEYS = {
     "last_exit",
     "rss",
     "cpu",
+    "held",
+    "in_flight",
 }
 
 
