@@ -183,10 +183,25 @@ class TraceReply(_Frame, tag="trace_reply"):
     error: str | None = None
 
 
+class AgentStats(msgspec.Struct, frozen=True, omit_defaults=True):
+    """What the broker has for one agent or pool right now (in a `stats` answer)."""
+
+    held: int = 0  # at most once: in its hold queue, waiting for it to be back
+    pending: int = 0  # ack = true: kept, waiting to be handed over (or out a retry backoff)
+    in_flight: int = 0  # ack = true: handed to it (a pool member) and not yet finished
+    dead_letters: int = 0  # ack = true: in its dead-letter queue
+
+
 class Stats(_Frame, tag="stats"):
-    """Ask the broker for its counters (the answer is a Stats with `counters`)."""
+    """Ask the broker for its counters (the answer is a Stats with `counters`).
+
+    With `per_agent` the answer also has `agents`: the figures of every agent or
+    pool that has anything held, pending, in flight or dead (absent: all zero).
+    """
 
     counters: dict[str, int] = {}
+    per_agent: bool = False
+    agents: dict[str, AgentStats] = {}
 
 
 class Spawn(_Frame, tag="spawn"):

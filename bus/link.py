@@ -6,6 +6,7 @@ confirms that version — which also covers a broker that was just restarted
 and knows nothing. The broker answers with `event` frames: connected, ready,
 hung, disconnected; and with `notice` frames, things the operator should see
 (`bus.dead_lettered`, `bus.journal_unavailable`, ...), handed to `on_notice`.
+`stats()` asks for the broker's counters (for `ctl status` and the metrics).
 A peer's `spawn` and `terminate` frames (dynamic supervisors) come through the
 broker too: `on_request(frame, reply)` gets each, and `reply(ok, error)` sends
 the `spawn_reply` back to the peer that asked.
@@ -33,6 +34,7 @@ from .envelope import (
     Reconnect,
     Spawn,
     SpawnReply,
+    Stats,
     Table,
     TableOk,
     Terminate,
@@ -93,6 +95,7 @@ class BrokerLink:
         self._tasks: list[asyncio.Task[Any]] = []
         self._changed = asyncio.Event()
         self._confirmed = asyncio.Event()
+        self._stats: asyncio.Future[Stats] | None = None  # the Stats request awaiting its answer
 
     async def start(self) -> None:
         sock = self.ctx.socket(zmq.DEALER)
@@ -128,6 +131,26 @@ class BrokerLink:
         if self.sock is not None:
             with contextlib.suppress(zmq.ZMQError):
                 self.sock.send(self.enc.encode(Down(name, incarnation)), zmq.NOBLOCK)
+
+    async def stats(self, timeout: float) -> Stats | None:
+        """The broker's counters and per-agent figures; None if no answer within `timeout`.
+
+        Callers at the same time share one request. One that timed out is given up:
+        the next call asks again (a late answer still serves whoever is waiting then).
+        """
+        if self.sock is None:
+            return None
+        if self._stats is None or self._stats.done():
+            self._stats = asyncio.get_running_loop().create_future()
+            with contextlib.suppress(zmq.ZMQError):
+                await self.sock.send(self.enc.encode(Stats(per_agent=True)), zmq.NOBLOCK)
+        asking = self._stats
+        try:
+            return await asyncio.wait_for(asyncio.shield(asking), timeout)
+        except TimeoutError:
+            if self._stats is asking:
+                self._stats = None
+            return None
 
     async def wait_confirmed(self, timeout: float) -> bool:
         """Until the broker has confirmed a table: it is up and knows where to report."""
@@ -176,6 +199,9 @@ class BrokerLink:
             elif isinstance(frame, AgentEvent):
                 event = BrokerEvent(frame.event, frame.name, frame.incarnation)
                 self._call(self.on_event, event, frame.event)
+            elif isinstance(frame, Stats):
+                if self._stats is not None and not self._stats.done():
+                    self._stats.set_result(frame)
             elif isinstance(frame, Notice) and self.on_notice is not None:
                 self._call(self.on_notice, frame, frame.event)
             elif isinstance(frame, (Spawn, Terminate)) and self.on_request is not None:

@@ -42,6 +42,7 @@ from .envelope import (
     Ack,
     AgentEntry,
     AgentEvent,
+    AgentStats,
     Bye,
     DeadLetter,
     Dlq,
@@ -467,7 +468,7 @@ class Router:
         elif kind is Bye:
             self._gone(sender, "disconnected", now)
         elif kind is Stats:
-            self._control(sender, Stats(counters=self.stats()))
+            self._control(sender, self._stats_answer(frame))
         elif kind is Dlq:
             self._dlq(sender, frame, now)
         elif kind is Trace:
@@ -488,7 +489,7 @@ class Router:
             if p is not None and p.incarnation <= frame.incarnation:
                 self._gone(frame.name, None, now)
         elif kind is Stats:
-            self._control("agentd", Stats(counters=self.stats()))
+            self._control("agentd", self._stats_answer(frame))
         elif kind is SpawnReply:
             if frame.to:  # the caller may have gone: ROUTER drops it then, as for any peer
                 self._control(frame.to, msgspec.structs.replace(frame, to=None))
@@ -528,6 +529,28 @@ class Router:
             "dead_letters_now": sum(len(b.dead) for b in self.boxes.values()),
             "subscriptions": sum(len(p) for p in self.trie.by_subscriber.values()),
         }
+
+    def agent_stats(self) -> dict[str, AgentStats]:
+        """Per agent or pool: held, pending, in flight and dead now; only the non-zero ones.
+
+        A pool's own entry is what waits for any member (signals to the pool's name);
+        what a member holds in flight is the member's, whichever mailbox it came from.
+        """
+        figures: dict[str, dict[str, int]] = {}
+        for name, queue in self.held.items():
+            if queue:
+                figures[name] = {"held": len(queue)}
+        for name, box in self.boxes.items():
+            pending = len(box.pending) + len(box.retry)
+            if pending or box.in_flight or box.dead:
+                figures.setdefault(name, {}).update(
+                    pending=pending, in_flight=len(box.in_flight), dead_letters=len(box.dead)
+                )
+        return {name: AgentStats(**f) for name, f in figures.items()}
+
+    def _stats_answer(self, ask: Stats) -> Stats:
+        agents = self.agent_stats() if ask.per_agent else {}
+        return Stats(counters=self.stats(), agents=agents)
 
     # === output helpers ================================================================
 

@@ -28,6 +28,7 @@ from .runtime import ExitInfo, Guard, Proc, ProcessRuntime
 from .spec import AgentSpec, DaemonSpec, Spec
 
 if TYPE_CHECKING:  # the bus modules load when the broker starts, not on import
+    from agentd.bus.envelope import Stats
     from agentd.bus.link import AgentEntry, Notice
 
 NAME = "bus"
@@ -38,6 +39,7 @@ BACKOFF_MAX = 5.0
 _OWN_FIELDS = frozenset({"event", "name", "agent", "level", "timestamp"})
 JOURNAL = "bus.journal"  # the broker's journal file, in state_dir
 TABLE_WAIT = 5.0  # seconds a new broker holds signals for the daemon's table
+STATS_TIMEOUT = 0.5  # seconds a status or a metrics scrape waits for the broker's figures
 
 
 def broker_spec(daemon: DaemonSpec) -> AgentSpec:
@@ -124,7 +126,8 @@ class BrokerChild:
             guard=guard,
         )
         self.incarnation = 0
-        self.restarts = 0
+        # by the reason of the exit each restart followed, as the tree counts its agents'
+        self.restarts_by_reason: dict[str, int] = {}
         self.stopping = False
         self._stopped: asyncio.Future[None] | None = None
         self.link: Any = None
@@ -162,6 +165,20 @@ class BrokerChild:
         if self.link is not None:
             self.link.set_agents(agent_table(spec))
 
+    @property
+    def restarts(self) -> int:
+        return sum(self.restarts_by_reason.values())
+
+    async def stats(self) -> Stats | None:
+        """The broker's counters and per-agent figures; None if it is down or does not answer.
+
+        Asked over the link with a short timeout: a scrape or a `ctl status` never waits
+        long on a broker that is restarting or busy.
+        """
+        if self.link is None or self.proc() is None:
+            return None
+        return await self.link.stats(STATS_TIMEOUT)
+
     def _on_event(self, event: Any) -> None:
         if event.kind == "ready":
             self.on_ready(event.name, event.incarnation)
@@ -183,7 +200,8 @@ class BrokerChild:
         delay = 0.0
         if self._quick_fails:
             delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (self._quick_fails - 1))
-        self.restarts += 1
+        by = self.restarts_by_reason
+        by[info.reason] = by.get(info.reason, 0) + 1
         self.events.emit("agent.restarting", NAME, restarts=self.restarts, delay=delay)
         if delay:
             self._timer = asyncio.get_running_loop().call_later(delay, self._restart)

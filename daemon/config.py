@@ -89,6 +89,9 @@ class DaemonConfig(_Strict):
     keys_dir: str | None = None
     max_frame: int = _DAEMON["max_frame"]
     death_signal: bool = _DAEMON["death_signal"]
+    metrics: str | None = None
+    metrics_tls_cert: str | None = None
+    metrics_tls_key: str | None = None
     event_history: int = _DAEMON["event_history"]
 
 
@@ -609,6 +612,12 @@ def _daemon_spec(v: _Validator, main: _Source, cfg: DaemonConfig) -> DaemonSpec:
                 "(set daemon.keys_dir; `agentd keys DIR` creates them)",
             )
     v.within_bounds(main, ("daemon",), "daemon", "daemon", cfg)
+    tls = {
+        key: _path(base, sub(value)) if value else None
+        for key, value in (("cert", cfg.metrics_tls_cert), ("key", cfg.metrics_tls_key))
+    }
+    if cfg.metrics is not None:
+        _check_metrics(v, main, cfg.metrics, tls["cert"], tls["key"])
     return DaemonSpec(
         runtime_dir=runtime_dir,
         log_dir=log_dir,
@@ -623,8 +632,45 @@ def _daemon_spec(v: _Validator, main: _Source, cfg: DaemonConfig) -> DaemonSpec:
         keys_dir=keys_dir,
         max_frame=cfg.max_frame,
         death_signal=cfg.death_signal,
+        metrics=cfg.metrics,
+        metrics_tls_cert=tls["cert"],
+        metrics_tls_key=tls["key"],
         event_history=cfg.event_history,
     )
+
+
+def _path(base: Path, value: str) -> str:
+    """A path from the config: relative ones are relative to the main file's folder."""
+    return value if os.path.isabs(value) else str(base / value)
+
+
+def _check_metrics(
+    v: _Validator, main: _Source, address: str, cert: str | None, key: str | None
+) -> None:
+    """daemon.metrics: HOST:PORT; anything but loopback only over TLS (cert and key)."""
+    from .metrics import is_loopback, parse_address
+
+    try:
+        host, _ = parse_address(address)
+    except ValueError as exc:
+        v.issue(main, ("daemon", "metrics"), f"daemon.metrics: {exc}")
+        return
+    for name, path in (("metrics_tls_cert", cert), ("metrics_tls_key", key)):
+        if path is None:
+            continue
+        if not os.path.isfile(path) or not os.access(path, os.R_OK):
+            v.issue(main, ("daemon", name), f"daemon.{name}: cannot read {path}")
+    if (cert is None) != (key is None):
+        missing = "metrics_tls_key" if key is None else "metrics_tls_cert"
+        have = "metrics_tls_cert" if key is None else "metrics_tls_key"
+        v.issue(main, ("daemon", have), f"daemon.{have} needs daemon.{missing} too")
+    elif cert is None and not is_loopback(host):
+        v.issue(
+            main,
+            ("daemon", "metrics"),
+            f"daemon.metrics: {address} is not a loopback address; serving metrics there "
+            "needs TLS (set daemon.metrics_tls_cert and daemon.metrics_tls_key)",
+        )
 
 
 def _check_state_dir(

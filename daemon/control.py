@@ -176,10 +176,16 @@ async def cmd_ping(daemon: Daemon, args: dict[str, Any], send: Send) -> Any:
 
 async def cmd_status(daemon: Daemon, args: dict[str, Any], send: Send) -> Any:
     wanted = set(_names(daemon, args)) if args.get("names") else None
-    rows = daemon.status_rows()
+    rows = await daemon.status_rows()
     if wanted is not None:
         rows = [r for r in rows if r["name"] in wanted]
     return {"agents": rows}
+
+
+async def cmd_metrics(daemon: Daemon, args: dict[str, Any], send: Send) -> Any:
+    """The Prometheus text exposition (what `daemon.metrics` serves over HTTP)."""
+    assert daemon.metrics is not None
+    return await daemon.metrics.exposition(process=not args.get("textfile"))
 
 
 async def cmd_tree(daemon: Daemon, args: dict[str, Any], send: Send) -> Any:
@@ -307,6 +313,7 @@ COMMANDS: dict[str, Callable[[Daemon, dict[str, Any], Send], Awaitable[Any]]] = 
     "ping": cmd_ping,
     "status": cmd_status,
     "tree": cmd_tree,
+    "metrics": cmd_metrics,
     "stop": cmd_stop,
     "start": cmd_start,
     "restart": cmd_restart,

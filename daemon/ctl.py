@@ -257,6 +257,19 @@ def tree(c: Ctl) -> None:
     draw(data, "", True, True)
 
 
+@ctl.command()
+@click.option(
+    "--textfile",
+    is_flag=True,
+    help="For node_exporter's textfile collector: without the daemon's process_* metrics "
+    "(node_exporter has its own).",
+)
+@pass_ctl
+def metrics(c: Ctl, textfile: bool) -> None:
+    """Print the Prometheus metrics (text exposition)."""
+    click.echo(c.call("metrics", {"textfile": textfile}), nl=False)
+
+
 def _simple(cmd: str, verb: str) -> Callable[..., None]:
     @click.argument("names", nargs=-1, required=True)
     @pass_ctl

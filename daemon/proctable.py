@@ -37,7 +37,8 @@ def _read_stat(pid: str) -> Facts | None:
     finally:
         os.close(fd)
     # "pid (comm) state ppid ..." — comm may hold spaces and parentheses: split after the last ")".
-    fields = raw[raw.rfind(b")") + 2 :].split()
+    # Only as far as rss (field 24; 21 after the split point): a third less work per process.
+    fields = raw[raw.rfind(b")") + 2 :].split(None, 22)
     try:
         return Facts(
             ppid=int(fields[1]),
@@ -77,11 +78,12 @@ class ProcTable:
 
     def tree_rss(self, pid: int) -> int | None:
         """RSS of `pid` and its descendants, in bytes; None if `pid` is gone."""
-        if pid not in self.facts:
+        facts = self.facts.get(pid)
+        if facts is None:
             return None
-        return self.facts[pid].rss + sum(
-            self.facts[p].rss for p in self.descendants(pid) if p in self.facts
-        )
+        if pid not in self.kids:
+            return facts.rss  # forked nothing: most agents, at every scrape
+        return facts.rss + sum(self.facts[p].rss for p in self.descendants(pid) if p in self.facts)
 
     def cpu_seconds(self, pid: int) -> float | None:
         facts = self.facts.get(pid)

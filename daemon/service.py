@@ -15,8 +15,9 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import msgspec
 
@@ -27,8 +28,9 @@ from . import spawn
 from .capture import tail
 from .dynamic import Dynamic, SpawnError
 from .events import EventLog
+from .metrics import AgentSample, MetricsEndpoint, Snapshot
 from .proctable import ProcTable
-from .runtime import ExitInfo, Guard, ProcessRuntime
+from .runtime import ExitInfo, Guard, Proc, ProcessRuntime
 from .spec import AgentSpec, PoolSpec, Spec, pool_member
 from .tree import (
     Action,
@@ -43,7 +45,21 @@ from .tree import (
     TreeStopped,
 )
 
+if TYPE_CHECKING:
+    from agentd.bus.envelope import Stats
+
 BUS = "bus"
+
+
+class AgentNow(NamedTuple):
+    """One agent (or the broker) as `ctl status` and the metrics both report it."""
+
+    name: str
+    state: str
+    supervisor: str | None
+    restarts: dict[str, int]  # by reason (the tree's, or the broker supervisor's, own count)
+    proc: Proc | None  # its live process, if any
+    last_exit: ExitInfo | None
 
 
 def tree_from_spec(spec: Spec) -> Tree:
@@ -98,6 +114,7 @@ class Daemon:
         self._kill_timer: asyncio.TimerHandle | None = None
         self.started_at = time.time()
         self.control: Any = None
+        self.metrics: MetricsEndpoint | None = None
         self.broker_child: Any = None
         self.notifier: Any = None
         self.exits: dict[str, int] = {}
@@ -163,6 +180,11 @@ class Daemon:
             )
             self.guard.close()
             return 1
+        self.metrics = MetricsEndpoint(self.metrics_snapshot, loop)
+        if not self._serve_metrics():
+            await self.control.close()
+            self.guard.close()
+            return 1
         self.log.info(
             "daemon.starting",
             pid=os.getpid(),
@@ -197,6 +219,8 @@ class Daemon:
             self.notifier.close()
             if self.control is not None:
                 await self.control.close()
+            if self.metrics is not None:
+                await self.metrics.close()
             if self.process_runtime is not None:
                 self.process_runtime.close_logs()
             if self.broker_child is not None:
@@ -204,6 +228,21 @@ class Daemon:
             if self.guard is not None:
                 self.guard.close()
         return code
+
+    def _serve_metrics(self) -> bool:
+        """`daemon.metrics`: the HTTP(S) endpoint; False (logged) if it cannot be served."""
+        assert self.metrics is not None
+        daemon = self.spec.daemon
+        if daemon.metrics is None:
+            return True
+        try:
+            self.metrics.serve(daemon.metrics, daemon.metrics_tls_cert, daemon.metrics_tls_key)
+        except (OSError, ValueError) as exc:  # the port is taken, a cert that does not load
+            self.log.error("daemon.metrics_failed", address=daemon.metrics, error=str(exc))
+            return False
+        tls = daemon.metrics_tls_cert is not None
+        self.log.info("daemon.metrics", address=daemon.metrics, tls=tls)
+        return True
 
     def shutdown(self) -> None:
         """Orderly stop: the whole tree in reverse order within shutdown_timeout."""
@@ -462,41 +501,45 @@ class Daemon:
             self.tree.state(name) != "running"
         )
 
-    def status_rows(self) -> list[dict[str, Any]]:
-        """`ctl status --json` rows, the broker (`bus`) included."""
+    def agents_now(self) -> Iterator[AgentNow]:
+        """Every agent in start order, then the broker (`bus`): the rows of status and metrics."""
         assert self.process_runtime is not None
-        now = time.time()
-        table = ProcTable()  # one pass over /proc for every row
-        rows = []
         for name in self.tree.agents():
             child = self.tree.children[name]
             proc = self.process_runtime.procs.get(name)
             last = self.process_runtime.last_exit.get(name)
-            rows.append(
-                self._row(name, child.state, child.restarts, child.parent, proc, last, now, table)
-            )
-        rows.extend(self._extra_rows(now, table))
-        return rows
+            yield AgentNow(name, child.state, child.parent, child.restarts_by_reason, proc, last)
+        if self.broker_child is not None:  # supervised here, outside the user's tree
+            proc = self.broker_child.proc()
+            state = "running" if proc is not None else "stopped"
+            by_reason = self.broker_child.restarts_by_reason
+            yield AgentNow(BUS, state, None, by_reason, proc, self.broker_child.last_exit())
 
-    def _extra_rows(self, now: float, table: ProcTable) -> list[dict[str, Any]]:
-        """The broker's row: it is supervised here, outside the user's tree."""
-        if self.broker_child is None:
-            return []
-        proc = self.broker_child.proc()
-        state = "running" if proc is not None else "stopped"
-        last = self.broker_child.last_exit()
-        return [self._row("bus", state, self.broker_child.restarts, None, proc, last, now, table)]
+    async def _bus_stats(self) -> Stats | None:
+        return await self.broker_child.stats() if self.broker_child is not None else None
 
-    def _row(self, name, state, restarts, supervisor, proc, last, now, table) -> dict[str, Any]:
+    async def status_rows(self) -> list[dict[str, Any]]:
+        """`ctl status --json` rows, the broker (`bus`) included."""
         assert self.process_runtime is not None
-        alive = proc is not None and proc.pid and proc.popen is not None
+        stats = await self._bus_stats()  # before the /proc pass: no await from here on
+        now = time.time()
+        table = ProcTable()  # one pass over /proc for every row
+        return [self._row(a, now, table, stats) for a in self.agents_now()]
+
+    def _row(
+        self, a: AgentNow, now: float, table: ProcTable, stats: Stats | None
+    ) -> dict[str, Any]:
+        assert self.process_runtime is not None
+        proc = a.proc if _alive(a.proc) else None
+        last = a.last_exit
+        held, in_flight = _bus_figures(a.name, stats)
         return {
-            "name": name,
-            "state": state,
-            "pid": proc.pid if alive else None,
-            "uptime": round(now - proc.started_at, 3) if alive else None,
-            "restarts": restarts,
-            "supervisor": supervisor,
+            "name": a.name,
+            "state": a.state,
+            "pid": proc.pid if proc else None,
+            "uptime": round(now - proc.started_at, 3) if proc else None,
+            "restarts": sum(a.restarts.values()),
+            "supervisor": a.supervisor,
             "last_exit": None
             if last is None
             else {
@@ -504,9 +547,30 @@ class Daemon:
                 "signal": signal.Signals(last.signal).name if last.signal else None,
                 "reason": last.reason,
             },
-            "rss": self.process_runtime.rss(proc, table) if alive else None,
-            "cpu": self.process_runtime.cpu(proc, table) if alive else None,
+            "rss": self.process_runtime.rss(proc, table) if proc else None,
+            "cpu": self.process_runtime.cpu(proc, table) if proc else None,
+            "held": held,
+            "in_flight": in_flight,
         }
+
+    async def metrics_snapshot(self) -> Snapshot:
+        """What one scrape reports: the agents from one /proc pass, the broker's counters."""
+        stats = await self._bus_stats()  # before the /proc pass: no await from here on
+        table = ProcTable()
+        samples = []
+        for a in self.agents_now():
+            proc = a.proc if _alive(a.proc) else None
+            samples.append(
+                AgentSample(
+                    a.name,
+                    up=a.state == "running",
+                    restarts=dict(a.restarts),  # a copy: the scrape reads it on another thread
+                    rss=table.tree_rss(proc.pid) if proc else None,
+                    cpu_seconds=table.cpu_seconds(proc.pid) if proc else None,
+                    start_time=proc.started_at if proc else None,
+                )
+            )
+        return Snapshot(samples, None if stats is None else dict(stats.counters))
 
     def tree_view(self) -> dict[str, Any]:
         """The supervision tree with strategies and states, for `ctl tree`."""
@@ -733,6 +797,28 @@ class Daemon:
 
     def agent_spec(self, name: str) -> AgentSpec | None:
         return self.spec.agents.get(name)
+
+
+def _alive(proc: Proc | None) -> bool:
+    return proc is not None and bool(proc.pid) and proc.popen is not None
+
+
+def _bus_figures(name: str, stats: Stats | None) -> tuple[int | None, int | None]:
+    """(held, in_flight) of one status row; None, None if the broker did not answer.
+
+    held: what the broker keeps for the agent and has not handed over (its hold
+    queue, and for ack = true its mailbox's pending signals). The broker's own row
+    (`bus`) has the totals, which include what waits for a pool as a whole.
+    """
+    if stats is None:
+        return None, None
+    if name == BUS:
+        c = stats.counters
+        return c.get("held_now", 0) + c.get("pending_now", 0), c.get("in_flight_now", 0)
+    figures = stats.agents.get(name)
+    if figures is None:
+        return 0, 0
+    return figures.held + figures.pending, figures.in_flight
 
 
 def _raise_nofile_limit() -> None:

@@ -96,6 +96,9 @@ class DaemonSpec(msgspec.Struct, frozen=True):
     keys_dir: str | None = None
     max_frame: int = 1024 * 1024
     death_signal: bool = True  # PR_SET_PDEATHSIG via an exec trampoline (spawn.py)
+    metrics: str | None = None  # HOST:PORT of the Prometheus endpoint; None = off (SPEC §13)
+    metrics_tls_cert: str | None = None  # PEM files (absolute): HTTPS; required off loopback
+    metrics_tls_key: str | None = None
     event_history: int = HISTORY  # events kept for `ctl events --since`
 
 

@@ -124,8 +124,15 @@ class Child:
     restarting: bool = False  # the next start is a restart after a failure
     delayed: bool = False  # restart_delay already waited for this restart
     timer_gen: int = 0
-    restarts: int = 0
     ended: bool = False  # ended by itself and was not restarted (for auto_shutdown)
+    # Restarts so far, by the reason of the exit each one followed (`exit_reason` at the
+    # time): `ctl status` shows the sum, the metrics the breakdown (SPEC §13).
+    restarts_by_reason: dict[str, int] = field(default_factory=dict)
+    exit_reason: str = "stopped"  # of the last exit (ExitInfo.reason; "gave_up" for a supervisor)
+
+    @property
+    def restarts(self) -> int:
+        return sum(self.restarts_by_reason.values())
 
 
 @dataclass
@@ -468,6 +475,7 @@ class Tree:
     def _begin_stop(self, sup: Supervisor, child: Child) -> None:
         if child.state == "backoff":
             child.state = "stopped"
+            child.exit_reason = "stopped"  # its next start follows this stop, not the crash
             child.timer_gen += 1
             if sup.inflight == ("delay", child.name):
                 sup.inflight = None
@@ -523,7 +531,8 @@ class Tree:
     def _launch(self, child: Child) -> None:
         """Hand one child to the runtime (or start a nested supervisor)."""
         if child.incarnation >= 0:
-            child.restarts += 1
+            by = child.restarts_by_reason
+            by[child.exit_reason] = by.get(child.exit_reason, 0) + 1
         child.incarnation += 1
         child.delayed = False
         child.ended = False
@@ -566,6 +575,7 @@ class Tree:
         sup = self.sups[child.parent]
         was = child.state
         child.state = "failed" if abnormal else "stopped"
+        child.exit_reason = reason
         if was == "stopping":
             child.state = "stopped"
             if sup.inflight == ("stop", child.name):

@@ -21,6 +21,19 @@ import pytest
 PROGS = Path(__file__).parent / "progs"
 REC = PROGS / "rec.py"
 
+#: Files whose tests load both cores by themselves (floods, chaos, a wheel build):
+#: under pytest-xdist they run one after another on one worker, next to the light ones.
+HEAVY_FILES = frozenset(
+    {"test_durable.py", "test_hub_chaos.py", "test_packaging.py", "test_bus_fuzz.py"}
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Group the heavy tests (for `--dist loadgroup`); the rest spread over the workers."""
+    for item in items:
+        if item.get_closest_marker("slow") or item.path.name in HEAVY_FILES:
+            item.add_marker(pytest.mark.xdist_group("heavy"))
+
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
     """Poll `predicate` until it returns something truthy, or fail at the deadline."""

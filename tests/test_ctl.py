@@ -21,6 +21,8 @@ STATUS_KEYS = {
     "last_exit",
     "rss",
     "cpu",
+    "held",
+    "in_flight",
 }
 
 
@@ -192,7 +194,8 @@ def test_no_daemon_exits_3_quickly(tmp_path) -> None:
             timeout=10,
         )
         assert result.returncode == 3, result.stderr
-        assert time.monotonic() - t0 < 2.0
+        # Not a hang: the ack timeout (1 s) and an interpreter start, with room for load.
+        assert time.monotonic() - t0 < 5.0
         assert "no agentd answering" in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
     (tmp_path / "run" / "control.sock").unlink()
