@@ -214,6 +214,17 @@ def test_textfile_scrape_leaves_out_the_process_metrics(live) -> None:
 def test_every_metric_in_the_alert_rules_is_in_a_live_scrape(live) -> None:
     used = set(re.findall(r"\bagentd_[a-z_]+", RULES.read_text()))
     assert {"agentd_agent_restarts_total", "agentd_agent_up"} <= used
+    # A restart series exists from an agent's first restart on: make one (this test may
+    # run alone, or on another pytest-xdist worker than the SIGKILL test above).
+    key = {"agent": "sleeper@0", "reason": "signal"}
+    before = value(live.http_scrape(), "agentd_agent_restarts_total", **key)
+    os.kill(live.rows()["sleeper@0"]["pid"], signal.SIGKILL)
+    wait_for(
+        lambda: value(live.http_scrape(), "agentd_agent_restarts_total", **key) != before,
+        10,
+        "a restart of sleeper@0 in the scrape",
+    )
+    wait_for(lambda: live.rows()["sleeper@0"]["state"] == "running", 10, "sleeper@0 back")
     scraped = {name for name, _ in live.http_scrape()}
     assert used <= scraped, used - scraped
 
