@@ -193,6 +193,7 @@ class Daemon:
             if self.control is not None:
                 await self.control.close()
             if self.process_runtime is not None:
+                self.process_runtime.close_templates()
                 self.process_runtime.close_logs()
             if self.broker_child is not None:
                 self.broker_child.close_logs()
@@ -415,6 +416,8 @@ class Daemon:
     async def restart_agents(self, names: list[str]) -> list[str]:
         exits = {n: self.exits.get(n, 0) for n in names}
         before = {n: self.tree.children[n].incarnation for n in names}
+        assert self.process_runtime is not None
+        self.process_runtime.retire_templates(names)  # so the restart runs the code on disk
         for name in names:
             self._apply(self.tree.restart_child(name, self.now()))
         return await self._await_running(names, exits, before)
@@ -478,7 +481,7 @@ class Daemon:
 
     def _row(self, name, state, restarts, supervisor, proc, last, now, table) -> dict[str, Any]:
         assert self.process_runtime is not None
-        alive = proc is not None and proc.pid and proc.popen is not None
+        alive = proc is not None and proc.pid and not proc.exited
         return {
             "name": name,
             "state": state,
@@ -617,6 +620,8 @@ class Daemon:
                 self._pool_templates[pool] = members[0]
         self.spec = msgspec.structs.replace(new, daemon=old.daemon)
         self.process_runtime.agents = dict(new.agents)
+        self.process_runtime.retire_templates()  # those no agent uses now
+        self.process_runtime.retire_templates(plan.changed_agents)  # changed: new code too
         self._bus_table_changed()
         before = {n: self.tree.children[n].incarnation for n in plan.changed_agents}
         now = self.now()
