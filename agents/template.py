@@ -59,6 +59,7 @@ class ForkRequest(msgspec.Struct, frozen=True, tag="fork"):
     incarnation: int
     daemon_pid: int  # the subreaper the agent must end up a child of
     env: dict[str, str]  # the agent's whole environment, as an exec agent gets it
+    death_signal: bool = True  # PR_SET_PDEATHSIG=SIGKILL once it is (daemon.death_signal)
     nofile: int = 0  # RLIMIT_NOFILE (0: unchanged)
     cpu_seconds: int = 0  # RLIMIT_CPU (0: unchanged)
     # Files to write the agent's pid into before any agent code runs: where a
@@ -93,6 +94,7 @@ def warm(target: str) -> type:
     import zmq
     import zmq.asyncio
 
+    from agentd.bus.envelope import encoder, peer_decoder
     from agentd.bus.log import configure
 
     from . import sdk
@@ -100,6 +102,10 @@ def warm(target: str) -> type:
     configure("console")
     sys.path.insert(0, os.getcwd())
     cls = sdk.load(target)
+    # msgspec keeps each Struct type's codec info on the class once a codec is built:
+    # built here, it is shared; built in each agent, it is each agent's own memory.
+    encoder()
+    peer_decoder()
     # A throwaway loop pulls in the selector, the self-pipe and the runner's machinery;
     # closed again, so nothing is running (or has a thread) when we fork.
     loop = asyncio.new_event_loop()
@@ -173,7 +179,7 @@ def _agent(
             f.write(str(os.getpid()))
     sock.send(encode(Forked(request.name, pid=os.getpid())))
     sock.close()
-    _become_daemon_child(intermediate, request.daemon_pid)
+    _become_daemon_child(intermediate, request.daemon_pid, request.death_signal)
     os.dup2(fds[0], 1)
     os.dup2(fds[1], 2)
     for passed in fds:
@@ -199,7 +205,7 @@ def _agent(
     os._exit(code)
 
 
-def _become_daemon_child(intermediate: int, daemon_pid: int) -> None:
+def _become_daemon_child(intermediate: int, daemon_pid: int, death_signal: bool) -> None:
     """Wait for the reparenting, then arm the death signal; exit if the daemon is gone."""
     deadline = time.monotonic() + REPARENT_TIMEOUT
     while os.getppid() == intermediate:
@@ -208,6 +214,8 @@ def _become_daemon_child(intermediate: int, daemon_pid: int) -> None:
         time.sleep(0.0002)
     if os.getppid() != daemon_pid:  # adopted by someone else: the daemon is gone
         os._exit(1)
+    if not death_signal:
+        return
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != daemon_pid:  # the daemon died before prctl: no signal will come

@@ -129,6 +129,7 @@ class ForkServer:
             name=spec.name,
             incarnation=incarnation,
             daemon_pid=os.getpid(),
+            death_signal=self.daemon.death_signal,
             env=env,
             nofile=spec.limits.nofile,
             cpu_seconds=spec.limits.cpu_seconds,

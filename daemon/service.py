@@ -417,10 +417,22 @@ class Daemon:
         exits = {n: self.exits.get(n, 0) for n in names}
         before = {n: self.tree.children[n].incarnation for n in names}
         assert self.process_runtime is not None
-        self.process_runtime.retire_templates(names)  # so the restart runs the code on disk
+        # New templates, so the restart runs the code on disk (SPEC §12).
+        self.process_runtime.retire_templates(self._agents_under(names))
         for name in names:
             self._apply(self.tree.restart_child(name, self.now()))
         return await self._await_running(names, exits, before)
+
+    def _agents_under(self, names: list[str]) -> list[str]:
+        """The agents among `names` and under the supervisors among them."""
+        wanted, out = set(names), []
+        for agent in self.tree.agents():
+            node = agent
+            while node not in wanted and node != self.tree.root:
+                node = self.tree.supervisor_of(node)
+            if node in wanted:
+                out.append(agent)
+        return out
 
     async def _await_running(
         self, names: list[str], exits: dict[str, int], before: dict[str, int] | None = None
