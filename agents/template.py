@@ -113,6 +113,12 @@ def warm(target: str) -> type:
     loop.close()
     asyncio.set_event_loop(None)
     zmq.zmq_version_info()
+    threads = len(os.listdir("/proc/self/task"))
+    if threads > 1:  # a fork copies only the forking thread: locks held elsewhere stay held
+        raise RuntimeError(
+            f"{target}: importing it started {threads - 1} thread(s); a template must stay "
+            'single-threaded to fork safely: set start = "exec" for this agent'
+        )
     return cls
 
 

@@ -149,6 +149,13 @@ def test_code_changed_on_disk_and_ctl_restart_runs_the_new_code(forked, tmp_path
     result = d.ctl("restart", "b")
     assert result.returncode == 0, result.stderr
     assert whoami(d, "b@0")["version"] == whoami(d, "b@1")["version"] == "v2, changed"
+    # A reload that changes the agent's spec re-makes its template too.
+    write_module(tmp_path, "v3, changed again")
+    d.rewrite(config(tmp_path, "heartbeat = 5.0"))  # b's spec changes, a's does not
+    result = d.ctl("reload")
+    assert result.returncode == 0, result.stderr
+    assert whoami(d, "b@1")["version"] == "v3, changed again"
+    assert whoami(d, "a")["version"] == "v1"  # not restarted: still what it imported
 
 
 def test_a_module_that_fails_to_import_is_start_failed_with_its_traceback(
@@ -167,6 +174,27 @@ cwd = "{tmp_path}"
     assert exited["reason"] == "start_failed"
     assert any("broken.py" in line for line in exited["stderr_tail"])  # the last lines
     assert exited["stderr_tail"][-1] == "RuntimeError: no import for you"
+
+
+def test_a_module_that_starts_a_thread_at_import_cannot_be_forked(daemon_factory, tmp_path):
+    (tmp_path / "threaded.py").write_text(
+        "import threading, time\n"
+        "from agentd.agents import Agent\n"
+        "threading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n"
+        "class T(Agent):\n    pass\n"
+    )
+    d = daemon_factory(
+        f"""
+[agents.t]
+module = "threaded:T"
+cwd = "{tmp_path}"
+"""
+    ).start(wait_ready=False)
+    assert d.wait(30) == 1
+    exited = d.events("agent.exited", "t")[0]
+    assert exited["reason"] == "start_failed"
+    assert "started 1 thread(s)" in exited["stderr_tail"][-1]
+    assert 'start = "exec"' in exited["stderr_tail"][-1]
 
 
 def test_start_fork_for_a_command_agent_is_a_config_error(tmp_path) -> None:
