@@ -115,6 +115,11 @@ class Guard:
             self.popen.wait()
 
 
+def _described(exc: BaseException) -> str:
+    """An error as a start_failed's stderr tail says it."""
+    return f"{type(exc).__name__}: {exc}"
+
+
 class ProcessRuntime:
     """Starts, stops and watches agent processes for the supervision tree."""
 
@@ -163,8 +168,7 @@ class ProcessRuntime:
                 self.daemon.state_dir,
             )
         except (OSError, KeyError, subprocess.SubprocessError) as exc:
-            error = f"{type(exc).__name__}: {exc}"
-            proc = Proc(name, incarnation, spec, None, pid=0, start_error=error)
+            proc = Proc(name, incarnation, spec, None, pid=0, start_error=_described(exc))
             self.procs[name] = proc
             self.loop.call_soon(self._finish, proc, None)
             return
@@ -199,7 +203,7 @@ class ProcessRuntime:
             pid = await self.forkserver.fork(proc.spec, proc.incarnation, env, stdout, stderr)
         except (ForkError, OSError, KeyError, subprocess.SubprocessError) as exc:
             proc.forking = False
-            proc.start_error = str(exc) if isinstance(exc, ForkError) else repr(exc)
+            proc.start_error = str(exc) if isinstance(exc, ForkError) else _described(exc)
             self._finish(proc, None)
             return
         finally:
@@ -207,7 +211,12 @@ class ProcessRuntime:
             os.close(stderr)
         proc.forking = False
         proc.pid = pid
-        self._watch(proc)
+        try:
+            self._watch(proc)
+        except OSError as exc:  # pidfd_open: cannot happen to a child we have not reaped
+            proc.start_error = f"the forked agent {pid} is not there: {_described(exc)}"
+            self._finish(proc, None)
+            return
         if proc.stop_hard:
             spawn.kill_group(pid, signal.SIGKILL)
         elif proc.stopping:
@@ -254,7 +263,7 @@ class ProcessRuntime:
         return None
 
     def retire_templates(self, names: list[str] | None = None) -> None:
-        """New code for these agents (ctl restart), or for every changed one (reload: None)."""
+        """Re-make these agents' templates (new code), or (None) drop those no agent uses."""
         if self._forkserver is None:
             return
         if names is None:
