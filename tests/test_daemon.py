@@ -167,6 +167,8 @@ def test_reverse_order_stop_on_sigterm(daemon_factory, tmp_path) -> None:
     ).start()
     # The daemon's own record of the order: an agent's file write may lag its start.
     assert [e["agent"] for e in d.events("agent.ready") if e["agent"] != "bus"] == names
+    # Each writes `started` after installing its SIGTERM handler: only then can it say "term".
+    wait_for(lambda: len(d.started()) == len(names), 10, "every SIGTERM handler")
     assert d.stop() == 0
     assert d.term_order() == list(reversed(names))
     d.wait_event("daemon.stopping")
