@@ -37,6 +37,7 @@ import socket
 import sys
 import time
 import traceback
+from typing import NoReturn
 
 import msgspec
 
@@ -161,14 +162,24 @@ def _fork(sock: socket.socket, request: ForkRequest, fds: list[int], cls: type) 
     if intermediate:
         os.waitpid(intermediate, 0)
         return
+    intermediate = os.getpid()
     try:
-        intermediate = os.getpid()
         if os.fork():
             os._exit(0)
+    except BaseException as exc:
+        _refuse(sock, request, exc)
+    try:
         _agent(sock, request, fds, cls, intermediate)
     except BaseException:
         with contextlib.suppress(BaseException):
             traceback.print_exc()
+    os._exit(1)
+
+
+def _refuse(sock: socket.socket, request: ForkRequest, exc: BaseException) -> NoReturn:
+    """No agent after all: say why (the daemon is waiting for a pid), and go."""
+    with contextlib.suppress(OSError):
+        sock.send(encode(Forked(request.name, error=f"{type(exc).__name__}: {exc}")))
     os._exit(1)
 
 
@@ -179,10 +190,13 @@ def _agent(
     sock: socket.socket, request: ForkRequest, fds: list[int], cls: type, intermediate: int
 ) -> None:
     """Become an agent like an exec one: own session, daemon's child, own fds, SDK."""
-    os.setsid()  # before the pid is reported: the daemon signals it as a group
-    for path in request.cgroup_procs:
-        with open(path, "w") as f:
-            f.write(str(os.getpid()))
+    try:
+        os.setsid()  # before the pid is reported: the daemon signals it as a group
+        for path in request.cgroup_procs:  # before any agent code runs
+            with open(path, "w") as f:
+                f.write(str(os.getpid()))
+    except OSError as exc:
+        _refuse(sock, request, exc)
     sock.send(encode(Forked(request.name, pid=os.getpid())))
     sock.close()
     _become_daemon_child(intermediate, request.daemon_pid, request.death_signal)

@@ -9,6 +9,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -17,6 +20,8 @@ import pytest
 
 from agentd.daemon.config import ConfigError, load
 from tests.conftest import alive, wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
 
 MODULE = """
 import os, signal, time
@@ -195,6 +200,43 @@ cwd = "{tmp_path}"
     assert exited["reason"] == "start_failed"
     assert "started 1 thread(s)" in exited["stderr_tail"][-1]
     assert 'start = "exec"' in exited["stderr_tail"][-1]
+
+
+def test_a_fork_request_writes_the_cgroup_files_first_or_says_why_not(tmp_path) -> None:
+    """The template protocol alone, from a process that is not a subreaper (not a daemon)."""
+    from agentd.agents.template import Forked, ForkRequest, Hello, decoder, encode
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    module, fd = "tests.bus_agents:Recorder", str(theirs.fileno())
+    template = subprocess.Popen(
+        [sys.executable, "-m", "agentd.agents.template", module, fd],
+        pass_fds=(theirs.fileno(),),
+        cwd=ROOT,
+    )
+    theirs.close()
+    try:
+        ours.settimeout(30)
+        assert isinstance(decoder.decode(ours.recv(1 << 20)), Hello)
+
+        def fork(cgroup_procs: list[str]) -> Forked:
+            out, err = os.pipe(), os.pipe()
+            env = {"AGENTD_BUS": "ipc:///nonexistent", "PATH": os.environ["PATH"]}
+            request = ForkRequest("x", 0, os.getpid(), env, cgroup_procs=cgroup_procs)
+            socket.send_fds(ours, [encode(request)], [out[1], err[1]])
+            for fd in (*out, *err):
+                os.close(fd)
+            return decoder.decode(ours.recv(1 << 20))
+
+        refused = fork([str(tmp_path / "no" / "cgroup.procs")])
+        assert refused.pid == 0 and "FileNotFoundError" in (refused.error or "")
+        procs = tmp_path / "cgroup.procs"
+        forked = fork([str(procs)])
+        assert forked.error is None and procs.read_text() == str(forked.pid)
+        # Its parent is not the "daemon" (we are no subreaper): it exits before any agent code.
+        wait_for(lambda: not alive(forked.pid), 10, "the orphaned fork to exit")
+    finally:
+        ours.close()  # EOF: the template exits
+        template.wait(10)
 
 
 def test_start_fork_for_a_command_agent_is_a_config_error(tmp_path) -> None:
