@@ -531,24 +531,40 @@ def main(argv: list[str] | None = None) -> int:
     from agentd.bus.log import configure
 
     configure("console")
-    env = os.environ
-    name = env.get("AGENTD_NAME") or argv[0].rpartition(":")[2].lower()
-    endpoint = env.get("AGENTD_BUS")
+    if _endpoint_problem():
+        return 2
+    sys.path.insert(0, os.getcwd())
+    return run_class(load(argv[0]), argv[0].rpartition(":")[2].lower())
+
+
+def _endpoint_problem() -> bool:
+    """AGENTD_BUS missing or malformed: say so on stderr."""
+    endpoint = os.environ.get("AGENTD_BUS")
     if not endpoint:
         print("AGENTD_BUS is not set (the bus endpoint)", file=sys.stderr)
-        return 2
+        return True
     try:
         parse_endpoint(endpoint)
     except ValueError as exc:
         print(f"AGENTD_BUS: {exc}", file=sys.stderr)
+        return True
+    return False
+
+
+def run_class(cls: type[Agent], default_name: str | None = None) -> int:
+    """Run one instance of `cls` on the bus named by AGENTD_*, until it stops.
+
+    The one path from a loaded class to a running agent: `main` (exec) and a warm
+    template's forked child (agents/template.py) both end here.
+    """
+    env = os.environ
+    if _endpoint_problem():
         return 2
-    sys.path.insert(0, os.getcwd())
-    agent = load(argv[0])()
     runner = AgentRunner(
-        agent,
-        name=name,
+        cls(),
+        name=env.get("AGENTD_NAME") or default_name or cls.__name__.lower(),
         incarnation=int(env.get("AGENTD_INCARNATION", "0")),
-        endpoint=endpoint,
+        endpoint=env["AGENTD_BUS"],
         heartbeat=float(env.get("AGENTD_HEARTBEAT", "10")),
         ack=env.get("AGENTD_ACK") == "1",
     )

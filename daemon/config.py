@@ -50,6 +50,7 @@ from .spec import (
     PoolSpec,
     RestartType,
     Spec,
+    StartMode,
     Strategy,
     SupervisorSpec,
     pool_member,
@@ -113,6 +114,7 @@ class SupervisorConfig(_Strict):
 class AgentConfig(_Strict):
     module: str | None = None
     command: list[str] | None = None
+    start: StartMode | None = None  # None: fork for a module agent, exec for a command
     restart: RestartType = _AGENT["restart"]
     shutdown: float | Literal["brutal_kill", "infinity"] = _AGENT["shutdown"]
     stop_signal: str = signal.Signals(_AGENT["stop_signal"]).name
@@ -758,6 +760,7 @@ def _agent_template(
         v.issue(src, (*path, "stop_signal"), f"agents.{name}.stop_signal: unknown signal")
     ok = v.within_bounds(src, path, f"agents.{name}", "agent", cfg)
     ok = _significant_ok(v, src, path, f"agents.{name}", cfg) and ok
+    ok = _start_ok(v, src, path, name, cfg) and ok
     ok = _patterns_ok(v, src, path, name, cfg.subscribe) and ok
     ok = _text_ok(v, src, path, name, cfg) and ok
     if cfg.user is not None and not _user_exists(cfg.user):
@@ -774,6 +777,8 @@ def _agent_template(
     fields = dict(
         argv=argv,
         bus_agent=cfg.module is not None,
+        module=cfg.module,
+        start=cfg.start or ("fork" if cfg.module is not None else "exec"),
         restart=cfg.restart,
         shutdown=_shutdown(cfg.shutdown),
         stop_signal=stop_signal,
@@ -801,6 +806,18 @@ def _shutdown(value: float | str) -> float | None:
     if value == "brutal_kill":
         return None
     return math.inf if value == "infinity" else float(value)
+
+
+def _start_ok(v: _Validator, src: _Source, path: tuple[str, ...], name: str, cfg: Any) -> bool:
+    """Only a module agent can be forked from a warm template: a command is exec'd."""
+    if cfg.start == "fork" and cfg.command is not None:
+        v.issue(
+            src,
+            (*path, "start"),
+            f'agents.{name}.start: "fork" needs a module agent; a command is always "exec"',
+        )
+        return False
+    return True
 
 
 def _significant_ok(

@@ -23,8 +23,9 @@ from pathlib import Path
 import msgspec
 
 from . import spawn
-from .capture import LogFile, StreamReader
+from .capture import TAIL_LINES, LogFile, StreamReader
 from .events import EventLog
+from .forkserver import ForkError, ForkServer, TemplateKey, template_key
 from .proctable import ProcTable
 from .spec import AgentSpec, DaemonSpec
 
@@ -55,8 +56,12 @@ class Proc:
     pid: int
     pidfd: int = -1
     started_at: float = field(default_factory=time.time)
+    forking: bool = False  # start = "fork": asked a template, no pid yet
+    exited: bool = False  # reaped
     ready: bool = False
+    ready_early: bool = False  # READY from the bus before the fork's pid came back
     stopping: bool = False
+    stop_hard: bool = False  # kill_everything while forking: SIGKILL on arrival
     kill_reason: str | None = None
     start_error: str | None = None
     readers: list[StreamReader] = field(default_factory=list)
@@ -110,6 +115,11 @@ class Guard:
             self.popen.wait()
 
 
+def _described(exc: BaseException) -> str:
+    """An error as a start_failed's stderr tail says it."""
+    return f"{type(exc).__name__}: {exc}"
+
+
 class ProcessRuntime:
     """Starts, stops and watches agent processes for the supervision tree."""
 
@@ -132,6 +142,8 @@ class ProcessRuntime:
         self.last_exit: dict[str, ExitInfo] = {}
         self.logs: dict[str, LogFile] = {}
         self._memory_task: asyncio.Task[None] | None = None
+        self._forkserver: ForkServer | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -140,9 +152,12 @@ class ProcessRuntime:
     # --- actions -----------------------------------------------------------------
 
     def start(self, name: str, incarnation: int) -> None:
-        """Spawn `name`; report on_started once it counts as started."""
+        """Spawn `name` (exec, or fork from a template); report on_started once started."""
         spec = self.agents[name]
         self.events.emit("agent.starting", name, incarnation=incarnation)
+        if spec.start == "fork":
+            self._start_forked(spec, incarnation)
+            return
         try:
             popen = spawn.spawn(
                 spec,
@@ -153,24 +168,76 @@ class ProcessRuntime:
                 self.daemon.state_dir,
             )
         except (OSError, KeyError, subprocess.SubprocessError) as exc:
-            error = f"{type(exc).__name__}: {exc}"
-            proc = Proc(name, incarnation, spec, None, pid=0, start_error=error)
+            proc = Proc(name, incarnation, spec, None, pid=0, start_error=_described(exc))
             self.procs[name] = proc
             self.loop.call_soon(self._finish, proc, None)
             return
         proc = Proc(name, incarnation, spec, popen, popen.pid)
         self.procs[name] = proc
-        if self.guard is not None:
-            self.guard.add(popen.pid)
-        log = self._log(name)
         assert popen.stdout is not None and popen.stderr is not None
-        proc.readers = [
-            StreamReader(self.loop, os.dup(popen.stdout.fileno()), log, keep_tail=False),
-            StreamReader(self.loop, os.dup(popen.stderr.fileno()), log, keep_tail=True),
-        ]
+        self._capture(proc, os.dup(popen.stdout.fileno()), os.dup(popen.stderr.fileno()))
         popen.stdout.close()
         popen.stderr.close()
-        proc.pidfd = os.pidfd_open(popen.pid)
+        self._watch(proc)
+
+    def _start_forked(self, spec: AgentSpec, incarnation: int) -> None:
+        """Ask the agent's template for a fork; the pid comes back asynchronously."""
+        proc = Proc(spec.name, incarnation, spec, None, pid=0, forking=True)
+        self.procs[spec.name] = proc
+        out, out_w = os.pipe()
+        err, err_w = os.pipe()
+        self._capture(proc, out, err)
+        task = self.loop.create_task(self._fork(proc, out_w, err_w))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _fork(self, proc: Proc, stdout: int, stderr: int) -> None:
+        env = spawn.agent_env(
+            proc.spec,
+            proc.incarnation,
+            self.daemon.bus,
+            self.daemon.keys_dir,
+            self.daemon.state_dir,
+        )
+        try:
+            pid = await self.forkserver.fork(proc.spec, proc.incarnation, env, stdout, stderr)
+        except (ForkError, OSError, KeyError, subprocess.SubprocessError) as exc:
+            proc.forking = False
+            proc.start_error = str(exc) if isinstance(exc, ForkError) else _described(exc)
+            self._finish(proc, None)
+            return
+        finally:
+            os.close(stdout)  # the agent has its own copies now
+            os.close(stderr)
+        proc.forking = False
+        proc.pid = pid
+        try:
+            self._watch(proc)
+        except OSError as exc:  # pidfd_open: cannot happen to a child we have not reaped
+            proc.start_error = f"the forked agent {pid} is not there: {_described(exc)}"
+            self._finish(proc, None)
+            return
+        if proc.stop_hard:
+            spawn.kill_group(pid, signal.SIGKILL)
+        elif proc.stopping:
+            self.stop(proc.name)
+        elif proc.ready_early:
+            self._ready(proc)
+
+    def _capture(self, proc: Proc, stdout: int, stderr: int) -> None:
+        """Pump the agent's stdout and stderr (our ends of its pipes) into its log."""
+        log = self._log(proc.name)
+        proc.readers = [
+            StreamReader(self.loop, stdout, log, keep_tail=False),
+            StreamReader(self.loop, stderr, log, keep_tail=True),
+        ]
+
+    def _watch(self, proc: Proc) -> None:
+        """A running agent, exec'd or forked alike: guard, pidfd, start timers, memory."""
+        spec = proc.spec
+        if self.guard is not None:
+            self.guard.add(proc.pid)
+        proc.pidfd = os.pidfd_open(proc.pid)
         self.loop.add_reader(proc.pidfd, self._reap, proc)
         if spec.bus_agent:
             # A bus agent is started by READY; silence until then counts as hung.
@@ -182,9 +249,38 @@ class ProcessRuntime:
         if spec.limits.memory_mb:
             self._ensure_memory_sampler()
 
+    @property
+    def forkserver(self) -> ForkServer:
+        if self._forkserver is None:
+            self._forkserver = ForkServer(self.daemon, self.guard, self._template_user)
+        return self._forkserver
+
+    def _template_user(self, key: TemplateKey) -> AgentSpec | None:
+        """An agent that still forks from `key`: a dead template is started again for it."""
+        for spec in self.agents.values():
+            if spec.start == "fork" and template_key(spec) == key:
+                return spec
+        return None
+
+    def retire_templates(self, names: list[str] | None = None) -> None:
+        """Re-make these agents' templates (new code), or (None) drop those no agent uses."""
+        if self._forkserver is None:
+            return
+        if names is None:
+            self._forkserver.retire_unwanted()
+        else:
+            self._forkserver.retire([self.agents[n] for n in names if n in self.agents])
+
+    def close_templates(self) -> None:
+        if self._forkserver is not None:
+            self._forkserver.close()
+
     def stop(self, name: str) -> None:
         """stop_signal to the group, `shutdown` seconds' grace, then SIGKILL."""
         proc = self.procs.get(name)
+        if proc is not None and proc.forking:
+            proc.stopping = True  # carried out once the fork's pid is back
+            return
         if proc is None or proc.pid == 0:
             return
         spec = proc.spec  # the spec it was started with, even after a reload
@@ -221,7 +317,9 @@ class ProcessRuntime:
     def kill_everything(self) -> None:
         """Last resort (second SIGTERM, shutdown timeout): SIGKILL every group."""
         for proc in list(self.procs.values()):
-            if proc.pid:
+            if proc.forking:
+                proc.stopping = proc.stop_hard = True
+            elif proc.pid:
                 proc.stopping = True
                 spawn.kill_group(proc.pid, signal.SIGKILL)
 
@@ -238,7 +336,10 @@ class ProcessRuntime:
     def _ready(self, proc: Proc) -> None:
         if proc.ready or proc.stopping or self.procs.get(proc.name) is not proc:
             return
-        if proc.popen is None or proc.popen.returncode is not None:
+        if proc.forking:
+            proc.ready_early = True  # the bus was quicker than the template's answer
+            return
+        if proc.pid == 0 or proc.exited:
             return
         proc.ready = True
         proc.cancel_timers()
@@ -259,8 +360,9 @@ class ProcessRuntime:
             _, status = os.waitpid(proc.pid, 0)
         except ChildProcessError:
             status = 0
-        assert proc.popen is not None
-        proc.popen.returncode = os.waitstatus_to_exitcode(status)
+        proc.exited = True
+        if proc.popen is not None:
+            proc.popen.returncode = os.waitstatus_to_exitcode(status)
         os.close(proc.pidfd)
         proc.pidfd = -1
         self._finish(proc, status)
@@ -278,7 +380,7 @@ class ProcessRuntime:
             else:
                 code = os.WEXITSTATUS(status)
         if proc.start_error:
-            reason, tail = "start_failed", [proc.start_error]
+            reason, tail = "start_failed", proc.start_error.splitlines()[-TAIL_LINES:]
         elif proc.kill_reason:
             reason = proc.kill_reason
         elif proc.stopping:
@@ -359,6 +461,10 @@ class ProcessRuntime:
         an agent (or `known` process): that one is reaped through its pidfd, and
         a later call sees what is behind it.
         """
+        if self._forkserver is not None:
+            if self._forkserver.pending:
+                return  # a forked agent may be our child before its pid is known: later
+            known = known | self._forkserver.pids()
         known = known | {p.pid for p in self.procs.values()}
         while True:
             try:

@@ -222,6 +222,7 @@ class Daemon:
             if self.metrics is not None:
                 await self.metrics.close()
             if self.process_runtime is not None:
+                self.process_runtime.close_templates()
                 self.process_runtime.close_logs()
             if self.broker_child is not None:
                 self.broker_child.close_logs()
@@ -460,9 +461,23 @@ class Daemon:
     async def restart_agents(self, names: list[str]) -> list[str]:
         exits = {n: self.exits.get(n, 0) for n in names}
         before = {n: self.tree.children[n].incarnation for n in names}
+        assert self.process_runtime is not None
+        # New templates, so the restart runs the code on disk (SPEC §12).
+        self.process_runtime.retire_templates(self._agents_under(names))
         for name in names:
             self._apply(self.tree.restart_child(name, self.now()))
         return await self._await_running(names, exits, before)
+
+    def _agents_under(self, names: list[str]) -> list[str]:
+        """The agents among `names` and under the supervisors among them."""
+        wanted, out = set(names), []
+        for agent in self.tree.agents():
+            node = agent
+            while node not in wanted and node != self.tree.root:
+                node = self.tree.supervisor_of(node)
+            if node in wanted:
+                out.append(agent)
+        return out
 
     async def _await_running(
         self,
@@ -698,6 +713,8 @@ class Daemon:
                 self._pool_templates[pool] = members[0]
         self.spec = msgspec.structs.replace(new, daemon=old.daemon)
         self.process_runtime.agents = dict(new.agents)
+        self.process_runtime.retire_templates()  # those no agent uses now
+        self.process_runtime.retire_templates(plan.changed_agents)  # changed: new code too
         self._bus_table_changed()
         self.dynamic.save_quietly()
         before = {n: self.tree.children[n].incarnation for n in plan.changed_agents}
@@ -800,7 +817,7 @@ class Daemon:
 
 
 def _alive(proc: Proc | None) -> bool:
-    return proc is not None and bool(proc.pid) and proc.popen is not None
+    return proc is not None and bool(proc.pid) and not proc.exited
 
 
 def _bus_figures(name: str, stats: Stats | None) -> tuple[int | None, int | None]:

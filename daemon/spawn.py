@@ -148,31 +148,9 @@ def spawn(
     keys_dir: str | None = None,
     state_dir: str | None = None,
 ) -> subprocess.Popen[bytes]:
-    """Start the agent; raises OSError (missing program, bad cwd, ...) on failure."""
-    creds = resolve_credentials(spec.user, spec.group)
+    """Start the agent (exec); raises OSError (missing program, bad cwd, ...) on failure."""
     env = agent_env(spec, incarnation, bus, keys_dir, state_dir)
-    program = _executable(spec.argv[0], env.get("PATH"), spec.cwd)
-    popen = subprocess.Popen(
-        (
-            *(
-                death_signal_prefix(creds.uid is not None or creds.gid is not None)
-                if death_signal
-                else ()
-            ),
-            program,
-            *spec.argv[1:],
-        ),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        cwd=spec.cwd,
-        env=env,
-        close_fds=True,
-        start_new_session=True,
-        user=creds.uid,
-        group=creds.gid,
-        extra_groups=creds.groups,
-    )
+    popen = start_process(spec.argv, spec, env, death_signal)
     try:
         _apply_limits(popen.pid, spec.limits)
     except OSError:
@@ -180,6 +158,38 @@ def spawn(
         popen.wait()
         raise
     return popen
+
+
+def start_process(
+    argv: tuple[str, ...],
+    spec: AgentSpec,
+    env: dict[str, str],
+    death_signal: bool = True,
+    pass_fds: tuple[int, ...] = (),
+    stdout: int | None = subprocess.PIPE,
+    stderr: int | None = subprocess.PIPE,
+) -> subprocess.Popen[bytes]:
+    """`argv` as `spec` says a process of it runs: its cwd, user, own session, death signal.
+
+    An exec agent, and a warm template (forkserver.py), whose forks inherit all of it.
+    """
+    creds = resolve_credentials(spec.user, spec.group)
+    program = _executable(argv[0], env.get("PATH"), spec.cwd)
+    other_user = creds.uid is not None or creds.gid is not None
+    return subprocess.Popen(
+        (*(death_signal_prefix(other_user) if death_signal else ()), program, *argv[1:]),
+        stdin=subprocess.DEVNULL,
+        stdout=stdout,
+        stderr=stderr,
+        cwd=spec.cwd,
+        env=env,
+        close_fds=True,
+        pass_fds=pass_fds,
+        start_new_session=True,
+        user=creds.uid,
+        group=creds.gid,
+        extra_groups=creds.groups,
+    )
 
 
 def _executable(program: str, path: str | None, cwd: str | None) -> str:

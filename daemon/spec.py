@@ -20,6 +20,7 @@ Strategy = Literal["one_for_one", "one_for_all", "rest_for_one", "dynamic"]
 RestartType = Literal["permanent", "transient", "temporary"]
 AutoShutdown = Literal["never", "any_significant", "all_significant"]
 JournalSync = Literal["batch", "always"]
+StartMode = Literal["fork", "exec"]
 
 #: Names an agent may not take: the broker, the daemon's bus identity, ctl.
 RESERVED_NAMES = frozenset({"bus", "agentd", "ctl"})
@@ -40,6 +41,8 @@ class AgentSpec(msgspec.Struct, frozen=True):
     pool: str | None  # the pool's name for a member, else None
     argv: tuple[str, ...]
     bus_agent: bool  # an SDK agent: started = READY on the bus
+    module: str | None = None  # "pkg.mod:Class" of an SDK agent (argv runs it in exec mode)
+    start: StartMode = "exec"  # fork: from a warm template (SPEC §12); module agents only
     restart: RestartType = "permanent"
     shutdown: float | None = 5.0  # None = brutal_kill; math.inf = infinity (no SIGKILL)
     stop_signal: int = 15

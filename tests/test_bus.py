@@ -114,8 +114,9 @@ def test_patterns_through_the_broker(hub) -> None:
             c.close()
 
 
-def test_held_while_down_then_delivered_in_order(hub) -> None:
-    d = hub(agent("rx", restart_delay="1.0"))
+@pytest.mark.parametrize("start", ["fork", "exec"])  # fork is the default
+def test_held_while_down_then_delivered_in_order(hub, start: str) -> None:
+    d = hub(agent("rx", restart_delay="1.0", start=f'"{start}"'))
     d.client.request("rx", "warm", 0)
     os.kill(d.pid("rx"), signal.SIGKILL)
     d.wait_event("agent.exited", "rx")
@@ -128,8 +129,9 @@ def test_held_while_down_then_delivered_in_order(hub) -> None:
     assert all(r["incarnation"] == 1 for r in held)
 
 
-def test_ack_redelivers_to_next_incarnation(hub) -> None:
-    d = hub(agent("worker", ack="true"))
+@pytest.mark.parametrize("start", ["fork", "exec"])  # fork is the default
+def test_ack_redelivers_to_next_incarnation(hub, start: str) -> None:
+    d = hub(agent("worker", ack="true", start=f'"{start}"'))
     d.client.send("worker", "work.slow", "job-1")  # the handler sleeps 60 s
     wait_for(lambda: got(d, "worker"), 5, "the signal to be in the handler")
     os.kill(d.pid("worker"), signal.SIGKILL)
@@ -150,8 +152,9 @@ def test_acked_signals_are_not_redelivered(hub) -> None:
     assert [r["data"] for r in got(d, "worker")] == [1, 2]
 
 
-def test_hung_agent_is_restarted_with_reason_hung(hub) -> None:
-    d = hub(agent("stuck", "Blocker", heartbeat="1.0"))
+@pytest.mark.parametrize("start", ["fork", "exec"])  # fork is the default
+def test_hung_agent_is_restarted_with_reason_hung(hub, start: str) -> None:
+    d = hub(agent("stuck", "Blocker", heartbeat="1.0", start=f'"{start}"'))
     assert d.client.request("stuck", "ping", None) == "pong"
     d.client.send("stuck", "block", None)
     exited = d.wait_event("agent.exited", "stuck", timeout=10)
@@ -163,8 +166,9 @@ def test_hung_agent_is_restarted_with_reason_hung(hub) -> None:
     assert status["stuck"]["last_exit"]["reason"] == "hung"
 
 
-def test_pool_round_robin(hub) -> None:
-    d = hub(agent("w", replicas="3"))
+@pytest.mark.parametrize("start", ["fork", "exec"])  # fork is the default
+def test_pool_round_robin(hub, start: str) -> None:
+    d = hub(agent("w", replicas="3", start=f'"{start}"'))
     by = [d.client.request("w", "job", i)["by"] for i in range(9)]
     assert sorted(set(by)) == ["w@0", "w@1", "w@2"]
     assert all(by.count(m) == 3 for m in set(by))
@@ -195,8 +199,9 @@ def _try_request(d) -> bool:
         return False
 
 
-def test_graceful_sigterm_finishes_handler(hub) -> None:
-    d = hub(agent("a"))
+@pytest.mark.parametrize("start", ["fork", "exec"])  # fork is the default
+def test_graceful_sigterm_finishes_handler(hub, start: str) -> None:
+    d = hub(agent("a", start=f'"{start}"'))
     assert d.stop() == 0
     exited = d.events("agent.exited", "a")[0]
     assert exited["code"] == 0 and exited["reason"] == "stopped"

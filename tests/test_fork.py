@@ -1,0 +1,257 @@
+"""Warm starts (SPEC §12): module agents forked from a template process.
+
+The agent module is written into the test's own directory, so a test can change
+its code on disk. Each agent answers `whoami` with what it is as a process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import psutil
+import pytest
+
+from agentd.daemon.config import ConfigError, load
+from tests.conftest import alive, wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
+
+MODULE = """
+import os, signal, time
+
+from agentd.agents import Agent, on
+
+VERSION = {version!r}
+
+
+class Who(Agent):
+    def setup(self):
+        if os.environ.get("GRANDCHILD"):  # a child that ignores SIGTERM and outlives nothing
+            pid = os.fork()
+            if pid == 0:
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                while True:
+                    time.sleep(60)
+            path = os.path.join(os.environ["REC_DIR"], self.name + ".grandchild")
+            with open(path, "a") as f:
+                f.write(f"{{pid}}\\n")
+
+    @on("whoami")
+    def whoami(self, signal, ctx):
+        return {{
+            "version": VERSION,
+            "pid": os.getpid(),
+            "ppid": os.getppid(),
+            "pgid": os.getpgid(0),
+            "sid": os.getsid(0),
+            "name": os.environ["AGENTD_NAME"],
+            "stdin": os.readlink("/proc/self/fd/0"),
+        }}
+"""
+
+
+def write_module(directory: Path, version: str) -> None:
+    # A different length each time: a .pyc is checked by the source's mtime and size.
+    (directory / "who.py").write_text(MODULE.format(version=version))
+
+
+def config(directory: Path, *extra: str) -> str:
+    return textwrap.dedent(
+        f"""
+        [agents.a]
+        module = "who:Who"
+        cwd = "{directory}"
+        env = {{ GRANDCHILD = "1", REC_DIR = "{directory / "rec"}" }}
+        [agents.b]
+        module = "who:Who"
+        cwd = "{directory}"
+        replicas = 2
+        """
+    ) + "\n".join(extra)
+
+
+def whoami(d, name: str) -> dict:
+    result = d.ctl("request", name, "whoami")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def templates(d) -> list[int]:
+    """The live template processes (forked agents share their command line: not them)."""
+    assert d.popen is not None
+    started = {e["pid"] for e in d.events("template.started")}
+    return [c.pid for c in psutil.Process(d.popen.pid).children() if c.pid in started]
+
+
+@pytest.fixture
+def forked(daemon_factory, tmp_path):
+    write_module(tmp_path, "v1")
+    return daemon_factory(config(tmp_path)).start()
+
+
+def test_a_forked_agent_is_the_daemons_child_in_its_own_session(forked) -> None:
+    d = forked
+    me = whoami(d, "a")
+    assert me["version"] == "v1" and me["name"] == "a"
+    assert me["ppid"] == d.popen.pid  # reparented to the daemon (a subreaper)
+    assert me["pgid"] == me["sid"] == me["pid"] == d.pid("a")
+    assert me["stdin"] == "/dev/null"
+    assert whoami(d, "b@1")["name"] == "b@1"
+    assert len(templates(d)) == 2  # a's env differs; b@0 and b@1 share one
+    log = d.runtime_dir / "log" / "a.log"  # its stderr is the daemon's pipe, passed over
+    wait_for(lambda: log.exists() and "agent.ready" in log.read_text(), 5, "the SDK's log line")
+
+
+def test_a_forked_agents_grandchild_dies_with_it(forked) -> None:
+    d = forked
+    path = d.dir / "a.grandchild"
+    grandchild = int(wait_for(lambda: path.exists() and path.read_text().split(), 5)[0])
+    assert alive(grandchild)
+    os.kill(d.pid("a"), signal.SIGKILL)
+    d.wait_event("agent.ready", "a", count=2)
+    wait_for(lambda: not alive(grandchild), 5, "the grandchild to die with its agent")
+
+
+def test_kill_9_of_the_daemon_leaves_no_forked_agent(forked) -> None:
+    d = forked
+    path = d.dir / "a.grandchild"
+    wait_for(lambda: path.exists() and path.read_text().split(), 5, "the grandchild")
+    pids = [d.pid(n) for n in ("a", "b@0", "b@1")]
+    pids += [int(p) for p in path.read_text().split()] + templates(d)
+    assert all(alive(p) for p in pids)
+    d.signal(signal.SIGKILL)
+    d.wait()
+    wait_for(lambda: not any(alive(p) for p in pids), 5, "every forked process to be gone")
+
+
+def test_the_template_killed_kills_no_agent_and_the_next_start_works(forked) -> None:
+    d = forked
+    before = {n: d.pid(n) for n in ("a", "b@0", "b@1")}
+    old = set(templates(d))
+    for template in old:
+        os.kill(template, signal.SIGKILL)
+    wait_for(lambda: len(set(templates(d)) - old) == 2, 10, "new templates")
+    assert all(alive(p) for p in before.values())
+    assert whoami(d, "b@0")["pid"] == before["b@0"]
+    assert not d.events("agent.exited")
+    os.kill(before["a"], signal.SIGKILL)  # the tree restarts it: forked from the new one
+    d.wait_event("agent.ready", "a", count=2)
+    assert whoami(d, "a")["pid"] == d.pid("a") != before["a"]
+
+
+def test_code_changed_on_disk_and_ctl_restart_runs_the_new_code(forked, tmp_path) -> None:
+    d = forked
+    assert whoami(d, "b@0")["version"] == "v1"
+    write_module(tmp_path, "v2, changed")
+    assert whoami(d, "b@0")["version"] == "v1"  # running code is what was imported
+    result = d.ctl("restart", "b")
+    assert result.returncode == 0, result.stderr
+    assert whoami(d, "b@0")["version"] == whoami(d, "b@1")["version"] == "v2, changed"
+    # A reload that changes the agent's spec re-makes its template too.
+    write_module(tmp_path, "v3, changed again")
+    d.rewrite(config(tmp_path, "heartbeat = 5.0"))  # b's spec changes, a's does not
+    result = d.ctl("reload")
+    assert result.returncode == 0, result.stderr
+    assert whoami(d, "b@1")["version"] == "v3, changed again"
+    assert whoami(d, "a")["version"] == "v1"  # not restarted: still what it imported
+
+
+def test_a_module_that_fails_to_import_is_start_failed_with_its_traceback(
+    daemon_factory, tmp_path
+) -> None:
+    (tmp_path / "broken.py").write_text("import os\nraise RuntimeError('no import for you')\n")
+    d = daemon_factory(
+        f"""
+[agents.broken]
+module = "broken:Nope"
+cwd = "{tmp_path}"
+"""
+    ).start(wait_ready=False)
+    assert d.wait(30) == 1
+    exited = d.events("agent.exited", "broken")[0]
+    assert exited["reason"] == "start_failed"
+    assert any("broken.py" in line for line in exited["stderr_tail"])  # the last lines
+    assert exited["stderr_tail"][-1] == "RuntimeError: no import for you"
+
+
+def test_a_module_that_starts_a_thread_at_import_cannot_be_forked(daemon_factory, tmp_path):
+    (tmp_path / "threaded.py").write_text(
+        "import threading, time\n"
+        "from agentd.agents import Agent\n"
+        "threading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n"
+        "class T(Agent):\n    pass\n"
+    )
+    d = daemon_factory(
+        f"""
+[agents.t]
+module = "threaded:T"
+cwd = "{tmp_path}"
+"""
+    ).start(wait_ready=False)
+    assert d.wait(30) == 1
+    exited = d.events("agent.exited", "t")[0]
+    assert exited["reason"] == "start_failed"
+    assert "started 1 thread(s)" in exited["stderr_tail"][-1]
+    assert 'start = "exec"' in exited["stderr_tail"][-1]
+
+
+def test_a_fork_request_writes_the_cgroup_files_first_or_says_why_not(tmp_path) -> None:
+    """The template protocol alone, from a process that is not a subreaper (not a daemon)."""
+    from agentd.agents.template import Forked, ForkRequest, Hello, decoder, encode
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    module, fd = "tests.bus_agents:Recorder", str(theirs.fileno())
+    template = subprocess.Popen(
+        [sys.executable, "-m", "agentd.agents.template", module, fd],
+        pass_fds=(theirs.fileno(),),
+        cwd=ROOT,
+    )
+    theirs.close()
+    try:
+        ours.settimeout(30)
+        assert isinstance(decoder.decode(ours.recv(1 << 20)), Hello)
+
+        def fork(cgroup_procs: list[str]) -> Forked:
+            out, err = os.pipe(), os.pipe()
+            env = {"AGENTD_BUS": "ipc:///nonexistent", "PATH": os.environ["PATH"]}
+            request = ForkRequest("x", 0, os.getpid(), env, cgroup_procs=cgroup_procs)
+            socket.send_fds(ours, [encode(request)], [out[1], err[1]])
+            for fd in (*out, *err):
+                os.close(fd)
+            return decoder.decode(ours.recv(1 << 20))
+
+        refused = fork([str(tmp_path / "no" / "cgroup.procs")])
+        assert refused.pid == 0 and "FileNotFoundError" in (refused.error or "")
+        procs = tmp_path / "cgroup.procs"
+        forked = fork([str(procs)])
+        assert forked.error is None and procs.read_text() == str(forked.pid)
+        # Its parent is not the "daemon" (we are no subreaper): it exits before any agent code.
+        wait_for(lambda: not alive(forked.pid), 10, "the orphaned fork to exit")
+    finally:
+        ours.close()  # EOF: the template exits
+        template.wait(10)
+
+
+def test_start_fork_for_a_command_agent_is_a_config_error(tmp_path) -> None:
+    path = tmp_path / "agentd.toml"
+    path.write_text(
+        f'[daemon]\nruntime_dir = "{tmp_path}/run"\nstate_dir = "{tmp_path}/state"\n'
+        '[agents.c]\ncommand = ["true"]\nstart = "fork"\n'
+    )
+    with pytest.raises(ConfigError) as error:
+        load(str(path))
+    assert f"{path}:6:" in str(error.value.issues[0])
+    assert 'start: "fork" needs a module agent' in str(error.value.issues[0])
+    path.write_text(path.read_text().replace('command = ["true"]', 'module = "m:C"'))
+    assert load(str(path)).agents["c"].start == "fork"
+    path.write_text(path.read_text().replace('start = "fork"', 'start = "exec"'))
+    assert load(str(path)).agents["c"].start == "exec"
+    path.write_text(path.read_text().replace('start = "exec"\n', ""))
+    assert load(str(path)).agents["c"].start == "fork"  # the default for a module agent
