@@ -153,12 +153,15 @@ class Context:
 
         RemoteError with agentd's reason if it cannot (name taken, max_children, ...).
         """
-        frame = Spawn(new_id(), supervisor, name, args)
+        tp, cause = _caused()
+        frame = Spawn(new_id(), supervisor, name, args, traceparent=tp, causation_id=cause)
         await self._runner.ask_daemon(frame, f"spawn {name}", timeout)
 
     async def terminate(self, name: str, timeout: float = 30.0) -> None:
         """Stop dynamic child `name` for good; returns once it is gone."""
-        await self._runner.ask_daemon(Terminate(new_id(), name), f"terminate {name}", timeout)
+        tp, cause = _caused()
+        frame = Terminate(new_id(), name, traceparent=tp, causation_id=cause)
+        await self._runner.ask_daemon(frame, f"terminate {name}", timeout)
 
     @contextlib.contextmanager
     def trace(self, traceparent: str | None = None) -> Iterator[str]:

@@ -217,6 +217,8 @@ class Spawn(_Frame, tag="spawn"):
     name: str
     args: Any = None  # a JSON value: the child's self.args and AGENTD_ARGS
     caller: str | None = None  # set by the broker
+    traceparent: str | None = None  # the spawn is part of the sender's trace (SPEC §13)
+    causation_id: str | None = None  # the signal being handled when it was asked
 
 
 class Terminate(_Frame, tag="terminate"):
@@ -225,6 +227,8 @@ class Terminate(_Frame, tag="terminate"):
     id: str
     name: str
     caller: str | None = None  # set by the broker
+    traceparent: str | None = None  # as for Spawn
+    causation_id: str | None = None
 
 
 class SpawnReply(_Frame, tag="spawn_reply"):

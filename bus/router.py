@@ -474,7 +474,7 @@ class Router:
         elif kind is Trace:
             self._control(sender, self.traces.answer(frame.id))
         elif kind is Spawn or kind is Terminate:
-            self._to_daemon(sender, frame)
+            self._to_daemon(sender, frame, now)
         else:
             self.malformed(ident, f"unexpected frame kind {kind.__name__.lower()}", now)
 
@@ -491,15 +491,19 @@ class Router:
         elif kind is Stats:
             self._control("agentd", self._stats_answer(frame))
         elif kind is SpawnReply:
+            self.traces.control_answered(frame)
             if frame.to:  # the caller may have gone: ROUTER drops it then, as for any peer
                 self._control(frame.to, msgspec.structs.replace(frame, to=None))
         elif kind is not Heartbeat:
             self.malformed(DAEMON_ID, f"unexpected frame kind {kind.__name__.lower()}", now)
 
-    def _to_daemon(self, sender: str, frame: Any) -> None:
+    def _to_daemon(self, sender: str, frame: Any, now: float) -> None:
         """Spawn/Terminate are the daemon's to answer: forwarded, naming who asked."""
+        kind = "agentd.spawn" if type(frame) is Spawn else "agentd.terminate"
+        self.traces.add_control(frame, kind, sender, now)
         if not self.daemon_connected:
             why = "no agentd connected to this broker (spawn and terminate are its job)"
+            self.traces.mark(frame.id, ERROR, error=why)
             return self._control(sender, SpawnReply(frame.id, False, why))
         self._control("agentd", msgspec.structs.replace(frame, caller=sender))
 

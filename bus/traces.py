@@ -40,6 +40,7 @@ keep a recent job's whole trace for a few MB of memory."""
 ROUTED, DELIVERED, HELD, KEPT = "routed", "delivered", "held", "kept"
 ACKED, REPLIED, NACKED, RETRYING = "acked", "replied", "nacked", "retrying"
 DEAD, REDRIVEN, PURGED, ERROR = "dead-lettered", "redriven", "purged", "error"
+DONE = "done"  # a spawn or terminate the daemon carried out
 
 
 class _Envelope(msgspec.Struct, forbid_unknown_fields=False):
@@ -127,6 +128,23 @@ class TraceRing:
             rec.outcomes[recipient] = outcome
         else:
             rec.member = recipient
+
+    def add_control(self, frame: Any, kind: str, source: str, now: float) -> None:
+        """A spawn or terminate asked within a trace: a record like a signal's to the child.
+
+        Its outcome comes with the daemon's SpawnReply (`control_answered`).
+        """
+        if frame.traceparent is None:
+            return
+        rec = TraceRecord(frame.id, kind, source, now, frame.name, frame.traceparent)
+        rec.causation_id = frame.causation_id
+        self._new[frame.id] = rec
+        if len(self._new) >= self.bound:
+            self._old, self._new = self._new, {}
+
+    def control_answered(self, answer: Any) -> None:
+        """The daemon's SpawnReply: done, or the error it gave."""
+        self.mark(answer.id, DONE if answer.ok else ERROR, error=answer.error or "")
 
     def replied(self, reply: Any) -> None:
         """A reply passed: its request (the signal it was caused by) is answered."""

@@ -435,3 +435,29 @@ def test_router_forwards_spawn_and_terminate_to_agentd_and_the_reply_back() -> N
     lone.send("w", Spawn("r3", "sessions", "s1"))
     [answer] = [f for f in lone.take("w") if isinstance(f, SpawnReply)]
     assert answer.id == "r3" and not answer.ok and "no agentd" in (answer.error or "")
+
+
+def test_a_spawn_within_a_trace_is_in_the_trace_with_the_daemons_answer() -> None:
+    tp = "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"
+    net = Net(AgentEntry("w"))
+    net.agent("w")
+    net.send("w", Spawn("r1", "sessions", "s1", traceparent=tp, causation_id="sig-1"))
+    net.send("agentd", SpawnReply("r1", True, to="w"))
+    net.send("w", Terminate("r2", "s1", traceparent=tp, causation_id="sig-1"))
+    net.send("agentd", SpawnReply("r2", False, "no such child", to="w"))
+    net.send("w", Spawn("r3", "sessions", "s2"))  # from outside any trace: not recorded
+    records = {r.id: r for r in net.router.traces.answer("r1").records}
+    assert set(records) == {"r1", "r2"}
+    spawn, terminate = records["r1"], records["r2"]
+    assert (spawn.type, spawn.source, spawn.to, spawn.causation_id) == (
+        "agentd.spawn",
+        "w",
+        "s1",
+        "sig-1",
+    )
+    assert spawn.outcome == "done"
+    assert (terminate.type, terminate.outcome, terminate.error) == (
+        "agentd.terminate",
+        "error",
+        "no such child",
+    )
