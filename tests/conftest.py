@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -273,3 +275,44 @@ def bus(tmp_path: Path) -> Iterator[Any]:
         yield b
     finally:
         b.close()
+
+
+# --- Node.js and the npm packages of the example worker -----------------------------
+
+NODE_DIR = Path(__file__).resolve().parent.parent / "agents" / "examples" / "node"
+
+
+def _node_modules_load(node: str) -> subprocess.CompletedProcess[str]:
+    probe = "require('zeromq'); require('@msgpack/msgpack')"
+    return subprocess.run(
+        [node, "-e", probe], cwd=NODE_DIR, capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.fixture(scope="session")
+def node_worker() -> str:
+    """`node`, with the worker's npm packages installed (`npm ci` once, if missing)."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        pytest.fail(
+            "the mixed-stack tests need Node.js (>= 18) and npm on PATH: "
+            "install them (e.g. apt-get install nodejs npm), then re-run"
+        )
+    # One `npm ci` at a time: pytest-xdist workers each set up this fixture.
+    with open(NODE_DIR / ".npm-ci.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _node_modules_load(node).returncode != 0:
+            installed = subprocess.run(
+                [npm, "ci", "--no-audit", "--no-fund"],
+                cwd=NODE_DIR,
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
+            if installed.returncode != 0:
+                out = f"{installed.stdout}\n{installed.stderr}"
+                pytest.fail(f"`npm ci` in {NODE_DIR} failed:\n{out}")
+    probe = _node_modules_load(node)
+    if probe.returncode != 0:
+        pytest.fail(f"zeromq / @msgpack/msgpack do not load under {node}:\n{probe.stderr}")
+    return node

@@ -11,10 +11,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import socket
-import subprocess
 import time
 import tomllib
 import urllib.request
@@ -36,38 +34,6 @@ MIXED = ROOT / "etc" / "examples" / "mixed.toml"
 
 
 # --- Node.js and the npm packages ----------------------------------------------------
-
-
-def _node_modules_load(node: str) -> subprocess.CompletedProcess[str]:
-    probe = "require('zeromq'); require('@msgpack/msgpack')"
-    return subprocess.run(
-        [node, "-e", probe], cwd=NODE_DIR, capture_output=True, text=True, timeout=60
-    )
-
-
-@pytest.fixture(scope="session")
-def node_worker() -> str:
-    """`node`, with the worker's npm packages installed (`npm ci` once, if missing)."""
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if node is None or npm is None:
-        pytest.fail(
-            "the mixed-stack tests need Node.js (>= 18) and npm on PATH: "
-            "install them (e.g. apt-get install nodejs npm), then re-run"
-        )
-    if _node_modules_load(node).returncode != 0:
-        installed = subprocess.run(
-            [npm, "ci", "--no-audit", "--no-fund"],
-            cwd=NODE_DIR,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        if installed.returncode != 0:
-            pytest.fail(f"`npm ci` in {NODE_DIR} failed:\n{installed.stdout}\n{installed.stderr}")
-    probe = _node_modules_load(node)
-    if probe.returncode != 0:
-        pytest.fail(f"zeromq / @msgpack/msgpack do not load under {node}:\n{probe.stderr}")
-    return node
 
 
 # --- the text pool, as configured in mixed.toml ---------------------------------------

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import urllib.request
@@ -316,24 +315,8 @@ def test_sdk_handlers_propagate_the_trace(bus_: Bus) -> None:
     assert sent["causation_id"] == by_type(c.trace("a" * 32))["trace.fan"].id
 
 
-def node_ready() -> str | None:
-    """`node` if it and the worker's npm packages load (the mixed tests install them)."""
-    node = shutil.which("node")
-    if node is None:
-        return None
-    probe = subprocess.run(
-        [node, "-e", "require('zeromq'); require('@msgpack/msgpack')"],
-        cwd=NODE_DIR,
-        capture_output=True,
-        timeout=60,
-    )
-    return node if probe.returncode == 0 else None
-
-
-def test_the_node_worker_propagates_the_trace(bus_: Bus) -> None:
-    node = node_ready()
-    if node is None:
-        pytest.skip("node, or the worker's npm packages (npm ci --prefix agents/examples/node)")
+def test_the_node_worker_propagates_the_trace(bus_: Bus, node_worker: str) -> None:
+    node = node_worker
     env = dict(os.environ, AGENTD_NAME="nodew", AGENTD_BUS=bus_.endpoint, AGENTD_HEARTBEAT="10")
     with open(bus_.dir / "nodew.log", "ab") as log:
         proc = subprocess.Popen(
