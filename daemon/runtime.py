@@ -1,10 +1,17 @@
 """The process runtime: carries out Start/Stop for agents and reports what happened.
 
 It owns the OS side of each agent — the Popen, a pidfd watched by the event
-loop (no polling), the stdout/stderr pipes, the stop escalation timers and
-the memory sampler — and reports back through two callbacks: `on_started`
-(ready: READY on the bus or `start_seconds` up) and `on_exited` (with an
-`ExitInfo` naming the reason). It makes no supervision decisions.
+loop (no polling), the stdout/stderr pipes, the stop escalation timers, the
+agent's cgroup (cgroup.py) or, without one, its process group and the memory
+sampler — and reports back through two callbacks: `on_started` (ready: READY
+on the bus or `start_seconds` up) and `on_exited` (with an `ExitInfo` naming
+the reason). It makes no supervision decisions.
+
+With a cgroup, the kernel keeps the limits: the OOM killer ends a group past
+its memory limit, and the reason `memory` is known the moment the agent's
+pidfd fires (memory.events, or v1's OOM eventfd for a child the kernel killed
+alone); a stop ends with cgroup.kill, so nothing the agent started survives it,
+setsid() and double forks included.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from pathlib import Path
 
 import msgspec
 
-from . import spawn
+from . import cgroup, spawn
 from .capture import LogFile, StreamReader
 from .events import EventLog
 from .proctable import ProcTable
@@ -61,6 +68,9 @@ class Proc:
     readers: list[StreamReader] = field(default_factory=list)
     timers: list[asyncio.TimerHandle] = field(default_factory=list)
     cpu_mark: tuple[float, float] | None = None  # (when, CPU seconds) at the last cpu() call
+    group: cgroup.Group | None = None  # its cgroup; None: a process group only
+    oom_fd: int = -1  # v1: the eventfd the kernel signals on OOM
+    paused: bool = False
 
     def cancel_timers(self) -> None:
         for timer in self.timers:
@@ -92,6 +102,16 @@ class Guard:
     def remove(self, pgid: int) -> None:
         self._write(f"-{pgid}\n")
 
+    def add_group(self, group: cgroup.Group) -> None:
+        self._write(f"+{group.line()}\n")
+
+    def remove_group(self, group: cgroup.Group) -> None:
+        self._write(f"-{group.line()}\n")
+
+    def add_base(self, path: str) -> None:
+        """A directory of agentd's subtree to remove after the kills (the daemon made it)."""
+        self._write(f"~{path}\n")
+
     def _write(self, line: str) -> None:
         try:
             os.write(self._fd, line.encode())
@@ -120,6 +140,7 @@ class Runtime:
         on_started: StartedCallback,
         on_exited: ExitedCallback,
         guard: Guard | None = None,
+        cgroups: cgroup.Subtree | None = None,
     ) -> None:
         self.daemon = daemon
         self.agents = dict(agents)
@@ -127,6 +148,7 @@ class Runtime:
         self.on_started = on_started
         self.on_exited = on_exited
         self.guard = guard
+        self.cgroups = cgroups
         self.procs: dict[str, Proc] = {}
         self.last_exit: dict[str, ExitInfo] = {}
         self.logs: dict[str, LogFile] = {}
@@ -142,7 +164,13 @@ class Runtime:
         """Spawn `name`; report on_started once it counts as started."""
         spec = self.agents[name]
         self.events.emit("agent.starting", name, incarnation=incarnation)
+        group = None
         try:
+            if self.cgroups is not None:
+                limits = spec.limits
+                group = self.cgroups.group(
+                    name, incarnation, limits.memory_mb, limits.pids, limits.cpu_percent
+                )
             popen = spawn.spawn(
                 spec,
                 incarnation,
@@ -150,17 +178,23 @@ class Runtime:
                 self.daemon.death_signal,
                 self.daemon.keys_dir,
                 self.daemon.state_dir,
+                cgroup_procs=group.procs_files() if group is not None else (),
             )
         except (OSError, KeyError, subprocess.SubprocessError) as exc:
+            if group is not None:
+                group.remove()
             error = f"{type(exc).__name__}: {exc}"
             proc = Proc(name, incarnation, spec, None, pid=0, start_error=error)
             self.procs[name] = proc
             self.loop.call_soon(self._finish, proc, None)
             return
-        proc = Proc(name, incarnation, spec, popen, popen.pid)
+        proc = Proc(name, incarnation, spec, popen, popen.pid, group=group)
         self.procs[name] = proc
         if self.guard is not None:
-            self.guard.add(popen.pid)
+            if group is not None:
+                self.guard.add_group(group)
+            else:
+                self.guard.add(popen.pid)
         log = self._log(name)
         assert popen.stdout is not None and popen.stderr is not None
         proc.readers = [
@@ -179,10 +213,15 @@ class Runtime:
         else:
             proc.timers.append(self.loop.call_later(spec.start_seconds, self._ready, proc))
         if spec.limits.memory_mb:
-            self._ensure_memory_sampler()
+            if group is None or "memory" not in group.dirs:
+                self._ensure_memory_sampler()  # no memory cgroup: the fallback samples RSS
+            else:
+                proc.oom_fd = group.oom_eventfd() or -1
+                if proc.oom_fd >= 0:
+                    self.loop.add_reader(proc.oom_fd, self._oom, proc)
 
     def stop(self, name: str) -> None:
-        """stop_signal to the group, `shutdown` seconds' grace, then SIGKILL."""
+        """stop_signal to the group, `shutdown` seconds' grace, then kill it whole."""
         proc = self.procs.get(name)
         if proc is None or proc.pid == 0:
             return
@@ -190,12 +229,12 @@ class Runtime:
         proc.stopping = True
         proc.cancel_timers()
         if spec.shutdown is None:
-            spawn.kill_group(proc.pid, signal.SIGKILL)
+            self._kill_all_of(proc)
             return
         spawn.kill_group(proc.pid, spec.stop_signal)
-        proc.timers.append(
-            self.loop.call_later(spec.shutdown, spawn.kill_group, proc.pid, signal.SIGKILL)
-        )
+        if proc.paused:
+            self.resume(name)  # a frozen (or stopped) agent gets its signal once thawed
+        proc.timers.append(self.loop.call_later(spec.shutdown, self._kill_all_of, proc))
 
     def kill(self, name: str, reason: str, incarnation: int | None = None) -> bool:
         """Kill a misbehaving agent at once (hung, memory); handled as a crash."""
@@ -206,8 +245,81 @@ class Runtime:
             return False
         proc.kill_reason = reason
         proc.cancel_timers()
-        spawn.kill_group(proc.pid, signal.SIGKILL)
+        self._kill_all_of(proc)
         return True
+
+    def pause(self, name: str) -> bool:
+        """Freeze the agent's cgroup (SIGSTOP to its process group without one)."""
+        proc = self.procs.get(name)
+        if proc is None or proc.pid == 0 or proc.popen is None or proc.stopping:
+            return False
+        if proc.group is not None and proc.group.can_freeze:
+            proc.group.freeze(True)
+        else:
+            spawn.kill_group(proc.pid, signal.SIGSTOP)
+        proc.paused = True
+        return True
+
+    def resume(self, name: str) -> bool:
+        proc = self.procs.get(name)
+        if proc is None or not proc.paused:
+            return False
+        if proc.group is not None and proc.group.can_freeze:
+            try:
+                proc.group.freeze(False)
+            except OSError:
+                pass  # gone already
+        else:
+            spawn.kill_group(proc.pid, signal.SIGCONT)
+        proc.paused = False
+        return True
+
+    def frozen(self, name: str) -> bool:
+        """Has the kernel finished freezing it (cgroup.events frozen)? SIGSTOP: at once."""
+        proc = self.procs.get(name)
+        if proc is None or not proc.paused:
+            return False
+        if proc.group is None or not proc.group.can_freeze:
+            return True
+        try:
+            return proc.group.frozen()
+        except OSError:
+            return False
+
+    def _kill_all_of(self, proc: Proc) -> None:
+        """SIGKILL the agent and everything it started: its cgroup, else its process group."""
+        if proc.group is not None:
+            try:
+                proc.group.kill()
+                return
+            except (OSError, ValueError):
+                pass
+        spawn.kill_group(proc.pid, signal.SIGKILL)
+
+    def _oom(self, proc: Proc) -> None:
+        """v1: the kernel signalled an OOM in the agent's memory cgroup; end the group."""
+        self._close_oom(proc)
+        if self.procs.get(proc.name) is proc and proc.popen is not None:
+            self._memory_exceeded(proc)
+            self.kill(proc.name, "memory")
+
+    def _close_oom(self, proc: Proc) -> None:
+        if proc.oom_fd >= 0:
+            self.loop.remove_reader(proc.oom_fd)
+            os.close(proc.oom_fd)
+            proc.oom_fd = -1
+
+    def _memory_exceeded(self, proc: Proc) -> None:
+        """agent.memory, with the cgroup's own high-water mark and OOM count."""
+        assert proc.group is not None
+        limit = proc.spec.limits.memory_mb * 1024 * 1024
+        self.events.emit(
+            "agent.memory",
+            proc.name,
+            limit=limit,
+            peak=proc.group.memory_peak(),
+            oom_kills=proc.group.oom_kills(),
+        )
 
     def mark_ready(self, name: str, incarnation: int) -> None:
         """READY from the bus (for any agent that speaks it)."""
@@ -220,7 +332,7 @@ class Runtime:
         for proc in list(self.procs.values()):
             if proc.pid:
                 proc.stopping = True
-                spawn.kill_group(proc.pid, signal.SIGKILL)
+                self._kill_all_of(proc)
 
     # --- internals -------------------------------------------------------------------
 
@@ -250,8 +362,17 @@ class Runtime:
     def _reap(self, proc: Proc) -> None:
         """The pidfd is readable: the process has exited."""
         self.loop.remove_reader(proc.pidfd)
-        # Whatever it forked dies with it; the zombie keeps the pgid from reuse.
-        spawn.kill_group(proc.pid, signal.SIGKILL)
+        group = proc.group
+        if group is None:
+            # Whatever it forked dies with it; the zombie keeps the pgid from reuse.
+            spawn.kill_group(proc.pid, signal.SIGKILL)
+        else:
+            self._close_oom(proc)
+            if proc.spec.limits.memory_mb and not proc.kill_reason and group.oom_kills():
+                proc.kill_reason = "memory"  # the kernel's OOM killer, this very moment
+                self._memory_exceeded(proc)
+            if group.populated():  # whatever it started (setsid, double forks) dies with it
+                self._kill_all_of(proc)
         try:
             _, status = os.waitpid(proc.pid, 0)
         except ChildProcessError:
@@ -287,7 +408,9 @@ class Runtime:
         else:
             reason = "exit"
         info = ExitInfo(code, sig, reason, tail)
-        if self.guard is not None and proc.pid:
+        if proc.group is not None:
+            self._retire(proc.group)
+        elif self.guard is not None and proc.pid:
             self.guard.remove(proc.pid)
         if self.procs.get(proc.name) is proc:
             del self.procs[proc.name]
@@ -304,6 +427,33 @@ class Runtime:
         )
         self.on_exited(proc.name, proc.incarnation, info)
 
+    def _retire(self, group: cgroup.Group, delay: float = 0.005) -> None:
+        """Remove a finished agent's cgroup once its last process is gone (killed already).
+
+        Processes die a moment after SIGKILL, so rmdir is retried, a little later
+        each time; the guard keeps the group until then.
+        """
+        try:
+            gone = group.remove()
+        except OSError:
+            gone = False
+        if gone:
+            if self.guard is not None:
+                self.guard.remove_group(group)
+            return
+        if delay > 5.0:
+            self.events.emit("agent.cgroup_busy", "agentd", cgroup=group.main)
+            return
+        self._kill_quietly(group)
+        asyncio.get_running_loop().call_later(delay, self._retire, group, delay * 2)
+
+    @staticmethod
+    def _kill_quietly(group: cgroup.Group) -> None:
+        try:
+            group.kill()
+        except (OSError, ValueError):
+            pass
+
     def _ensure_memory_sampler(self) -> None:
         if self._memory_task is None or self._memory_task.done():
             self._memory_task = self.loop.create_task(self._sample_memory())
@@ -315,7 +465,9 @@ class Runtime:
             limited = [
                 (proc, proc.spec.limits.memory_mb)
                 for proc in self.procs.values()
-                if proc.spec.limits.memory_mb and proc.pid
+                if proc.spec.limits.memory_mb
+                and proc.pid
+                and (proc.group is None or "memory" not in proc.group.dirs)
             ]
             if not limited:
                 return
@@ -331,22 +483,30 @@ class Runtime:
     def rss(self, proc: Proc, table: ProcTable | None = None) -> int | None:
         """Resident memory of the agent and everything it forked, in bytes.
 
-        Pass one `ProcTable` when asking about many agents: /proc is read once.
+        From its memory cgroup when it has one (the whole group, nothing missed);
+        else pass one `ProcTable` when asking about many agents: /proc is read once.
         """
-        return (table or ProcTable()).tree_rss(proc.pid) if proc.pid else None
+        if not proc.pid:
+            return None
+        if proc.group is not None and "memory" in proc.group.dirs:
+            return proc.group.memory()
+        return (table or ProcTable()).tree_rss(proc.pid)
 
     def cpu(self, proc: Proc, table: ProcTable | None = None) -> float | None:
         """CPU% of one core used by the agent since the previous call (0.0 the first time)."""
         if not proc.pid:
             return None
-        table = table or ProcTable()
-        seconds = table.cpu_seconds(proc.pid)
+        if proc.group is not None:  # the whole group's CPU time
+            taken, seconds = time.monotonic(), proc.group.cpu_seconds()
+        else:
+            table = table or ProcTable()
+            taken, seconds = table.taken, table.cpu_seconds(proc.pid)
         if seconds is None:
             return None
-        previous, proc.cpu_mark = proc.cpu_mark, (table.taken, seconds)
-        if previous is None or table.taken <= previous[0]:
+        previous, proc.cpu_mark = proc.cpu_mark, (taken, seconds)
+        if previous is None or taken <= previous[0]:
             return 0.0
-        return round(100.0 * (seconds - previous[1]) / (table.taken - previous[0]), 1)
+        return round(100.0 * (seconds - previous[1]) / (taken - previous[0]), 1)
 
     def reap_strays(self, known: set[int]) -> None:
         """Reap orphaned descendants reparented to us (we are a subreaper).

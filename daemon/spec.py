@@ -15,17 +15,25 @@ import msgspec
 Strategy = Literal["one_for_one", "one_for_all", "rest_for_one"]
 RestartType = Literal["permanent", "transient", "temporary"]
 JournalSync = Literal["batch", "always"]
+CgroupMode = Literal["auto", "required", "off"]
 
 #: Names an agent may not take: the broker, the daemon's bus identity, ctl.
 RESERVED_NAMES = frozenset({"bus", "agentd", "ctl"})
 
 
 class Limits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Per-agent resource limits; 0 means unlimited."""
+    """Per-agent resource limits; 0 means unlimited.
+
+    With a cgroup (SPEC §11) the kernel keeps memory_mb (memory.max), pids (pids.max)
+    and cpu_percent (a CPU quota, 100 = one core); without one memory_mb is sampled
+    and pids and cpu_percent are not enforced (the daemon says so at start).
+    """
 
     memory_mb: int = 0
     nofile: int = 0
     cpu_seconds: int = 0
+    pids: int = 0
+    cpu_percent: int = 0
 
 
 class AgentSpec(msgspec.Struct, frozen=True):
@@ -83,6 +91,8 @@ class DaemonSpec(msgspec.Struct, frozen=True):
     keys_dir: str | None = None
     max_frame: int = 1024 * 1024
     death_signal: bool = True  # PR_SET_PDEATHSIG via an exec trampoline (spawn.py)
+    cgroup: CgroupMode = "auto"  # a cgroup per agent (cgroup.py); auto: where the host allows
+    cgroup_root: str | None = None  # the parent of agentd's cgroup subtree (default: chosen)
 
 
 class PoolSpec(msgspec.Struct, frozen=True):
