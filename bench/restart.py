@@ -11,8 +11,13 @@
    program; the old pid's zombie never counts). Runners:
      bare        a ~20-line Popen + waitpid respawn loop (written to a temp file)
      agentd      `agentd run`, start_seconds = 0, root intensity raised to
-                 max_restarts = 1000000 / max_seconds = 1 so 50 quick kills are
-                 not a restart storm (the default 3-in-5 s would give up)
+                 max_restarts = 10000 (its bound) / max_seconds = 1 so 50 quick kills are
+                 not a restart storm (the default 3-in-5 s would give up);
+                 `cgroup = "off"`: process groups, as before cgroups
+     agentd-cg   the same with `cgroup = "required"`: a fresh cgroup per incarnation
+                 (mkdir in each hierarchy, the trampoline joins it), and the old one
+                 killed (cgroup.kill) and removed; target <= 1 ms over agentd
+     agentd-nopd the same as agentd with `death_signal = false`
      supervisord defaults (startsecs=1, startretries=3, autorestart=true);
                  kills are spaced > startsecs (1.2 s after the replacement
                  appeared) so the process is RUNNING when killed — one that dies
@@ -21,7 +26,14 @@
    Between kills every runner waits until its replacement has been up for
    --settle (50 ms), supervisord for 1.2 s as said. supervisord and circus get
    --kills-slow kills (default 20) because each restart takes ~1-4 s.
-2. N agents (--agents 200): start time, RSS and idle CPU (cpu_times delta /
+2. Memory overshoot (--skip memory to leave it out): an agent allocating
+   500 MB/s (10 MB chunks, every page written) under `limits.memory_mb = 200`,
+   with cgroups (the kernel's memory limit, peak = the cgroup's own counter) and
+   with sampling (`cgroup = "off"`, RSS every memory_check_interval = 2 s, peak =
+   the RSS sample that tripped it); also what the agent itself had allocated when
+   it was killed. Median of --memory-trials runs (default 3) each. And, with
+   cgroups, the cost of each cgroup operation on this host (median of 50).
+3. N agents (--agents 200): start time, RSS and idle CPU (cpu_times delta /
    wall over --idle-seconds) of the agentd daemon process and of supervisord
    with N programs. agentd start = launch -> `daemon.ready`; supervisord start
    = launch -> all N RUNNING by XML-RPC getAllProcessInfo (which includes its
@@ -208,8 +220,13 @@ def run_bare(cleanup: Cleanup, kills: int, settle: float) -> Latency:
         cleanup.stop(proc)
 
 
+def daemon_setting(config: Path, line: str) -> None:
+    """Add one `[daemon]` line to a config written by write_agentd_config."""
+    config.write_text(config.read_text().replace("[daemon]\n", f"[daemon]\n{line}\n", 1))
+
+
 def run_agentd(
-    cleanup: Cleanup, kills: int, settle: float, death_signal: bool = True
+    cleanup: Cleanup, kills: int, settle: float, death_signal: bool = True, cgroups: bool = False
 ) -> tuple[Latency, dict[str, list[float]]]:
     tmp = cleanup.tmpdir()
     config = write_agentd_config(
@@ -217,21 +234,20 @@ def run_agentd(
         tmp / "run",
         {"sleeper": SLEEP_ARGV},
         start_seconds=0,
-        max_restarts=1_000_000,
+        max_restarts=10_000,
         max_seconds=1,
     )
     if not death_signal:
         # The kernel death signal costs an exec of the trampoline per spawn; the
         # guard process still kills every agent group if the daemon dies.
-        config.write_text(
-            config.read_text().replace("[daemon]\n", "[daemon]\ndeath_signal = false\n", 1)
-        )
-    runner = "agentd" if death_signal else "agentd-nopd"
+        daemon_setting(config, "death_signal = false")
+    daemon_setting(config, 'cgroup = "required"' if cgroups else 'cgroup = "off"')
+    runner = "agentd-cg" if cgroups else "agentd" if death_signal else "agentd-nopd"
     daemon = Agentd(cleanup, config, pythonpath=AGENTD_PATH)
     marks: list[tuple[float, int, int, float]] = []
     try:
         if daemon.wait_event("daemon.ready", timeout=30) is None:
-            raise RuntimeError("agentd: no daemon.ready in 30 s\n" + daemon.tail())
+            raise RuntimeError(f"{runner}: no daemon.ready in 30 s\n" + daemon.tail())
         result = measure_restarts(
             runner, cleanup, daemon.pid, kills, settle, timeout=10, marks=marks
         )
@@ -272,6 +288,120 @@ def agentd_breakdown(
         out["agent.exited -> agent.starting"].append((st[0] - t_ex) * 1000)
         out["agent.starting -> agent.ready (spawn)"].append((t_rd - st[0]) * 1000)
         out["agent.ready -> seen in /proc"].append((wall1 - t_rd) * 1000)
+    return out
+
+
+# --- memory overshoot: the kernel's limit against sampling -----------------------------
+
+ALLOCATOR = """\
+# 500 MB/s: a 10 MB chunk (every page written) every 20 ms; says how much it holds.
+import sys, time
+chunks, start = [], time.monotonic()
+while True:
+    chunks.append(b"\\x01" * (10 << 20))
+    print(len(chunks) * 10, flush=True)
+    time.sleep(max(0.0, start + len(chunks) * 0.02 - time.monotonic()))
+"""
+LIMIT_MB = 200
+
+
+@dataclass
+class Overshoot:
+    mode: str
+    peaks_mb: list[float] = field(default_factory=list)  # the daemon's measure of the peak
+    allocated_mb: list[float] = field(default_factory=list)  # what the agent said it held
+    seconds: list[float] = field(default_factory=list)  # agent start -> agent.exited
+    reasons: list[str] = field(default_factory=list)
+
+
+def run_overshoot(cleanup: Cleanup, cgroups: bool, trials: int) -> Overshoot:
+    result = Overshoot("cgroup" if cgroups else "sampling")
+    for _ in range(trials):
+        tmp = cleanup.tmpdir()
+        script = tmp / "alloc.py"
+        script.write_text(ALLOCATOR)
+        config = write_agentd_config(
+            tmp / "agentd.toml", tmp / "run", {"hog": [sys.executable, str(script)]}
+        )
+        daemon_setting(config, 'cgroup = "required"' if cgroups else 'cgroup = "off"')
+        text = config.read_text().replace('restart = "permanent"', 'restart = "temporary"')
+        config.write_text(text + f"limits = {{ memory_mb = {LIMIT_MB} }}\n")
+        daemon = Agentd(cleanup, config, pythonpath=AGENTD_PATH)
+        try:
+            ready = agent_event(daemon, "agent.ready", "hog", 30)
+            exited = agent_event(daemon, "agent.exited", "hog", 30)
+            memory = agent_event(daemon, "agent.memory", "hog", 1)
+            if ready is None or exited is None or memory is None:
+                raise RuntimeError("overshoot: no memory kill in 30 s\n" + daemon.tail())
+            rec = memory[1]
+            peak = rec.get("peak") if cgroups else rec.get("rss")
+            result.peaks_mb.append((peak or 0) / 2**20)
+            log = (tmp / "run" / "log" / "hog.log").read_text().split()
+            result.allocated_mb.append(float(log[-1]) if log else 0.0)
+            result.seconds.append(exited[0] - ready[0])
+            result.reasons.append(exited[1].get("reason", "?"))
+        finally:
+            cleanup.stop(daemon.proc)
+    return result
+
+
+def agent_event(daemon: Agentd, event: str, agent: str, timeout: float) -> tuple | None:
+    """The first `event` about `agent`: (arrival perf_counter, record), or None."""
+    deadline = time.monotonic() + timeout
+    with daemon.cond:
+        while True:
+            for t, rec in daemon.events:
+                if rec.get("event") == event and rec.get("agent") == agent:
+                    return t, rec
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            daemon.cond.wait(left)
+
+
+def cgroup_costs(repeat: int = 50) -> dict[str, list[float]]:
+    """Microseconds per cgroup operation on this host, in-process (root)."""
+    from agentd.daemon import cgroup, spawn
+
+    tree = cgroup.open_subtree(cgroup.detect(), f"agentd-bench-{os.getpid()}")
+    out: dict[str, list[float]] = {
+        "mkdir + limits (group())": [],
+        "exec trampoline, no cgroup": [],
+        "exec trampoline + join, back to back": [],
+        "exec trampoline + join, after 50 ms idle": [],
+        "reap: populated + oom_kills": [],
+        "rmdir (remove())": [],
+    }
+    helper = str(spawn._HELPER)
+    plain = [helper, str(os.getpid()), "--", "/bin/true"]
+    try:
+        for i in range(repeat):
+            t0 = time.perf_counter()
+            group = tree.group("bench", i, memory_mb=512)
+            t1 = time.perf_counter()
+            joined = [helper, str(os.getpid()), *(f"--cgroup={p}" for p in group.procs_files())]
+            subprocess.run(plain, check=True)
+            t2 = time.perf_counter()
+            subprocess.run([*joined, "--", "/bin/true"], check=True)  # a join just before
+            t3 = time.perf_counter()
+            time.sleep(0.05)  # as between two restarts: the kernel's rcu_sync goes idle
+            t4 = time.perf_counter()
+            subprocess.run([*joined, "--", "/bin/true"], check=True)
+            t5 = time.perf_counter()
+            group.populated()
+            group.oom_kills()
+            t6 = time.perf_counter()
+            while not group.remove():
+                time.sleep(0.001)
+            t7 = time.perf_counter()
+            out["mkdir + limits (group())"].append((t1 - t0) * 1e6)
+            out["exec trampoline, no cgroup"].append((t2 - t1) * 1e6)
+            out["exec trampoline + join, back to back"].append((t3 - t2) * 1e6)
+            out["exec trampoline + join, after 50 ms idle"].append((t5 - t4) * 1e6)
+            out["reap: populated + oom_kills"].append((t6 - t5) * 1e6)
+            out["rmdir (remove())"].append((t7 - t6) * 1e6)
+    finally:
+        tree.close()
     return out
 
 
@@ -448,9 +578,11 @@ def footprint_supervisord(cleanup: Cleanup, bin_dir: Path, n: int, idle: float) 
 
 def report(
     lat: list[Latency],
-    breakdown: dict[str, list[float]],
+    breakdowns: dict[str, dict[str, list[float]]],
     feet: list[Footprint],
     args: argparse.Namespace,
+    overshoots: list[Overshoot] | None = None,
+    costs: dict[str, list[float]] | None = None,
 ) -> None:
     bare = next((r for r in lat if r.runner == "bare" and r.samples_ms), None)
     bare_med = median(bare.samples_ms) if bare else float("nan")
@@ -468,18 +600,53 @@ def report(
         if r.failures:
             note += f" {r.failures} kill(s) not replaced within timeout"
         print(f"{r.runner:<13}{kills:>6}{med:>12.2f}{p90:>10.2f}{vs:>12}  {note}")
-    for name in ("agentd", "agentd-nopd"):
+    for name in ("agentd", "agentd-cg", "agentd-nopd"):
         agentd = next((r for r in lat if r.runner == name and r.samples_ms), None)
         if agentd and bare:
             over = median(agentd.samples_ms) - bare_med
             verdict = "MET" if over < 2.0 else "MISSED"
             print(f"target: {name} adds < 2 ms over bare median -> {over:+.2f} ms  {verdict}")
+    plain = next((r for r in lat if r.runner == "agentd" and r.samples_ms), None)
+    cg = next((r for r in lat if r.runner == "agentd-cg" and r.samples_ms), None)
+    if plain and cg:
+        added = median(cg.samples_ms) - median(plain.samples_ms)
+        verdict = "MET" if added <= 1.0 else "MISSED"
+        print(f"target: agentd-cg adds <= 1 ms over agentd median -> {added:+.2f} ms  {verdict}")
+    print('agentd: cgroup = "off"; agentd-cg: cgroup = "required" (a cgroup per incarnation)')
     print("agentd-nopd: `death_signal = false` (no death-signal trampoline; the guard still reaps)")
-    if breakdown and any(breakdown.values()):
+    shown = {name: b for name, b in breakdowns.items() if b and any(b.values())}
+    if shown:
+        names = list(shown)
         print()
-        print("agentd restart, from its own event timestamps (median / p90 ms)")
-        for step, values in breakdown.items():
-            print(f"  {step:<40}{median(values):>8.2f}{percentile(values, 90):>9.2f}")
+        print("restart, from agentd's own event timestamps (median ms)")
+        print(f"  {'step':<40}" + "".join(f"{n:>12}" for n in names))
+        for step in next(iter(shown.values())):
+            cells = "".join(f"{median(shown[n].get(step, [])):>12.2f}" for n in names)
+            print(f"  {step:<40}{cells}")
+    if costs:
+        print()
+        print("cgroup operations on this host, in-process (median / p90 microseconds)")
+        for step, values in costs.items():
+            print(f"  {step:<40}{median(values):>8.0f}{percentile(values, 90):>9.0f}")
+    if overshoots:
+        print()
+        print(f"memory overshoot: 500 MB/s allocator, limits.memory_mb = {LIMIT_MB} (medians)")
+        print(
+            f"{'mode':<10}{'runs':>5}{'peak MB':>10}{'peak/limit':>12}"
+            f"{'held MB':>10}{'held/limit':>12}{'kill s':>9}  reasons"
+        )
+        for o in overshoots:
+            if not o.peaks_mb:
+                continue
+            peak, held = median(o.peaks_mb), median(o.allocated_mb)
+            print(
+                f"{o.mode:<10}{len(o.peaks_mb):>5}{peak:>10.0f}{peak / LIMIT_MB:>12.2f}"
+                f"{held:>10.0f}{held / LIMIT_MB:>12.2f}{median(o.seconds):>9.2f}  "
+                + ",".join(sorted(set(o.reasons)))
+            )
+        print("peak: cgroup = the cgroup's own high-water mark (memory.peak / max_usage_in_bytes);")
+        print("sampling = the RSS sample that tripped the limit. held: the agent's own count of")
+        print("what it had allocated when it was killed. kill s: agent.ready -> agent.exited.")
     if feet:
         print()
         print(f"{args.agents} agents   start s  spawned s   RSS MiB  idle CPU %  note")
@@ -512,8 +679,9 @@ def main() -> int:
     parser.add_argument(
         "--skip",
         default="",
-        help="comma list of parts to skip: bare,agentd,supervisord,circus,footprint",
+        help="comma list of parts to skip: bare,agentd,cgroup,memory,supervisord,circus,footprint",
     )
+    parser.add_argument("--memory-trials", type=int, default=3)
     parser.add_argument(
         "--agentd-rev",
         default=None,
@@ -526,8 +694,10 @@ def main() -> int:
     install_sigterm_as_interrupt()
     cleanup = Cleanup()
     lat: list[Latency] = []
-    breakdown: dict[str, list[float]] = {}
+    breakdowns: dict[str, dict[str, list[float]]] = {}
     feet: list[Footprint] = []
+    overshoots: list[Overshoot] = []
+    costs: dict[str, list[float]] = {}
     leftovers = []
     try:
         global AGENTD_PATH
@@ -558,14 +728,27 @@ def main() -> int:
             lat.append(run_bare(cleanup, args.kills, args.settle))
         if "agentd" not in skip:
             print(f"agentd: {args.kills} kills ...", file=sys.stderr, flush=True)
-            result, breakdown = run_agentd(cleanup, args.kills, args.settle)
+            result, breakdowns["agentd"] = run_agentd(cleanup, args.kills, args.settle)
             lat.append(result)
+            if "cgroup" not in skip:
+                print(f"agentd (cgroups): {args.kills} kills ...", file=sys.stderr, flush=True)
+                result, breakdowns["agentd-cg"] = run_agentd(
+                    cleanup, args.kills, args.settle, cgroups=True
+                )
+                lat.append(result)
             print(
                 f"agentd (death_signal = false): {args.kills} kills ...",
                 file=sys.stderr,
                 flush=True,
             )
             lat.append(run_agentd(cleanup, args.kills, args.settle, death_signal=False)[0])
+        if "memory" not in skip:
+            for cgroups in (True, False):
+                mode = "cgroup" if cgroups else "sampling"
+                print(f"memory overshoot ({mode}) ...", file=sys.stderr, flush=True)
+                overshoots.append(run_overshoot(cleanup, cgroups, args.memory_trials))
+            if AGENTD_PATH is None:
+                costs = cgroup_costs()
         if "supervisord" not in skip:
             assert bin_dir is not None
             print(f"supervisord: {args.kills_slow} kills ...", file=sys.stderr, flush=True)
@@ -591,8 +774,8 @@ def main() -> int:
                 + ", ".join(str(p.pid) for p in leftovers),
                 file=sys.stderr,
             )
-        if lat or feet:
-            report(lat, breakdown, feet, args)
+        if lat or feet or overshoots:
+            report(lat, breakdowns, feet, args, overshoots, costs)
     if not leftovers:
         print("\ncleanup: no sleep processes left behind")
     return 0

@@ -178,7 +178,7 @@ class Runtime:
                 self.daemon.death_signal,
                 self.daemon.keys_dir,
                 self.daemon.state_dir,
-                cgroup_procs=group.procs_files() if group is not None else (),
+                group=group,
             )
         except (OSError, KeyError, subprocess.SubprocessError) as exc:
             if group is not None:
@@ -408,8 +408,8 @@ class Runtime:
         else:
             reason = "exit"
         info = ExitInfo(code, sig, reason, tail)
-        if proc.group is not None:
-            self._retire(proc.group)
+        if proc.group is not None:  # after the restart this exit may cause: off its path
+            self.loop.call_soon(self._retire, proc.group)
         elif self.guard is not None and proc.pid:
             self.guard.remove(proc.pid)
         if self.procs.get(proc.name) is proc:

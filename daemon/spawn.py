@@ -24,11 +24,14 @@ import pwd
 import resource
 import shutil
 import subprocess
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .spec import AgentSpec, Limits
+
+if TYPE_CHECKING:
+    from .cgroup import Group
 
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -50,22 +53,30 @@ _JOIN_SCRIPT = (
 
 
 def exec_prefix(
-    death_signal: bool, creds: Credentials, cgroup_procs: Sequence[str] = ()
+    death_signal: bool, creds: Credentials, group: Group | None = None, pid_fd: int = -1
 ) -> tuple[tuple[str, ...], bool]:
     """The argv before the agent's program, and whether it drops privileges itself.
 
     The trampoline runs as root, so it can join the agent's cgroup (root-owned
-    cgroup.procs files) before it drops to the agent's user; when the prefix cannot
-    drop privileges, Popen does it (and the prefix then runs as that user).
-    The helper takes our PID and refuses to run the agent if its parent is no
-    longer us (the daemon died between fork and prctl); setpriv cannot check that.
+    files) before it drops to the agent's user; when the prefix cannot drop
+    privileges, Popen does it (and the prefix then runs as that user). The helper
+    joins v1 hierarchies through `tasks` and has the agent born in its cgroup2
+    directory (clone3, its PID back through `pid_fd`): no task migration there,
+    which costs the kernel an RCU grace period. The `sh -c` fallback moves itself
+    (cgroup.procs), grace period and all. The helper takes our PID and refuses to
+    run the agent if its parent is no longer us (the daemon died between fork and
+    prctl); setpriv cannot check that.
     """
     switch = creds.uid is not None or creds.gid is not None
-    if not (death_signal or cgroup_procs or switch):
+    if not (death_signal or group is not None or switch):
         return (), False
     if _HAVE_HELPER:
         prefix = [str(_HELPER), str(os.getpid()) if death_signal else "0"]
-        prefix += [f"--cgroup={path}" for path in cgroup_procs]
+        if group is not None:
+            v1 = group.all_dirs()[1:] if group.v2 else group.all_dirs()
+            prefix += [f"--cgroup={os.path.join(d, 'tasks')}" for d in v1]
+            if group.v2:
+                prefix += [f"--clone-into={group.main}", f"--pid-fd={pid_fd}"]
         if creds.groups is not None:
             prefix.append("--groups=" + ",".join(str(g) for g in creds.groups))
         if creds.gid is not None:
@@ -74,6 +85,7 @@ def exec_prefix(
             prefix.append(f"--uid={creds.uid}")
         return (*prefix, "--"), True
     join: tuple[str, ...] = ()
+    cgroup_procs = group.procs_files() if group is not None else []
     if cgroup_procs:
         join = ("/bin/sh", "-c", _JOIN_SCRIPT, "agentd-join", str(len(cgroup_procs)))
         join += tuple(cgroup_procs)
@@ -178,32 +190,46 @@ def spawn(
     death_signal: bool = True,
     keys_dir: str | None = None,
     state_dir: str | None = None,
-    cgroup_procs: Sequence[str] = (),
+    group: Group | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start the agent; raises OSError (missing program, bad cwd, ...) on failure.
 
-    `cgroup_procs`: the cgroup.procs files of the agent's cgroup, joined by the
-    trampoline before the program runs.
+    `group`: the agent's cgroup, joined by the trampoline before the program runs.
+    When the helper has the agent born there (clone3), the Popen's pid becomes the
+    agent's: the trampoline that Popen started is gone by the time this returns.
     """
     creds = resolve_credentials(spec.user, spec.group)
     env = agent_env(spec, incarnation, bus, keys_dir, state_dir)
     program = find_program(spec.argv[0], env.get("PATH"), spec.cwd)
-    prefix, drops = exec_prefix(death_signal, creds, cgroup_procs)
+    ours = theirs = -1
+    if _HAVE_HELPER and group is not None and group.v2:
+        ours, theirs = os.pipe()
+    prefix, drops = exec_prefix(death_signal, creds, group, theirs)
     if drops:
         creds = Credentials(None, None, None)
-    popen = subprocess.Popen(
-        (*prefix, program, *spec.argv[1:]),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        cwd=spec.cwd,
-        env=env,
-        close_fds=True,
-        start_new_session=True,
-        user=creds.uid,
-        group=creds.gid,
-        extra_groups=creds.groups,
-    )
+    try:
+        popen = subprocess.Popen(
+            (*prefix, program, *spec.argv[1:]),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=spec.cwd,
+            env=env,
+            close_fds=True,
+            pass_fds=(theirs,) if theirs >= 0 else (),
+            start_new_session=theirs < 0,  # else the helper's setsid(), in the agent only
+            user=creds.uid,
+            group=creds.gid,
+            extra_groups=creds.groups,
+        )
+    finally:
+        if theirs >= 0:
+            os.close(theirs)
+    if ours >= 0:
+        try:
+            _take_over(popen, ours)
+        finally:
+            os.close(ours)
     try:
         _apply_limits(popen.pid, spec.limits)
     except OSError:
@@ -211,6 +237,24 @@ def spawn(
         popen.wait()
         raise
     return popen
+
+
+def _take_over(popen: subprocess.Popen[bytes], pid_fd: int) -> None:
+    """The helper cloned the agent as our child and says its PID; it exits at once.
+
+    Nothing said: the helper failed before the clone (its stderr says why) and is
+    what the runtime watches exit. Its own PID: no clone3 here, it is the agent.
+    """
+    text = b""
+    while b"\n" not in text:
+        chunk = os.read(pid_fd, 64)
+        if not chunk:
+            return
+        text += chunk
+    agent = int(text)
+    if agent != popen.pid:
+        os.waitpid(popen.pid, 0)  # the trampoline, exiting right after it wrote
+        popen.pid = agent  # a child of ours too (CLONE_PARENT): reaped through its pidfd
 
 
 def find_program(program: str, path: str | None, cwd: str | None) -> str:

@@ -425,7 +425,7 @@ def test_a_paused_agent_makes_no_progress_and_is_not_hung(
 cgroup = "{"auto" if isolation == "cgroup" else "off"}"
 [agents.c]
 module = "pausable:Counter"
-heartbeat = 0.3
+heartbeat = 1.0
 env = {{ PYTHONPATH = "{tmp_path}", COUNTER = "{counter}" }}
 """).start()
     assert d.events("daemon.isolation")[0]["mode"] == (
@@ -440,11 +440,11 @@ env = {{ PYTHONPATH = "{tmp_path}", COUNTER = "{counter}" }}
     assert d.ctl("pause", "c").returncode == 0
     assert d.ctl_json("status", "c")["agents"][0]["state"] == "paused"
     frozen_at = read()
-    time.sleep(1.0)  # three heartbeats of silence, on purpose
+    time.sleep(1.6)  # silence past the heartbeat, on purpose
     assert read() == frozen_at, "a paused agent made progress"
     assert d.ctl("resume", "c").returncode == 0
     wait_for(lambda: read() > frozen_at, 5, "the counter to go on")
-    time.sleep(0.5)  # past one more heartbeat: still the same process, never taken for hung
+    time.sleep(1.2)  # past one more heartbeat: still the same process, never taken for hung
     row = d.ctl_json("status", "c")["agents"][0]
     assert row["state"] == "running" and row["pid"] == pid and row["restarts"] == 0
     assert not d.events("agent.hung") and not d.events("agent.exited", "c")
@@ -493,3 +493,34 @@ def test_isolation_is_said_out_loud(daemon_factory, tmp_path) -> None:
     )
     assert check.returncode == 0, check.stderr
     assert "isolation: process groups (daemon.cgroup = off" in check.stdout
+
+
+@needs_root
+@pytest.mark.parametrize("trampoline", ["helper", "setpriv"])
+def test_the_trampoline_joins_the_cgroup_then_drops_privileges(monkeypatch, trampoline) -> None:
+    """Both trampolines: the agent's first instruction already runs in its cgroup, as nobody."""
+    import pwd
+
+    from agentd.daemon import spawn
+    from agentd.daemon.spec import AgentSpec
+
+    if trampoline == "setpriv":
+        monkeypatch.setattr(spawn, "_HAVE_HELPER", False)  # sh -c writes, setpriv drops
+    tree = cgroup.open_subtree(cgroup.detect(), f"agentd-test-{os.getpid()}")
+    group = tree.group("t", 0)
+    argv = ("/bin/cat", "/proc/self/cgroup", "/proc/self/status")
+    spec = AgentSpec(name="t", pool=None, argv=argv, bus_agent=False, user="nobody")
+    popen = spawn.spawn(spec, 0, "ipc:///nowhere", group=group)
+    try:
+        out, _ = popen.communicate(timeout=10)
+    finally:
+        group.kill()
+        wait_for(group.remove, 5, "the test cgroup to go")
+        tree.close()
+    text = out.decode()
+    leaf = os.path.relpath(group.main, tree.main)
+    cgroup_lines = [line for line in text.splitlines() if line.endswith(f"/{leaf}")]
+    assert len(cgroup_lines) == len(group.all_dirs()), text  # cgroup2 and v1 memory on hybrid
+    uid = next(line.split()[1] for line in text.splitlines() if line.startswith("Uid:"))
+    assert int(uid) == pwd.getpwnam("nobody").pw_uid
+    assert not any(Path(d).exists() for d in tree.created)
