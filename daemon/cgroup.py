@@ -572,7 +572,9 @@ class Subtree:
                 children = [e for e in os.scandir(base) if e.is_dir(follow_symlinks=False)]
             except OSError:
                 continue
-            children = [e for e in children if not (base == self.main and e.name == LEAF)]
+            # Not the daemon's leaf, nor systemd's own (.control, for ExecReload= and the
+            # like): agent cgroups are NAME.N, and a name starts with a letter.
+            children = [e for e in children if e.name[:1].isalpha() and e.name != LEAF]
             if children:
                 names.update(e.name for e in children)
                 kill_and_remove([[e.path] for e in children], (), wait=2.0)

@@ -197,7 +197,7 @@ async def cmd_pause(daemon: Daemon, args: dict[str, Any], send: Send) -> Any:
     names = _agents_only(daemon, _names(daemon, args), "pause")
     refused = await daemon.pause_agents(names)
     if refused:
-        raise Refused(f"not running, not paused: {', '.join(refused)}")
+        raise Refused(f"not running, so not paused: {', '.join(refused)}")
     return {"paused": names}
 
 

@@ -70,7 +70,7 @@ class Proc:
     cpu_mark: tuple[float, float] | None = None  # (when, CPU seconds) at the last cpu() call
     group: cgroup.Group | None = None  # its cgroup; None: a process group only
     oom_fd: int = -1  # v1: the eventfd the kernel signals on OOM
-    paused: bool = False
+    paused: str | None = None  # how it was paused: "freeze" (its cgroup) or "sigstop"
 
     def cancel_timers(self) -> None:
         for timer in self.timers:
@@ -253,25 +253,29 @@ class Runtime:
         proc = self.procs.get(name)
         if proc is None or proc.pid == 0 or proc.popen is None or proc.stopping:
             return False
+        proc.paused = "sigstop"
         if proc.group is not None and proc.group.can_freeze:
-            proc.group.freeze(True)
-        else:
+            try:
+                proc.group.freeze(True)
+                proc.paused = "freeze"
+            except OSError:
+                pass
+        if proc.paused == "sigstop":
             spawn.kill_group(proc.pid, signal.SIGSTOP)
-        proc.paused = True
         return True
 
     def resume(self, name: str) -> bool:
         proc = self.procs.get(name)
         if proc is None or not proc.paused:
             return False
-        if proc.group is not None and proc.group.can_freeze:
+        if proc.paused == "freeze" and proc.group is not None:
             try:
                 proc.group.freeze(False)
             except OSError:
                 pass  # gone already
         else:
             spawn.kill_group(proc.pid, signal.SIGCONT)
-        proc.paused = False
+        proc.paused = None
         return True
 
     def frozen(self, name: str) -> bool:
@@ -279,7 +283,7 @@ class Runtime:
         proc = self.procs.get(name)
         if proc is None or not proc.paused:
             return False
-        if proc.group is None or not proc.group.can_freeze:
+        if proc.paused == "sigstop" or proc.group is None:
             return True
         try:
             return proc.group.frozen()

@@ -229,8 +229,9 @@ class Daemon:
         if daemon.cgroup != "off":
             try:
                 tag = cgroup.tag_for(daemon.runtime_dir)
-                self.cgroups = cgroup.open_subtree(cgroup.detect(), tag, daemon.cgroup_root)
-                leftovers = self.cgroups.clean_leftovers()
+                subtree = cgroup.open_subtree(cgroup.detect(), tag, daemon.cgroup_root)
+                leftovers = subtree.clean_leftovers()
+                self.cgroups = subtree
             except (cgroup.Unavailable, OSError) as exc:
                 reason = f"no writable cgroup tree: {exc}"
         self._isolation_reason = reason
@@ -243,9 +244,15 @@ class Daemon:
                 **self.isolation,
                 error=f"daemon.cgroup = required, but {what}; agentd does not start",
             )
+            if self.cgroups is not None:
+                self.cgroups.close()
             return False
         log = self.log.info if self.cgroups is not None and not missing else self.log.warning
-        log("daemon.isolation", **self.isolation, leftovers_removed=leftovers)
+        extra: dict[str, Any] = {"leftovers_removed": leftovers}
+        if os.environ.get("INVOCATION_ID") and self.isolation.get("how") == "created":
+            log = self.log.warning  # a systemd unit, but agents outside it: a unit's kill misses
+            extra["hint"] = "the unit's cgroup is not delegated: set Delegate=yes"
+        log("daemon.isolation", **self.isolation, **extra)
         return True
 
     async def _watchdog_loop(self, interval: float) -> None:
