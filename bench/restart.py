@@ -15,8 +15,9 @@
                  not a restart storm (the default 3-in-5 s would give up);
                  `cgroup = "off"`: process groups, as before cgroups
      agentd-cg   the same with `cgroup = "required"`: a fresh cgroup per incarnation
-                 (mkdir in each hierarchy, the trampoline joins it), and the old one
-                 killed (cgroup.kill) and removed; target <= 1 ms over agentd
+                 (mkdir in each hierarchy, the agent born in it), the old one killed
+                 (cgroup.kill) and removed; target <= 1 ms over agentd. agentd and
+                 agentd-cg run side by side, their kills interleaved (same load)
      agentd-nopd the same as agentd with `death_signal = false`
      supervisord defaults (startsecs=1, startretries=3, autorestart=true);
                  kills are spaced > startsecs (1.2 s after the replacement
@@ -154,6 +155,60 @@ class Latency:
 # --- the restart-latency measurement, identical for every runner ----------------------
 
 
+class Killer:
+    """One runner's child under repeated kill -9; each `kill()` is one sample."""
+
+    def __init__(
+        self,
+        name: str,
+        cleanup: Cleanup,
+        parent: int,
+        kills: int,
+        timeout: float,
+        marks: list[tuple[float, int, int, float]] | None = None,
+    ) -> None:
+        self.name, self.cleanup, self.timeout, self.marks = name, cleanup, timeout, marks
+        self.result = Latency(name, kills)
+        self.scanner = ChildScanner(parent, SLEEP_ARGV)
+        current, _ = self.scanner.wait_new((), timeout=30)
+        if current is None:
+            raise RuntimeError(f"{name}: no {SLEEP_ARGV} child of pid {parent} after 30 s")
+        cleanup.seen_pids.add(current)
+        self.current = current
+
+    def kill(self, i: int) -> bool:
+        """Kill the child, time it until its replacement runs; False: no replacement."""
+        wall0 = time.time()
+        t0 = time.perf_counter()
+        os.kill(self.current, signal.SIGKILL)
+        new, t1 = self.scanner.wait_new({self.current}, timeout=self.timeout)
+        wall1 = time.time()
+        if new is None:
+            self.result.failures += 1
+            print(
+                f"  {self.name}: kill {i + 1}: no replacement within {self.timeout} s",
+                file=sys.stderr,
+            )
+            new, _ = self.scanner.wait_new({self.current}, timeout=30)
+            if new is None:
+                self.result.note = "gave up (no replacement)"
+                return False
+        else:
+            self.result.samples_ms.append((t1 - t0) * 1000)
+            if self.marks is not None:
+                self.marks.append((wall0, self.current, new, wall1))
+        self.cleanup.seen_pids.add(new)
+        self.current = new
+        if (i + 1) % 10 == 0:
+            print(
+                f"  {self.name}: {i + 1} kills, median so far "
+                f"{median(self.result.samples_ms):.2f} ms",
+                file=sys.stderr,
+                flush=True,
+            )
+        return True
+
+
 def measure_restarts(
     name: str,
     cleanup: Cleanup,
@@ -168,41 +223,13 @@ def measure_restarts(
     `marks` (if given) gets (wall time of kill, old pid, new pid, wall time of
     detection) per kill, for the agentd event breakdown.
     """
-    result = Latency(name, kills)
-    scanner = ChildScanner(parent, SLEEP_ARGV)
-    current, _ = scanner.wait_new((), timeout=30)
-    if current is None:
-        raise RuntimeError(f"{name}: no {SLEEP_ARGV} child of pid {parent} after 30 s")
-    cleanup.seen_pids.add(current)
+    killer = Killer(name, cleanup, parent, kills, timeout, marks)
     time.sleep(settle)
     for i in range(kills):
-        wall0 = time.time()
-        t0 = time.perf_counter()
-        os.kill(current, signal.SIGKILL)
-        new, t1 = scanner.wait_new({current}, timeout=timeout)
-        wall1 = time.time()
-        if new is None:
-            result.failures += 1
-            print(f"  {name}: kill {i + 1}: no replacement within {timeout} s", file=sys.stderr)
-            new, _ = scanner.wait_new({current}, timeout=30)
-            if new is None:
-                result.note = "gave up (no replacement)"
-                break
-        else:
-            result.samples_ms.append((t1 - t0) * 1000)
-            if marks is not None:
-                marks.append((wall0, current, new, wall1))
-        cleanup.seen_pids.add(new)
-        current = new
+        if not killer.kill(i):
+            break
         time.sleep(settle)
-        if (i + 1) % 10 == 0:
-            print(
-                f"  {name}: {i + 1}/{kills} kills, median so far "
-                f"{median(result.samples_ms):.2f} ms",
-                file=sys.stderr,
-                flush=True,
-            )
-    return result
+    return killer.result
 
 
 def run_bare(cleanup: Cleanup, kills: int, settle: float) -> Latency:
@@ -226,7 +253,7 @@ def daemon_setting(config: Path, line: str) -> None:
 
 
 def run_agentd(
-    cleanup: Cleanup, kills: int, settle: float, death_signal: bool = True, cgroups: bool = False
+    cleanup: Cleanup, kills: int, settle: float, death_signal: bool = True
 ) -> tuple[Latency, dict[str, list[float]]]:
     tmp = cleanup.tmpdir()
     config = write_agentd_config(
@@ -241,8 +268,8 @@ def run_agentd(
         # The kernel death signal costs an exec of the trampoline per spawn; the
         # guard process still kills every agent group if the daemon dies.
         daemon_setting(config, "death_signal = false")
-    daemon_setting(config, 'cgroup = "required"' if cgroups else 'cgroup = "off"')
-    runner = "agentd-cg" if cgroups else "agentd" if death_signal else "agentd-nopd"
+    daemon_setting(config, 'cgroup = "off"')
+    runner = "agentd" if death_signal else "agentd-nopd"
     daemon = Agentd(cleanup, config, pythonpath=AGENTD_PATH)
     marks: list[tuple[float, int, int, float]] = []
     try:
@@ -255,6 +282,49 @@ def run_agentd(
         return result, agentd_breakdown(daemon, marks)
     finally:
         cleanup.stop(daemon.proc)
+
+
+def run_agentd_pair(
+    cleanup: Cleanup, kills: int, settle: float
+) -> tuple[list[Latency], dict[str, dict[str, list[float]]]]:
+    """agentd without and with cgroups, both running, their kills interleaved.
+
+    The two are compared under the same load (this host is shared), each round
+    killing first one, then the other (alternating which goes first).
+    """
+    daemons: dict[str, Agentd] = {}
+    marks: dict[str, list[tuple[float, int, int, float]]] = {}
+    try:
+        for runner, mode in (("agentd", "off"), ("agentd-cg", "required")):
+            tmp = cleanup.tmpdir()
+            config = write_agentd_config(
+                tmp / "agentd.toml",
+                tmp / "run",
+                {"sleeper": SLEEP_ARGV},
+                start_seconds=0,
+                max_restarts=10_000,
+                max_seconds=1,
+            )
+            daemon_setting(config, f'cgroup = "{mode}"')
+            daemons[runner] = Agentd(cleanup, config, pythonpath=AGENTD_PATH)
+        for runner, daemon in daemons.items():
+            if daemon.wait_event("daemon.ready", timeout=30) is None:
+                raise RuntimeError(f"{runner}: no daemon.ready in 30 s\n" + daemon.tail())
+        killers = [
+            Killer(runner, cleanup, d.pid, kills, 10, marks.setdefault(runner, []))
+            for runner, d in daemons.items()
+        ]
+        time.sleep(settle)
+        for i in range(kills):
+            for killer in killers if i % 2 == 0 else reversed(killers):
+                killer.kill(i)
+                time.sleep(settle)
+        time.sleep(0.2)
+        results = [k.result for k in killers]
+        return results, {r: agentd_breakdown(daemons[r], marks[r]) for r in daemons}
+    finally:
+        for daemon in daemons.values():
+            cleanup.stop(daemon.proc)
 
 
 def agentd_breakdown(
@@ -728,14 +798,18 @@ def main() -> int:
             lat.append(run_bare(cleanup, args.kills, args.settle))
         if "agentd" not in skip:
             print(f"agentd: {args.kills} kills ...", file=sys.stderr, flush=True)
-            result, breakdowns["agentd"] = run_agentd(cleanup, args.kills, args.settle)
-            lat.append(result)
-            if "cgroup" not in skip:
-                print(f"agentd (cgroups): {args.kills} kills ...", file=sys.stderr, flush=True)
-                result, breakdowns["agentd-cg"] = run_agentd(
-                    cleanup, args.kills, args.settle, cgroups=True
-                )
+            if "cgroup" in skip:
+                result, breakdowns["agentd"] = run_agentd(cleanup, args.kills, args.settle)
                 lat.append(result)
+            else:
+                print(
+                    f"agentd and agentd with cgroups, interleaved: {args.kills} kills each ...",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                pair, found = run_agentd_pair(cleanup, args.kills, args.settle)
+                lat += pair
+                breakdowns.update(found)
             print(
                 f"agentd (death_signal = false): {args.kills} kills ...",
                 file=sys.stderr,

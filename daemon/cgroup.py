@@ -457,17 +457,26 @@ def populated(main: str) -> bool:
 
 
 def remove_tree(path: str) -> bool:
-    """rmdir `path` and any cgroups below it (deepest first); True once it is gone."""
+    """rmdir `path` and any cgroups below it (deepest first); True once it is gone.
+
+    One rmdir in the usual case; only a cgroup that has cgroups below it (an agent
+    that made its own) or processes in it (EBUSY) is looked into.
+    """
+    if _rmdir(path):
+        return True
     try:
-        entries = os.scandir(path)
+        with os.scandir(path) as entries:
+            subdirs = [e.path for e in entries if e.is_dir(follow_symlinks=False)]
     except FileNotFoundError:
         return True
     except OSError:
         return False
-    with entries:
-        subdirs = [e.path for e in entries if e.is_dir(follow_symlinks=False)]
-    if not all([remove_tree(d) for d in subdirs]):
+    if not subdirs or not all([remove_tree(d) for d in subdirs]):
         return False
+    return _rmdir(path)
+
+
+def _rmdir(path: str) -> bool:
     try:
         os.rmdir(path)
     except FileNotFoundError:
@@ -565,8 +574,9 @@ class Subtree:
         return group
 
     def clean_leftovers(self) -> int:
-        """Kill and remove what a crashed daemon left in our bases; how many agent groups."""
-        names: set[str] = set()
+        """Kill and remove what a crashed daemon left in our bases; how many agent
+        cgroups still had processes in them (empty ones are removed too)."""
+        found = 0
         for base in dict.fromkeys([self.main, *self.bases.values()]):  # main first: it kills
             try:
                 children = [e for e in os.scandir(base) if e.is_dir(follow_symlinks=False)]
@@ -575,10 +585,11 @@ class Subtree:
             # Not the daemon's leaf, nor systemd's own (.control, for ExecReload= and the
             # like): agent cgroups are NAME.N, and a name starts with a letter.
             children = [e for e in children if e.name[:1].isalpha() and e.name != LEAF]
+            if base == self.main:
+                found = sum(populated(e.path) for e in children)
             if children:
-                names.update(e.name for e in children)
                 kill_and_remove([[e.path] for e in children], (), wait=2.0)
-        return len(names)
+        return found
 
     def close(self) -> None:
         """The daemon's end: remove the bases it made (its agents' groups are gone)."""

@@ -11,8 +11,8 @@
  * 2. with --clone-into, the agent is born in that cgroup2 directory instead of
  *    moving there: clone3(CLONE_INTO_CGROUP | CLONE_PARENT | CLONE_VFORK) makes it
  *    a child of the daemon (our parent), in its own session (the daemon starts us
- *    without one: a setsid() costs up to milliseconds, one is enough); once it has
- *    exec'd we write its PID into fd N and exit. Moving a process (cgroup.procs) takes the kernel's threadgroup lock for
+ *    without one: a setsid() costs up to milliseconds, one is enough); it writes
+ *    its PID into fd N, and we exit once it has exec'd. Moving a process (cgroup.procs) takes the kernel's threadgroup lock for
  *    writing, which waits for an RCU grace period when it was idle: ~7-14 ms per
  *    restart on a busy host, where clone3 costs ~0.1 ms. Without clone3 (Linux <
  *    5.7) we move into DIR/cgroup.procs, stay the agent, and write our own PID;
@@ -82,9 +82,9 @@ static int write_pid(int fd, pid_t pid) {
 }
 
 /*
- * Become the agent's parent for a moment: clone3 it into `dir`, as the daemon's child.
- * Returns 0 in the agent, never in the trampoline (it exits); -1 if clone3 cannot
- * (errno set), and then nothing happened.
+ * Start the agent in `dir` as the daemon's child (clone3). Returns 0 in the agent,
+ * never in the trampoline (it exits); -1 if clone3 cannot (errno set), and then
+ * nothing happened.
  */
 static int clone_into(const char *dir, int pid_fd) {
     int cgroup = open(dir, O_PATH | O_DIRECTORY | O_CLOEXEC);
@@ -103,12 +103,13 @@ static int clone_into(const char *dir, int pid_fd) {
         errno = saved;
         return -1;
     }
-    if (child == 0) {
+    if (child == 0) { /* the agent: the daemon learns its PID now, while it execs */
+        if (write_pid(pid_fd, getpid()) != 0) _exit(fail("pid-fd", NULL));
         close(pid_fd);
         if (setsid() < 0) _exit(fail("setsid", NULL)); /* the agent leads its own group */
         return 0;
     }
-    _exit(write_pid(pid_fd, (pid_t)child) == 0 ? 0 : fail("pid-fd", NULL));
+    _exit(0); /* after the agent's exec (CLONE_VFORK); the daemon reaps us as a stray */
 }
 
 static int parse_groups(const char *list, gid_t *out, size_t *count) {

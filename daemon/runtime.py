@@ -32,7 +32,7 @@ from . import cgroup, spawn
 from .capture import LogFile, StreamReader
 from .events import EventLog
 from .proctable import ProcTable
-from .spec import AgentSpec, DaemonSpec
+from .spec import AgentSpec, DaemonSpec, Limits
 
 
 class ExitInfo(msgspec.Struct, frozen=True):
@@ -77,6 +77,8 @@ class Proc:
             timer.cancel()
         self.timers.clear()
 
+
+SPARE_AFTER = 0.02  # seconds after a start (off its path): the next cgroup is made then
 
 StartedCallback = Callable[[str, int], None]
 ExitedCallback = Callable[[str, int, ExitInfo], None]
@@ -153,6 +155,8 @@ class Runtime:
         self.last_exit: dict[str, ExitInfo] = {}
         self.logs: dict[str, LogFile] = {}
         self._memory_task: asyncio.Task[None] | None = None
+        # name -> (cgroup, (incarnation, limits) it was made for): the next one, made ahead
+        self._spares: dict[str, tuple[cgroup.Group, tuple[int, Limits]]] = {}
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -167,10 +171,7 @@ class Runtime:
         group = None
         try:
             if self.cgroups is not None:
-                limits = spec.limits
-                group = self.cgroups.group(
-                    name, incarnation, limits.memory_mb, limits.pids, limits.cpu_percent
-                )
+                group = self._group_for(name, incarnation, spec.limits)
             popen = spawn.spawn(
                 spec,
                 incarnation,
@@ -182,7 +183,7 @@ class Runtime:
             )
         except (OSError, KeyError, subprocess.SubprocessError) as exc:
             if group is not None:
-                group.remove()
+                self._retire(group)
             error = f"{type(exc).__name__}: {exc}"
             proc = Proc(name, incarnation, spec, None, pid=0, start_error=error)
             self.procs[name] = proc
@@ -190,11 +191,10 @@ class Runtime:
             return
         proc = Proc(name, incarnation, spec, popen, popen.pid, group=group)
         self.procs[name] = proc
-        if self.guard is not None:
-            if group is not None:
-                self.guard.add_group(group)
-            else:
-                self.guard.add(popen.pid)
+        if self.guard is not None and group is None:
+            self.guard.add(popen.pid)
+        if group is not None:  # the next incarnation's cgroup, made off the restart path
+            self.loop.call_later(SPARE_AFTER, self._make_spare, name, incarnation + 1, spec.limits)
         log = self._log(name)
         assert popen.stdout is not None and popen.stderr is not None
         proc.readers = [
@@ -413,7 +413,9 @@ class Runtime:
             reason = "exit"
         info = ExitInfo(code, sig, reason, tail)
         if proc.group is not None:  # after the restart this exit may cause: off its path
-            self.loop.call_soon(self._retire, proc.group)
+            self.loop.call_later(0.1, self._retire, proc.group)
+            if proc.stopping and not proc.kill_reason:
+                self._drop_spare(proc.name)  # stopped, not crashed: no hurry to come back
         elif self.guard is not None and proc.pid:
             self.guard.remove(proc.pid)
         if self.procs.get(proc.name) is proc:
@@ -430,6 +432,46 @@ class Runtime:
             stderr_tail=tail,
         )
         self.on_exited(proc.name, proc.incarnation, info)
+
+    def _group_for(self, name: str, incarnation: int, limits: Limits) -> cgroup.Group:
+        """The cgroup of this incarnation: the spare made ahead if it fits, else a new one."""
+        spare = self._spares.pop(name, None)
+        if spare is not None:
+            group, made_for = spare
+            if made_for == (incarnation, limits):
+                return group
+            self._retire(group)  # a reload changed the limits, or the incarnations moved
+        assert self.cgroups is not None
+        group = self.cgroups.group(
+            name, incarnation, limits.memory_mb, limits.pids, limits.cpu_percent
+        )
+        if self.guard is not None:
+            self.guard.add_group(group)
+        return group
+
+    def _make_spare(self, name: str, incarnation: int, limits: Limits) -> None:
+        """mkdir (and limits) for an incarnation that may come: a crash restart then only
+        spawns. Kept while the agent runs; dropped when it is stopped rather than crashed.
+        """
+        proc = self.procs.get(name)
+        if self.cgroups is None or name in self._spares or proc is None or proc.stopping:
+            return
+        if proc.incarnation != incarnation - 1:
+            return  # restarted since: that incarnation has its cgroup already
+        try:
+            group = self.cgroups.group(
+                name, incarnation, limits.memory_mb, limits.pids, limits.cpu_percent
+            )
+        except OSError:
+            return  # made when it is needed, then
+        if self.guard is not None:
+            self.guard.add_group(group)
+        self._spares[name] = (group, (incarnation, limits))
+
+    def _drop_spare(self, name: str) -> None:
+        spare = self._spares.pop(name, None)
+        if spare is not None:
+            self._retire(spare[0])
 
     def _retire(self, group: cgroup.Group, delay: float = 0.005) -> None:
         """Remove a finished agent's cgroup once its last process is gone (killed already).

@@ -240,10 +240,12 @@ def spawn(
 
 
 def _take_over(popen: subprocess.Popen[bytes], pid_fd: int) -> None:
-    """The helper cloned the agent as our child and says its PID; it exits at once.
+    """The helper cloned the agent as our child; the agent says its PID as it starts.
 
     Nothing said: the helper failed before the clone (its stderr says why) and is
-    what the runtime watches exit. Its own PID: no clone3 here, it is the agent.
+    what the runtime watches exit. The helper's own PID: no clone3 here, it is the
+    agent. Else the helper exits once the agent has exec'd, a stray the daemon's
+    SIGCHLD handler reaps (Runtime.reap_strays).
     """
     text = b""
     while b"\n" not in text:
@@ -251,10 +253,7 @@ def _take_over(popen: subprocess.Popen[bytes], pid_fd: int) -> None:
         if not chunk:
             return
         text += chunk
-    agent = int(text)
-    if agent != popen.pid:
-        os.waitpid(popen.pid, 0)  # the trampoline, exiting right after it wrote
-        popen.pid = agent  # a child of ours too (CLONE_PARENT): reaped through its pidfd
+    popen.pid = int(text)  # a child of ours too (CLONE_PARENT): reaped through its pidfd
 
 
 def find_program(program: str, path: str | None, cwd: str | None) -> str:
