@@ -624,27 +624,13 @@ def open_subtree(
     Moves the daemon into the leaf first when the cgroup2 base is delegated (the
     threads of the process move with it: cgroup.procs takes the whole process).
     """
-    main_h = layout.v2
-    if main_h is None:
-        main_h = next((layout.v1[c] for c in ("pids", "memory", "freezer") if c in layout.v1), None)
-    if main_h is None:
-        raise Unavailable("no cgroup hierarchy is mounted (see /proc/self/mountinfo)")
-    if root is not None:
-        mounted = mount_of(root, mountinfo)
-        if mounted is None:
-            raise Unavailable(f"cgroup_root {root} is not in a cgroup file system")
-        if "ro" in mounted[2]:
-            raise Unavailable(f"cgroup_root {root} is read-only ({mounted[0]} is mounted ro)")
-        main_h = Hierarchy(2 if mounted[1] == "cgroup2" else 1, mounted[0], root)
+    main_h = main_hierarchy(layout, root, mountinfo)
     where = place(main_h, tag, root, is_delegated)
     created: list[str] = []
     try:
         if where.created:
-            if not os.path.isdir(where.base):
-                os.mkdir(where.base)
-                created.append(where.base)
-            else:
-                created.append(where.base)  # ours from a crashed run: ours to remove
+            os.makedirs(where.base, exist_ok=True)  # it may be ours from a crashed run
+            created.append(where.base)
         if where.leaf is not None:
             os.makedirs(where.leaf, exist_ok=True)
             write(os.path.join(where.leaf, "cgroup.procs"), str(os.getpid()))
@@ -670,6 +656,26 @@ def open_subtree(
         if base not in created:
             created.append(base)
     return Subtree(layout, where.base, v2, bases, where.how, created, where.leaf)
+
+
+def main_hierarchy(layout: Layout, root: str | None, mountinfo: str | None = None) -> Hierarchy:
+    """The hierarchy that kills, freezes and says `populated`: cgroup2, else a v1 one.
+
+    With `cgroup_root`, the hierarchy that directory is in. Unavailable if none.
+    """
+    if root is not None:
+        mounted = mount_of(root, mountinfo)
+        if mounted is None:
+            raise Unavailable(f"cgroup_root {root} is not in a cgroup file system")
+        if "ro" in mounted[2]:
+            raise Unavailable(f"cgroup_root {root} is read-only ({mounted[0]} is mounted ro)")
+        return Hierarchy(2 if mounted[1] == "cgroup2" else 1, mounted[0], root)
+    main = layout.v2
+    if main is None:
+        main = next((layout.v1[c] for c in ("pids", "memory", "freezer") if c in layout.v1), None)
+    if main is None:
+        raise Unavailable("no cgroup hierarchy is mounted (see /proc/self/mountinfo)")
+    return main
 
 
 def _enable_v2(base: str) -> list[str]:
@@ -703,18 +709,11 @@ def probe(mode: str, root: str | None, tag: str) -> tuple[str, str]:
         return "process_group", "daemon.cgroup = off"
     try:
         layout = detect()
+        main_h = main_hierarchy(layout, root)
     except OSError as exc:
         return "process_group", f"cannot read /proc/self: {exc}"
-    main_h = layout.v2
-    if main_h is None:
-        main_h = next((layout.v1[c] for c in ("pids", "memory", "freezer") if c in layout.v1), None)
-    if main_h is None:
-        return "process_group", "no cgroup hierarchy is mounted"
-    if root is not None:
-        mounted = mount_of(root)
-        if mounted is None:
-            return "process_group", f"cgroup_root {root} is not in a cgroup file system"
-        main_h = Hierarchy(2 if mounted[1] == "cgroup2" else 1, mounted[0], root)
+    except Unavailable as exc:
+        return "process_group", f"no writable cgroup tree: {exc}"
     where = place(main_h, tag, root)
     parent = where.base if not where.created else os.path.dirname(where.base)
     if not os.access(parent, os.W_OK):

@@ -247,7 +247,9 @@ class Daemon:
             if self.cgroups is not None:
                 self.cgroups.close()
             return False
-        log = self.log.info if self.cgroups is not None and not missing else self.log.warning
+        fell_back = self.cgroups is None and daemon.cgroup != "off"
+        quiet = not (fell_back or self.isolation["unenforced"] or (self.cgroups and missing))
+        log = self.log.info if quiet else self.log.warning
         extra: dict[str, Any] = {"leftovers_removed": leftovers}
         if os.environ.get("INVOCATION_ID") and self.isolation.get("how") == "created":
             log = self.log.warning  # a systemd unit, but agents outside it: a unit's kill misses
