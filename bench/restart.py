@@ -430,48 +430,61 @@ def agent_event(daemon: Agentd, event: str, agent: str, timeout: float) -> tuple
 
 
 def cgroup_costs(repeat: int = 50) -> dict[str, list[float]]:
-    """Microseconds per cgroup operation on this host, in-process (root)."""
+    """Microseconds per cgroup step of a restart on this host, in-process (root).
+
+    Each spawn follows 50 ms without any cgroup migration on the host, as between two
+    restarts: moving a process in (cgroup.procs, the setpriv fallback's way) then waits
+    for an RCU grace period; the helper's clone3 does not move anything.
+    """
     from agentd.daemon import cgroup, spawn
+    from agentd.daemon.spec import AgentSpec
 
     tree = cgroup.open_subtree(cgroup.detect(), f"agentd-bench-{os.getpid()}")
+    spec = AgentSpec(name="bench", pool=None, argv=("/bin/true",), bus_agent=False)
     out: dict[str, list[float]] = {
-        "mkdir + limits (group())": [],
-        "exec trampoline, no cgroup": [],
-        "exec trampoline + join, back to back": [],
-        "exec trampoline + join, after 50 ms idle": [],
+        "mkdir + limits (Subtree.group)": [],
+        "spawn, no cgroup (to its exit)": [],
+        "spawn, born in its cgroup (clone3)": [],
+        "spawn, moved in (sh -c, setpriv)": [],
         "reap: populated + oom_kills": [],
-        "rmdir (remove())": [],
+        "rmdir (Group.remove)": [],
     }
-    helper = str(spawn._HELPER)
-    plain = [helper, str(os.getpid()), "--", "/bin/true"]
+
+    def timed(key: str, group: cgroup.Group | None, move: bool = False) -> None:
+        time.sleep(0.05)
+        have_helper = spawn._HAVE_HELPER
+        spawn._HAVE_HELPER = have_helper and not move  # moved in: the sh -c fallback
+        try:
+            t0 = time.perf_counter()
+            spawn.spawn(spec, 0, "ipc:///nowhere", group=group).wait()
+            out[key].append((time.perf_counter() - t0) * 1e6)
+        finally:
+            spawn._HAVE_HELPER = have_helper
+
     try:
         for i in range(repeat):
             t0 = time.perf_counter()
             group = tree.group("bench", i, memory_mb=512)
-            t1 = time.perf_counter()
-            joined = [helper, str(os.getpid()), *(f"--cgroup={p}" for p in group.procs_files())]
-            subprocess.run(plain, check=True)
-            t2 = time.perf_counter()
-            subprocess.run([*joined, "--", "/bin/true"], check=True)  # a join just before
-            t3 = time.perf_counter()
-            time.sleep(0.05)  # as between two restarts: the kernel's rcu_sync goes idle
-            t4 = time.perf_counter()
-            subprocess.run([*joined, "--", "/bin/true"], check=True)
-            t5 = time.perf_counter()
+            out["mkdir + limits (Subtree.group)"].append((time.perf_counter() - t0) * 1e6)
+            timed("spawn, no cgroup (to its exit)", None)
+            timed("spawn, born in its cgroup (clone3)", group)
+            timed("spawn, moved in (sh -c, setpriv)", group, move=True)
+            t0 = time.perf_counter()
             group.populated()
             group.oom_kills()
-            t6 = time.perf_counter()
+            out["reap: populated + oom_kills"].append((time.perf_counter() - t0) * 1e6)
+            t0 = time.perf_counter()
             while not group.remove():
-                time.sleep(0.001)
-            t7 = time.perf_counter()
-            out["mkdir + limits (group())"].append((t1 - t0) * 1e6)
-            out["exec trampoline, no cgroup"].append((t2 - t1) * 1e6)
-            out["exec trampoline + join, back to back"].append((t3 - t2) * 1e6)
-            out["exec trampoline + join, after 50 ms idle"].append((t5 - t4) * 1e6)
-            out["reap: populated + oom_kills"].append((t6 - t5) * 1e6)
-            out["rmdir (remove())"].append((t7 - t6) * 1e6)
+                time.sleep(0.0005)
+            out["rmdir (Group.remove)"].append((time.perf_counter() - t0) * 1e6)
     finally:
         tree.close()
+        while True:  # the helper's trampolines are our strays here: reap them
+            try:
+                if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                    break
+            except ChildProcessError:
+                break
     return out
 
 

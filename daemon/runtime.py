@@ -193,7 +193,9 @@ class Runtime:
         self.procs[name] = proc
         if self.guard is not None and group is None:
             self.guard.add(popen.pid)
-        if group is not None:  # the next incarnation's cgroup, made off the restart path
+        if group is not None and incarnation > 0:
+            # It has been restarted: the next incarnation's cgroup, made off the restart path
+            # (not for every first start: 200 agents at once would pay for 200 spares).
             self.loop.call_later(SPARE_AFTER, self._make_spare, name, incarnation + 1, spec.limits)
         log = self._log(name)
         assert popen.stdout is not None and popen.stderr is not None
