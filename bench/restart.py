@@ -11,8 +11,14 @@
    program; the old pid's zombie never counts). Runners:
      bare        a ~20-line Popen + waitpid respawn loop (written to a temp file)
      agentd      `agentd run`, start_seconds = 0, root intensity raised to
-                 max_restarts = 1000000 / max_seconds = 1 so 50 quick kills are
-                 not a restart storm (the default 3-in-5 s would give up)
+                 max_restarts = 10000 (its bound) / max_seconds = 1 so 50 quick kills are
+                 not a restart storm (the default 3-in-5 s would give up);
+                 `cgroup = "off"`: process groups, as before cgroups
+     agentd-cg   the same with `cgroup = "required"`: a fresh cgroup per incarnation
+                 (mkdir in each hierarchy, the agent born in it), the old one killed
+                 (cgroup.kill) and removed; target <= 1 ms over agentd. agentd and
+                 agentd-cg run side by side, their kills interleaved (same load)
+     agentd-nopd the same as agentd with `death_signal = false`
      supervisord defaults (startsecs=1, startretries=3, autorestart=true);
                  kills are spaced > startsecs (1.2 s after the replacement
                  appeared) so the process is RUNNING when killed — one that dies
@@ -21,7 +27,14 @@
    Between kills every runner waits until its replacement has been up for
    --settle (50 ms), supervisord for 1.2 s as said. supervisord and circus get
    --kills-slow kills (default 20) because each restart takes ~1-4 s.
-2. N agents (--agents 200): start time, RSS and idle CPU (cpu_times delta /
+2. Memory overshoot (--skip memory to leave it out): an agent allocating
+   500 MB/s (10 MB chunks, every page written) under `limits.memory_mb = 200`,
+   with cgroups (the kernel's memory limit, peak = the cgroup's own counter) and
+   with sampling (`cgroup = "off"`, RSS every memory_check_interval = 2 s, peak =
+   the RSS sample that tripped it); also what the agent itself had allocated when
+   it was killed. Median of --memory-trials runs (default 3) each. And, with
+   cgroups, the cost of each cgroup operation on this host (median of 50).
+3. N agents (--agents 200): start time, RSS and idle CPU (cpu_times delta /
    wall over --idle-seconds) of the agentd daemon process and of supervisord
    with N programs. agentd start = launch -> `daemon.ready`; supervisord start
    = launch -> all N RUNNING by XML-RPC getAllProcessInfo (which includes its
@@ -142,6 +155,60 @@ class Latency:
 # --- the restart-latency measurement, identical for every runner ----------------------
 
 
+class Killer:
+    """One runner's child under repeated kill -9; each `kill()` is one sample."""
+
+    def __init__(
+        self,
+        name: str,
+        cleanup: Cleanup,
+        parent: int,
+        kills: int,
+        timeout: float,
+        marks: list[tuple[float, int, int, float]] | None = None,
+    ) -> None:
+        self.name, self.cleanup, self.timeout, self.marks = name, cleanup, timeout, marks
+        self.result = Latency(name, kills)
+        self.scanner = ChildScanner(parent, SLEEP_ARGV)
+        current, _ = self.scanner.wait_new((), timeout=30)
+        if current is None:
+            raise RuntimeError(f"{name}: no {SLEEP_ARGV} child of pid {parent} after 30 s")
+        cleanup.seen_pids.add(current)
+        self.current = current
+
+    def kill(self, i: int) -> bool:
+        """Kill the child, time it until its replacement runs; False: no replacement."""
+        wall0 = time.time()
+        t0 = time.perf_counter()
+        os.kill(self.current, signal.SIGKILL)
+        new, t1 = self.scanner.wait_new({self.current}, timeout=self.timeout)
+        wall1 = time.time()
+        if new is None:
+            self.result.failures += 1
+            print(
+                f"  {self.name}: kill {i + 1}: no replacement within {self.timeout} s",
+                file=sys.stderr,
+            )
+            new, _ = self.scanner.wait_new({self.current}, timeout=30)
+            if new is None:
+                self.result.note = "gave up (no replacement)"
+                return False
+        else:
+            self.result.samples_ms.append((t1 - t0) * 1000)
+            if self.marks is not None:
+                self.marks.append((wall0, self.current, new, wall1))
+        self.cleanup.seen_pids.add(new)
+        self.current = new
+        if (i + 1) % 10 == 0:
+            print(
+                f"  {self.name}: {i + 1} kills, median so far "
+                f"{median(self.result.samples_ms):.2f} ms",
+                file=sys.stderr,
+                flush=True,
+            )
+        return True
+
+
 def measure_restarts(
     name: str,
     cleanup: Cleanup,
@@ -156,41 +223,13 @@ def measure_restarts(
     `marks` (if given) gets (wall time of kill, old pid, new pid, wall time of
     detection) per kill, for the agentd event breakdown.
     """
-    result = Latency(name, kills)
-    scanner = ChildScanner(parent, SLEEP_ARGV)
-    current, _ = scanner.wait_new((), timeout=30)
-    if current is None:
-        raise RuntimeError(f"{name}: no {SLEEP_ARGV} child of pid {parent} after 30 s")
-    cleanup.seen_pids.add(current)
+    killer = Killer(name, cleanup, parent, kills, timeout, marks)
     time.sleep(settle)
     for i in range(kills):
-        wall0 = time.time()
-        t0 = time.perf_counter()
-        os.kill(current, signal.SIGKILL)
-        new, t1 = scanner.wait_new({current}, timeout=timeout)
-        wall1 = time.time()
-        if new is None:
-            result.failures += 1
-            print(f"  {name}: kill {i + 1}: no replacement within {timeout} s", file=sys.stderr)
-            new, _ = scanner.wait_new({current}, timeout=30)
-            if new is None:
-                result.note = "gave up (no replacement)"
-                break
-        else:
-            result.samples_ms.append((t1 - t0) * 1000)
-            if marks is not None:
-                marks.append((wall0, current, new, wall1))
-        cleanup.seen_pids.add(new)
-        current = new
+        if not killer.kill(i):
+            break
         time.sleep(settle)
-        if (i + 1) % 10 == 0:
-            print(
-                f"  {name}: {i + 1}/{kills} kills, median so far "
-                f"{median(result.samples_ms):.2f} ms",
-                file=sys.stderr,
-                flush=True,
-            )
-    return result
+    return killer.result
 
 
 def run_bare(cleanup: Cleanup, kills: int, settle: float) -> Latency:
@@ -208,6 +247,11 @@ def run_bare(cleanup: Cleanup, kills: int, settle: float) -> Latency:
         cleanup.stop(proc)
 
 
+def daemon_setting(config: Path, line: str) -> None:
+    """Add one `[daemon]` line to a config written by write_agentd_config."""
+    config.write_text(config.read_text().replace("[daemon]\n", f"[daemon]\n{line}\n", 1))
+
+
 def run_agentd(
     cleanup: Cleanup, kills: int, settle: float, death_signal: bool = True
 ) -> tuple[Latency, dict[str, list[float]]]:
@@ -217,21 +261,20 @@ def run_agentd(
         tmp / "run",
         {"sleeper": SLEEP_ARGV},
         start_seconds=0,
-        max_restarts=1_000_000,
+        max_restarts=10_000,
         max_seconds=1,
     )
     if not death_signal:
         # The kernel death signal costs an exec of the trampoline per spawn; the
         # guard process still kills every agent group if the daemon dies.
-        config.write_text(
-            config.read_text().replace("[daemon]\n", "[daemon]\ndeath_signal = false\n", 1)
-        )
+        daemon_setting(config, "death_signal = false")
+    daemon_setting(config, 'cgroup = "off"')
     runner = "agentd" if death_signal else "agentd-nopd"
     daemon = Agentd(cleanup, config, pythonpath=AGENTD_PATH)
     marks: list[tuple[float, int, int, float]] = []
     try:
         if daemon.wait_event("daemon.ready", timeout=30) is None:
-            raise RuntimeError("agentd: no daemon.ready in 30 s\n" + daemon.tail())
+            raise RuntimeError(f"{runner}: no daemon.ready in 30 s\n" + daemon.tail())
         result = measure_restarts(
             runner, cleanup, daemon.pid, kills, settle, timeout=10, marks=marks
         )
@@ -239,6 +282,49 @@ def run_agentd(
         return result, agentd_breakdown(daemon, marks)
     finally:
         cleanup.stop(daemon.proc)
+
+
+def run_agentd_pair(
+    cleanup: Cleanup, kills: int, settle: float
+) -> tuple[list[Latency], dict[str, dict[str, list[float]]]]:
+    """agentd without and with cgroups, both running, their kills interleaved.
+
+    The two are compared under the same load (this host is shared), each round
+    killing first one, then the other (alternating which goes first).
+    """
+    daemons: dict[str, Agentd] = {}
+    marks: dict[str, list[tuple[float, int, int, float]]] = {}
+    try:
+        for runner, mode in (("agentd", "off"), ("agentd-cg", "required")):
+            tmp = cleanup.tmpdir()
+            config = write_agentd_config(
+                tmp / "agentd.toml",
+                tmp / "run",
+                {"sleeper": SLEEP_ARGV},
+                start_seconds=0,
+                max_restarts=10_000,
+                max_seconds=1,
+            )
+            daemon_setting(config, f'cgroup = "{mode}"')
+            daemons[runner] = Agentd(cleanup, config, pythonpath=AGENTD_PATH)
+        for runner, daemon in daemons.items():
+            if daemon.wait_event("daemon.ready", timeout=30) is None:
+                raise RuntimeError(f"{runner}: no daemon.ready in 30 s\n" + daemon.tail())
+        killers = [
+            Killer(runner, cleanup, d.pid, kills, 10, marks.setdefault(runner, []))
+            for runner, d in daemons.items()
+        ]
+        time.sleep(settle)
+        for i in range(kills):
+            for killer in killers if i % 2 == 0 else reversed(killers):
+                killer.kill(i)
+                time.sleep(settle)
+        time.sleep(0.2)
+        results = [k.result for k in killers]
+        return results, {r: agentd_breakdown(daemons[r], marks[r]) for r in daemons}
+    finally:
+        for daemon in daemons.values():
+            cleanup.stop(daemon.proc)
 
 
 def agentd_breakdown(
@@ -272,6 +358,133 @@ def agentd_breakdown(
         out["agent.exited -> agent.starting"].append((st[0] - t_ex) * 1000)
         out["agent.starting -> agent.ready (spawn)"].append((t_rd - st[0]) * 1000)
         out["agent.ready -> seen in /proc"].append((wall1 - t_rd) * 1000)
+    return out
+
+
+# --- memory overshoot: the kernel's limit against sampling -----------------------------
+
+ALLOCATOR = """\
+# 500 MB/s: a 10 MB chunk (every page written) every 20 ms; says how much it holds.
+import sys, time
+chunks, start = [], time.monotonic()
+while True:
+    chunks.append(b"\\x01" * (10 << 20))
+    print(len(chunks) * 10, flush=True)
+    time.sleep(max(0.0, start + len(chunks) * 0.02 - time.monotonic()))
+"""
+LIMIT_MB = 200
+
+
+@dataclass
+class Overshoot:
+    mode: str
+    peaks_mb: list[float] = field(default_factory=list)  # the daemon's measure of the peak
+    allocated_mb: list[float] = field(default_factory=list)  # what the agent said it held
+    seconds: list[float] = field(default_factory=list)  # agent start -> agent.exited
+    reasons: list[str] = field(default_factory=list)
+
+
+def run_overshoot(cleanup: Cleanup, cgroups: bool, trials: int) -> Overshoot:
+    result = Overshoot("cgroup" if cgroups else "sampling")
+    for _ in range(trials):
+        tmp = cleanup.tmpdir()
+        script = tmp / "alloc.py"
+        script.write_text(ALLOCATOR)
+        config = write_agentd_config(
+            tmp / "agentd.toml", tmp / "run", {"hog": [sys.executable, str(script)]}
+        )
+        daemon_setting(config, 'cgroup = "required"' if cgroups else 'cgroup = "off"')
+        text = config.read_text().replace('restart = "permanent"', 'restart = "temporary"')
+        config.write_text(text + f"limits = {{ memory_mb = {LIMIT_MB} }}\n")
+        daemon = Agentd(cleanup, config, pythonpath=AGENTD_PATH)
+        try:
+            ready = agent_event(daemon, "agent.ready", "hog", 30)
+            exited = agent_event(daemon, "agent.exited", "hog", 30)
+            memory = agent_event(daemon, "agent.memory", "hog", 1)
+            if ready is None or exited is None or memory is None:
+                raise RuntimeError("overshoot: no memory kill in 30 s\n" + daemon.tail())
+            rec = memory[1]
+            peak = rec.get("peak") if cgroups else rec.get("rss")
+            result.peaks_mb.append((peak or 0) / 2**20)
+            log = (tmp / "run" / "log" / "hog.log").read_text().split()
+            result.allocated_mb.append(float(log[-1]) if log else 0.0)
+            result.seconds.append(exited[0] - ready[0])
+            result.reasons.append(exited[1].get("reason", "?"))
+        finally:
+            cleanup.stop(daemon.proc)
+    return result
+
+
+def agent_event(daemon: Agentd, event: str, agent: str, timeout: float) -> tuple | None:
+    """The first `event` about `agent`: (arrival perf_counter, record), or None."""
+    deadline = time.monotonic() + timeout
+    with daemon.cond:
+        while True:
+            for t, rec in daemon.events:
+                if rec.get("event") == event and rec.get("agent") == agent:
+                    return t, rec
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            daemon.cond.wait(left)
+
+
+def cgroup_costs(repeat: int = 50) -> dict[str, list[float]]:
+    """Microseconds per cgroup step of a restart on this host, in-process (root).
+
+    Each spawn follows 50 ms without any cgroup migration on the host, as between two
+    restarts: moving a process in (cgroup.procs, the setpriv fallback's way) then waits
+    for an RCU grace period; the helper's clone3 does not move anything.
+    """
+    from agentd.daemon import cgroup, spawn
+    from agentd.daemon.spec import AgentSpec
+
+    tree = cgroup.open_subtree(cgroup.detect(), f"agentd-bench-{os.getpid()}")
+    spec = AgentSpec(name="bench", pool=None, argv=("/bin/true",), bus_agent=False)
+    out: dict[str, list[float]] = {
+        "mkdir + limits (Subtree.group)": [],
+        "spawn, no cgroup (to its exit)": [],
+        "spawn, born in its cgroup (clone3)": [],
+        "spawn, moved in (sh -c, setpriv)": [],
+        "reap: populated + oom_kills": [],
+        "rmdir (Group.remove)": [],
+    }
+
+    def timed(key: str, group: cgroup.Group | None, move: bool = False) -> None:
+        time.sleep(0.05)
+        have_helper = spawn._HAVE_HELPER
+        spawn._HAVE_HELPER = have_helper and not move  # moved in: the sh -c fallback
+        try:
+            t0 = time.perf_counter()
+            spawn.spawn(spec, 0, "ipc:///nowhere", group=group).wait()
+            out[key].append((time.perf_counter() - t0) * 1e6)
+        finally:
+            spawn._HAVE_HELPER = have_helper
+
+    try:
+        for i in range(repeat):
+            t0 = time.perf_counter()
+            group = tree.group("bench", i, memory_mb=512)
+            out["mkdir + limits (Subtree.group)"].append((time.perf_counter() - t0) * 1e6)
+            timed("spawn, no cgroup (to its exit)", None)
+            timed("spawn, born in its cgroup (clone3)", group)
+            timed("spawn, moved in (sh -c, setpriv)", group, move=True)
+            t0 = time.perf_counter()
+            group.populated()
+            group.oom_kills()
+            out["reap: populated + oom_kills"].append((time.perf_counter() - t0) * 1e6)
+            t0 = time.perf_counter()
+            while not group.remove():
+                time.sleep(0.0005)
+            out["rmdir (Group.remove)"].append((time.perf_counter() - t0) * 1e6)
+    finally:
+        tree.close()
+        while True:  # the helper's trampolines are our strays here: reap them
+            try:
+                if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                    break
+            except ChildProcessError:
+                break
     return out
 
 
@@ -448,9 +661,11 @@ def footprint_supervisord(cleanup: Cleanup, bin_dir: Path, n: int, idle: float) 
 
 def report(
     lat: list[Latency],
-    breakdown: dict[str, list[float]],
+    breakdowns: dict[str, dict[str, list[float]]],
     feet: list[Footprint],
     args: argparse.Namespace,
+    overshoots: list[Overshoot] | None = None,
+    costs: dict[str, list[float]] | None = None,
 ) -> None:
     bare = next((r for r in lat if r.runner == "bare" and r.samples_ms), None)
     bare_med = median(bare.samples_ms) if bare else float("nan")
@@ -468,18 +683,53 @@ def report(
         if r.failures:
             note += f" {r.failures} kill(s) not replaced within timeout"
         print(f"{r.runner:<13}{kills:>6}{med:>12.2f}{p90:>10.2f}{vs:>12}  {note}")
-    for name in ("agentd", "agentd-nopd"):
+    for name in ("agentd", "agentd-cg", "agentd-nopd"):
         agentd = next((r for r in lat if r.runner == name and r.samples_ms), None)
         if agentd and bare:
             over = median(agentd.samples_ms) - bare_med
             verdict = "MET" if over < 2.0 else "MISSED"
             print(f"target: {name} adds < 2 ms over bare median -> {over:+.2f} ms  {verdict}")
+    plain = next((r for r in lat if r.runner == "agentd" and r.samples_ms), None)
+    cg = next((r for r in lat if r.runner == "agentd-cg" and r.samples_ms), None)
+    if plain and cg:
+        added = median(cg.samples_ms) - median(plain.samples_ms)
+        verdict = "MET" if added <= 1.0 else "MISSED"
+        print(f"target: agentd-cg adds <= 1 ms over agentd median -> {added:+.2f} ms  {verdict}")
+    print('agentd: cgroup = "off"; agentd-cg: cgroup = "required" (a cgroup per incarnation)')
     print("agentd-nopd: `death_signal = false` (no death-signal trampoline; the guard still reaps)")
-    if breakdown and any(breakdown.values()):
+    shown = {name: b for name, b in breakdowns.items() if b and any(b.values())}
+    if shown:
+        names = list(shown)
         print()
-        print("agentd restart, from its own event timestamps (median / p90 ms)")
-        for step, values in breakdown.items():
-            print(f"  {step:<40}{median(values):>8.2f}{percentile(values, 90):>9.2f}")
+        print("restart, from agentd's own event timestamps (median ms)")
+        print(f"  {'step':<40}" + "".join(f"{n:>12}" for n in names))
+        for step in next(iter(shown.values())):
+            cells = "".join(f"{median(shown[n].get(step, [])):>12.2f}" for n in names)
+            print(f"  {step:<40}{cells}")
+    if costs:
+        print()
+        print("cgroup operations on this host, in-process (median / p90 microseconds)")
+        for step, values in costs.items():
+            print(f"  {step:<40}{median(values):>8.0f}{percentile(values, 90):>9.0f}")
+    if overshoots:
+        print()
+        print(f"memory overshoot: 500 MB/s allocator, limits.memory_mb = {LIMIT_MB} (medians)")
+        print(
+            f"{'mode':<10}{'runs':>5}{'peak MB':>10}{'peak/limit':>12}"
+            f"{'held MB':>10}{'held/limit':>12}{'kill s':>9}  reasons"
+        )
+        for o in overshoots:
+            if not o.peaks_mb:
+                continue
+            peak, held = median(o.peaks_mb), median(o.allocated_mb)
+            print(
+                f"{o.mode:<10}{len(o.peaks_mb):>5}{peak:>10.0f}{peak / LIMIT_MB:>12.2f}"
+                f"{held:>10.0f}{held / LIMIT_MB:>12.2f}{median(o.seconds):>9.2f}  "
+                + ",".join(sorted(set(o.reasons)))
+            )
+        print("peak: cgroup = the cgroup's own high-water mark (memory.peak / max_usage_in_bytes);")
+        print("sampling = the RSS sample that tripped the limit. held: the agent's own count of")
+        print("what it had allocated when it was killed. kill s: agent.ready -> agent.exited.")
     if feet:
         print()
         print(f"{args.agents} agents   start s  spawned s   RSS MiB  idle CPU %  note")
@@ -512,8 +762,9 @@ def main() -> int:
     parser.add_argument(
         "--skip",
         default="",
-        help="comma list of parts to skip: bare,agentd,supervisord,circus,footprint",
+        help="comma list of parts to skip: bare,agentd,cgroup,memory,supervisord,circus,footprint",
     )
+    parser.add_argument("--memory-trials", type=int, default=3)
     parser.add_argument(
         "--agentd-rev",
         default=None,
@@ -526,8 +777,10 @@ def main() -> int:
     install_sigterm_as_interrupt()
     cleanup = Cleanup()
     lat: list[Latency] = []
-    breakdown: dict[str, list[float]] = {}
+    breakdowns: dict[str, dict[str, list[float]]] = {}
     feet: list[Footprint] = []
+    overshoots: list[Overshoot] = []
+    costs: dict[str, list[float]] = {}
     leftovers = []
     try:
         global AGENTD_PATH
@@ -558,14 +811,31 @@ def main() -> int:
             lat.append(run_bare(cleanup, args.kills, args.settle))
         if "agentd" not in skip:
             print(f"agentd: {args.kills} kills ...", file=sys.stderr, flush=True)
-            result, breakdown = run_agentd(cleanup, args.kills, args.settle)
-            lat.append(result)
+            if "cgroup" in skip:
+                result, breakdowns["agentd"] = run_agentd(cleanup, args.kills, args.settle)
+                lat.append(result)
+            else:
+                print(
+                    f"agentd and agentd with cgroups, interleaved: {args.kills} kills each ...",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                pair, found = run_agentd_pair(cleanup, args.kills, args.settle)
+                lat += pair
+                breakdowns.update(found)
             print(
                 f"agentd (death_signal = false): {args.kills} kills ...",
                 file=sys.stderr,
                 flush=True,
             )
             lat.append(run_agentd(cleanup, args.kills, args.settle, death_signal=False)[0])
+        if "memory" not in skip:
+            for cgroups in (True, False):
+                mode = "cgroup" if cgroups else "sampling"
+                print(f"memory overshoot ({mode}) ...", file=sys.stderr, flush=True)
+                overshoots.append(run_overshoot(cleanup, cgroups, args.memory_trials))
+            if AGENTD_PATH is None:
+                costs = cgroup_costs()
         if "supervisord" not in skip:
             assert bin_dir is not None
             print(f"supervisord: {args.kills_slow} kills ...", file=sys.stderr, flush=True)
@@ -591,8 +861,8 @@ def main() -> int:
                 + ", ".join(str(p.pid) for p in leftovers),
                 file=sys.stderr,
             )
-        if lat or feet:
-            report(lat, breakdown, feet, args)
+        if lat or feet or overshoots:
+            report(lat, breakdowns, feet, args, overshoots, costs)
     if not leftovers:
         print("\ncleanup: no sleep processes left behind")
     return 0

@@ -7,6 +7,7 @@ the daemon's modules (asyncio, psutil, structlog), which keeps it fast.
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import click
 
@@ -63,10 +64,36 @@ def check(config_path: str | None) -> None:
         for issue in exc.issues:
             click.echo(str(issue), err=True)
         sys.exit(1)
+    if not _isolation_ok(str(path), spec):
+        sys.exit(1)
     counts = f"{len(spec.agents)} agents, {len(spec.supervisors)} supervisors"
     if spec.templates:  # agents a dynamic supervisor spawns from, not started on their own
         counts += f", {len(spec.templates)} templates"
     click.echo(f"{path}: ok ({counts})")
+
+
+def _isolation_ok(path: str, spec: Any) -> bool:
+    """The isolation `run` would get here (SPEC §11), said before it starts; touches nothing.
+
+    `required` on a host without a usable cgroup tree is an error at its line.
+    """
+    from pathlib import Path
+
+    from .cgroup import probe, tag_for
+    from .config import LineIndex
+
+    daemon = spec.daemon
+    mode, detail = probe(daemon.cgroup, daemon.cgroup_root, tag_for(daemon.runtime_dir))
+    if mode == "cgroup":
+        click.echo(f"isolation: a cgroup per agent ({detail})")
+        return True
+    if daemon.cgroup == "required":
+        line = LineIndex(Path(path).read_text()).line("daemon", "cgroup")
+        click.echo(f"{path}:{line}: daemon.cgroup = required, but {detail}", err=True)
+        return False
+    sampled = f"memory_mb sampled every {daemon.memory_check_interval:g} s"
+    click.echo(f"isolation: process groups ({detail}; {sampled}, pids and cpu_percent not kept)")
+    return True
 
 
 @main.command()

@@ -39,11 +39,13 @@ from .locate import (
     log_dir_default,
     state_dir_default,
 )
+from .spawn import find_program
 from .spec import (
     RESERVED_NAMES,
     ROOT,
     AgentSpec,
     AutoShutdown,
+    CgroupMode,
     DaemonSpec,
     JournalSync,
     Limits,
@@ -94,6 +96,8 @@ class DaemonConfig(_Strict):
     metrics_tls_cert: str | None = None
     metrics_tls_key: str | None = None
     event_history: int = _DAEMON["event_history"]
+    cgroup: CgroupMode = _DAEMON["cgroup"]
+    cgroup_root: str | None = None
 
 
 class SupervisorConfig(_Strict):
@@ -199,6 +203,8 @@ BOUNDS: dict[str, Bound] = {
     "agent.limits.memory_mb": Bound(0, 16 * 2**20, "MiB"),  # 16 TiB
     "agent.limits.nofile": Bound(0, 2**20),  # Linux's default fs.nr_open: setrlimit refuses more
     "agent.limits.cpu_seconds": Bound(0, 365 * _DAY, "seconds"),  # RLIMIT_CPU: a year of CPU
+    "agent.limits.pids": Bound(0, 4 * 2**20),  # pids.max: Linux's PID_MAX_LIMIT (4 Mi)
+    "agent.limits.cpu_percent": Bound(0, 1024 * 100, "% of one CPU"),  # a quota of 1024 CPUs
     # The tree as a whole (a pool counts once per member).
     "tree.instances": Bound(0, 100_000),  # agent instances in all, across pools and files
     "tree.supervisors": Bound(0, 10_000),  # supervisors, the root included
@@ -638,6 +644,8 @@ def _daemon_spec(v: _Validator, main: _Source, cfg: DaemonConfig) -> DaemonSpec:
         metrics_tls_cert=tls["cert"],
         metrics_tls_key=tls["key"],
         event_history=cfg.event_history,
+        cgroup=cfg.cgroup,
+        cgroup_root=_cgroup_root(v, main, cfg.cgroup_root),
     )
 
 
@@ -673,6 +681,13 @@ def _check_metrics(
             f"daemon.metrics: {address} is not a loopback address; serving metrics there "
             "needs TLS (set daemon.metrics_tls_cert and daemon.metrics_tls_key)",
         )
+
+
+def _cgroup_root(v: _Validator, main: _Source, root: str | None) -> str | None:
+    if root is not None and not os.path.isabs(root):
+        v.issue(main, ("daemon", "cgroup_root"), "daemon.cgroup_root: must be an absolute path")
+        return None
+    return os.path.normpath(root) if root else None
 
 
 def _check_state_dir(
@@ -769,11 +784,13 @@ def _agent_template(
     if cfg.group is not None and not _group_exists(cfg.group):
         v.issue(src, (*path, "group"), f"agents.{name}.group: no such group `{cfg.group}`")
         ok = False
-    if not ok or argv is None or stop_signal is None:
-        return None
     cwd = sub(cfg.cwd) if cfg.cwd else None
     if cwd and not os.path.isabs(cwd):
         cwd = str(Path(src.path).resolve().parent / cwd)
+    if ok and argv is not None and cfg.command is not None:
+        ok = _program_ok(v, src, path, name, argv[0], sub(cfg.env.get("PATH", "")), cwd)
+    if not ok or argv is None or stop_signal is None:
+        return None
     fields = dict(
         argv=argv,
         bus_agent=cfg.module is not None,
@@ -856,6 +873,32 @@ def _argv(
         v.issue(src, (*path, "command"), f"agents.{name}.command: must not be empty")
         return None
     return tuple(sub(a) for a in cfg.command)
+
+
+def _program_ok(
+    v: _Validator,
+    src: _Source,
+    path: tuple[str, ...],
+    name: str,
+    program: str,
+    env_path: str,
+    cwd: str | None,
+) -> bool:
+    """command[0] resolves as the runtime will resolve it (spawn.find_program), or an issue.
+
+    Like systemd-analyze verify for ExecStart=: an absolute path must be an executable
+    file, a bare name must be found on PATH (the agent's own `env.PATH`, else this
+    process's, which `agentd run` inherits the same way).
+    """
+    search = env_path or os.environ.get("PATH", os.defpath)
+    try:
+        find_program(program, search, cwd)
+    except FileNotFoundError as exc:
+        where = f" ({search})" if os.sep not in program else ""
+        why = f'agents.{name}.command: "{program}": {exc.strerror}{where}'
+        v.issue(src, (*path, "command"), why)
+        return False
+    return True
 
 
 def _patterns_ok(

@@ -179,7 +179,7 @@ async def cmd_status(daemon: Daemon, args: dict[str, Any], send: Send) -> Any:
     rows = await daemon.status_rows()
     if wanted is not None:
         rows = [r for r in rows if r["name"] in wanted]
-    return {"agents": rows}
+    return {"agents": rows, "isolation": daemon.isolation_status()}
 
 
 async def cmd_metrics(daemon: Daemon, args: dict[str, Any], send: Send) -> Any:
@@ -198,8 +198,34 @@ async def cmd_stop(daemon: Daemon, args: dict[str, Any], send: Send) -> Any:
     return {"stopped": names}
 
 
+async def cmd_pause(daemon: Daemon, args: dict[str, Any], send: Send) -> Any:
+    names = _agents_only(daemon, _names(daemon, args), "pause")
+    refused = await daemon.pause_agents(names)
+    if refused:
+        raise Refused(f"not running, so not paused: {', '.join(refused)}")
+    return {"paused": names}
+
+
+async def cmd_resume(daemon: Daemon, args: dict[str, Any], send: Send) -> Any:
+    names = _agents_only(daemon, _names(daemon, args), "resume")
+    refused = await daemon.resume_agents(names)
+    if refused:
+        raise Refused(f"not paused: {', '.join(refused)}")
+    return {"resumed": names}
+
+
+def _agents_only(daemon: Daemon, names: list[str], verb: str) -> list[str]:
+    supervisors = [n for n in names if daemon.tree.children[n].is_supervisor]
+    if supervisors:
+        raise Refused(f"{verb} takes agents and pools, not supervisors: {', '.join(supervisors)}")
+    return names
+
+
 async def cmd_start(daemon: Daemon, args: dict[str, Any], send: Send) -> Any:
     names = _names(daemon, args)
+    paused = [n for n in names if daemon.tree.state(n) == "paused"]
+    if paused:
+        raise Refused(f"paused (ctl resume them): {', '.join(paused)}")
     failed = await daemon.start_agents(names)
     if failed:
         raise Refused(f"did not start: {', '.join(failed)}")
@@ -317,6 +343,8 @@ COMMANDS: dict[str, Callable[[Daemon, dict[str, Any], Send], Awaitable[Any]]] = 
     "stop": cmd_stop,
     "start": cmd_start,
     "restart": cmd_restart,
+    "pause": cmd_pause,
+    "resume": cmd_resume,
     "reload": cmd_reload,
     "scale": cmd_scale,
     "spawn": cmd_spawn,

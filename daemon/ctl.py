@@ -30,6 +30,7 @@ STATE_COLOURS = {
     "backoff": "yellow",
     "stopped": "blue",
     "failed": "red",
+    "paused": "cyan",
 }
 
 
@@ -285,6 +286,8 @@ def _simple(cmd: str, verb: str) -> Callable[..., None]:
 ctl.command("start")(_simple("start", "started"))
 ctl.command("stop")(_simple("stop", "stopped"))
 ctl.command("restart")(_simple("restart", "restarted"))
+ctl.command("pause")(_simple("pause", "paused"))
+ctl.command("resume")(_simple("resume", "resumed"))
 
 
 @ctl.command()

@@ -122,9 +122,19 @@ class ForkServer:
         return {t.pid for t in self.templates.values()}
 
     async def fork(
-        self, spec: AgentSpec, incarnation: int, env: dict[str, str], stdout: int, stderr: int
+        self,
+        spec: AgentSpec,
+        incarnation: int,
+        env: dict[str, str],
+        stdout: int,
+        stderr: int,
+        cgroup_procs: list[str] | None = None,
     ) -> int:
-        """Fork `spec` from its template with these stdout/stderr; the agent's pid."""
+        """Fork `spec` from its template with these stdout/stderr; the agent's pid.
+
+        `cgroup_procs`: the agent's cgroup.procs files (SPEC §11), which it writes its
+        pid into before any agent code runs.
+        """
         request = ForkRequest(
             name=spec.name,
             incarnation=incarnation,
@@ -133,7 +143,7 @@ class ForkServer:
             env=env,
             nofile=spec.limits.nofile,
             cpu_seconds=spec.limits.cpu_seconds,
-            cgroup_procs=[],  # the cgroup per agent (SPEC §11) will write its pid here
+            cgroup_procs=cgroup_procs or [],
         )
         self.pending += 1
         try:

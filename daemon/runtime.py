@@ -1,10 +1,17 @@
 """The process runtime: carries out Start/Stop for agents and reports what happened.
 
 It owns the OS side of each agent — the Popen, a pidfd watched by the event
-loop (no polling), the stdout/stderr pipes, the stop escalation timers and
-the memory sampler — and reports back through two callbacks: `on_started`
-(ready: READY on the bus or `start_seconds` up) and `on_exited` (with an
-`ExitInfo` naming the reason). It makes no supervision decisions.
+loop (no polling), the stdout/stderr pipes, the stop escalation timers, the
+agent's cgroup (cgroup.py) or, without one, its process group and the memory
+sampler — and reports back through two callbacks: `on_started` (ready: READY
+on the bus or `start_seconds` up) and `on_exited` (with an `ExitInfo` naming
+the reason). It makes no supervision decisions.
+
+With a cgroup, the kernel keeps the limits: the OOM killer ends a group past
+its memory limit, and the reason `memory` is known the moment the agent's
+pidfd fires (memory.events, or v1's OOM eventfd for a child the kernel killed
+alone); a stop ends with cgroup.kill, so nothing the agent started survives it,
+setsid() and double forks included.
 """
 
 from __future__ import annotations
@@ -22,12 +29,12 @@ from pathlib import Path
 
 import msgspec
 
-from . import spawn
+from . import cgroup, spawn
 from .capture import TAIL_LINES, LogFile, StreamReader
 from .events import EventLog
 from .forkserver import ForkError, ForkServer, TemplateKey, template_key
 from .proctable import ProcTable
-from .spec import AgentSpec, DaemonSpec
+from .spec import AgentSpec, DaemonSpec, Limits
 
 
 class ExitInfo(msgspec.Struct, frozen=True):
@@ -67,12 +74,17 @@ class Proc:
     readers: list[StreamReader] = field(default_factory=list)
     timers: list[asyncio.TimerHandle] = field(default_factory=list)
     cpu_mark: tuple[float, float] | None = None  # (when, CPU seconds) at the last cpu() call
+    group: cgroup.Group | None = None  # its cgroup; None: a process group only
+    oom_fd: int = -1  # v1: the eventfd the kernel signals on OOM
+    paused: str | None = None  # how it was paused: "freeze" (its cgroup) or "sigstop"
 
     def cancel_timers(self) -> None:
         for timer in self.timers:
             timer.cancel()
         self.timers.clear()
 
+
+SPARE_AFTER = 0.02  # seconds after a start (off its path): the next cgroup is made then
 
 StartedCallback = Callable[[str, int], None]
 ExitedCallback = Callable[[str, int, ExitInfo], None]
@@ -97,6 +109,16 @@ class Guard:
 
     def remove(self, pgid: int) -> None:
         self._write(f"-{pgid}\n")
+
+    def add_group(self, group: cgroup.Group) -> None:
+        self._write(f"+{group.line()}\n")
+
+    def remove_group(self, group: cgroup.Group) -> None:
+        self._write(f"-{group.line()}\n")
+
+    def add_base(self, path: str) -> None:
+        """A directory of agentd's subtree to remove after the kills (the daemon made it)."""
+        self._write(f"~{path}\n")
 
     def _write(self, line: str) -> None:
         try:
@@ -131,6 +153,7 @@ class ProcessRuntime:
         on_started: StartedCallback,
         on_exited: ExitedCallback,
         guard: Guard | None = None,
+        cgroups: cgroup.Subtree | None = None,
     ) -> None:
         self.daemon = daemon
         self.agents = dict(agents)
@@ -138,12 +161,15 @@ class ProcessRuntime:
         self.on_started = on_started
         self.on_exited = on_exited
         self.guard = guard
+        self.cgroups = cgroups
         self.procs: dict[str, Proc] = {}
         self.last_exit: dict[str, ExitInfo] = {}
         self.logs: dict[str, LogFile] = {}
         self._memory_task: asyncio.Task[None] | None = None
         self._forkserver: ForkServer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        # name -> (cgroup, (incarnation, limits) it was made for): the next one, made ahead
+        self._spares: dict[str, tuple[cgroup.Group, tuple[int, Limits]]] = {}
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -158,7 +184,10 @@ class ProcessRuntime:
         if spec.start == "fork":
             self._start_forked(spec, incarnation)
             return
+        group = None
         try:
+            if self.cgroups is not None:
+                group = self._group_for(name, incarnation, spec.limits)
             popen = spawn.spawn(
                 spec,
                 incarnation,
@@ -166,14 +195,18 @@ class ProcessRuntime:
                 self.daemon.death_signal,
                 self.daemon.keys_dir,
                 self.daemon.state_dir,
+                group=group,
             )
         except (OSError, KeyError, subprocess.SubprocessError) as exc:
+            if group is not None:
+                self._retire(group)
             proc = Proc(name, incarnation, spec, None, pid=0, start_error=_described(exc))
             self.procs[name] = proc
             self.loop.call_soon(self._finish, proc, None)
             return
-        proc = Proc(name, incarnation, spec, popen, popen.pid)
+        proc = Proc(name, incarnation, spec, popen, popen.pid, group=group)
         self.procs[name] = proc
+        self._spare_later(proc)
         assert popen.stdout is not None and popen.stderr is not None
         self._capture(proc, os.dup(popen.stdout.fileno()), os.dup(popen.stderr.fileno()))
         popen.stdout.close()
@@ -181,9 +214,23 @@ class ProcessRuntime:
         self._watch(proc)
 
     def _start_forked(self, spec: AgentSpec, incarnation: int) -> None:
-        """Ask the agent's template for a fork; the pid comes back asynchronously."""
-        proc = Proc(spec.name, incarnation, spec, None, pid=0, forking=True)
+        """Ask the agent's template for a fork; the pid comes back asynchronously.
+
+        With cgroups, the agent joins its cgroup (writes its pid into cgroup.procs)
+        right after the fork, before it runs any agent code (forkserver.ForkRequest).
+        """
+        group = None
+        if self.cgroups is not None:
+            try:
+                group = self._group_for(spec.name, incarnation, spec.limits)
+            except OSError as exc:
+                proc = Proc(spec.name, incarnation, spec, None, pid=0, start_error=_described(exc))
+                self.procs[spec.name] = proc
+                self.loop.call_soon(self._finish, proc, None)
+                return
+        proc = Proc(spec.name, incarnation, spec, None, pid=0, forking=True, group=group)
         self.procs[spec.name] = proc
+        self._spare_later(proc)
         out, out_w = os.pipe()
         err, err_w = os.pipe()
         self._capture(proc, out, err)
@@ -200,7 +247,10 @@ class ProcessRuntime:
             self.daemon.state_dir,
         )
         try:
-            pid = await self.forkserver.fork(proc.spec, proc.incarnation, env, stdout, stderr)
+            joins = proc.group.procs_files() if proc.group is not None else []
+            pid = await self.forkserver.fork(
+                proc.spec, proc.incarnation, env, stdout, stderr, cgroup_procs=joins
+            )
         except (ForkError, OSError, KeyError, subprocess.SubprocessError) as exc:
             proc.forking = False
             proc.start_error = str(exc) if isinstance(exc, ForkError) else _described(exc)
@@ -235,7 +285,7 @@ class ProcessRuntime:
     def _watch(self, proc: Proc) -> None:
         """A running agent, exec'd or forked alike: guard, pidfd, start timers, memory."""
         spec = proc.spec
-        if self.guard is not None:
+        if self.guard is not None and proc.group is None:  # a cgroup is guarded as a whole
             self.guard.add(proc.pid)
         proc.pidfd = os.pidfd_open(proc.pid)
         self.loop.add_reader(proc.pidfd, self._reap, proc)
@@ -246,8 +296,14 @@ class ProcessRuntime:
             self.loop.call_soon(self._ready, proc)
         else:
             proc.timers.append(self.loop.call_later(spec.start_seconds, self._ready, proc))
+        group = proc.group
         if spec.limits.memory_mb:
-            self._ensure_memory_sampler()
+            if group is None or "memory" not in group.dirs:
+                self._ensure_memory_sampler()  # no memory cgroup: the fallback samples RSS
+            else:
+                proc.oom_fd = group.oom_eventfd() or -1
+                if proc.oom_fd >= 0:
+                    self.loop.add_reader(proc.oom_fd, self._oom, proc)
 
     @property
     def forkserver(self) -> ForkServer:
@@ -276,7 +332,7 @@ class ProcessRuntime:
             self._forkserver.close()
 
     def stop(self, name: str) -> None:
-        """stop_signal to the group, `shutdown` seconds' grace, then SIGKILL."""
+        """stop_signal to the group, `shutdown` seconds' grace, then kill it whole."""
         proc = self.procs.get(name)
         if proc is not None and proc.forking:
             proc.stopping = True  # carried out once the fork's pid is back
@@ -287,14 +343,14 @@ class ProcessRuntime:
         proc.stopping = True
         proc.cancel_timers()
         if spec.shutdown is None:
-            spawn.kill_group(proc.pid, signal.SIGKILL)
+            self._kill_all_of(proc)
             return
         spawn.kill_group(proc.pid, spec.stop_signal)
+        if proc.paused:
+            self.resume(name)  # a frozen (or stopped) agent gets its signal once thawed
         if spec.shutdown == math.inf:
             return  # "infinity": its own time (a daemon stop is still bounded, kill_everything)
-        proc.timers.append(
-            self.loop.call_later(spec.shutdown, spawn.kill_group, proc.pid, signal.SIGKILL)
-        )
+        proc.timers.append(self.loop.call_later(spec.shutdown, self._kill_all_of, proc))
 
     def kill(self, name: str, reason: str, incarnation: int | None = None) -> bool:
         """Kill a misbehaving agent at once (hung, memory); handled as a crash."""
@@ -305,8 +361,85 @@ class ProcessRuntime:
             return False
         proc.kill_reason = reason
         proc.cancel_timers()
-        spawn.kill_group(proc.pid, signal.SIGKILL)
+        self._kill_all_of(proc)
         return True
+
+    def pause(self, name: str) -> bool:
+        """Freeze the agent's cgroup (SIGSTOP to its process group without one)."""
+        proc = self.procs.get(name)
+        if proc is None or proc.pid == 0 or proc.popen is None or proc.stopping:
+            return False
+        proc.paused = "sigstop"
+        if proc.group is not None and proc.group.can_freeze:
+            try:
+                proc.group.freeze(True)
+                proc.paused = "freeze"
+            except OSError:
+                pass
+        if proc.paused == "sigstop":
+            spawn.kill_group(proc.pid, signal.SIGSTOP)
+        return True
+
+    def resume(self, name: str) -> bool:
+        proc = self.procs.get(name)
+        if proc is None or not proc.paused:
+            return False
+        if proc.paused == "freeze" and proc.group is not None:
+            try:
+                proc.group.freeze(False)
+            except OSError:
+                pass  # gone already
+        else:
+            spawn.kill_group(proc.pid, signal.SIGCONT)
+        proc.paused = None
+        return True
+
+    def frozen(self, name: str) -> bool:
+        """Has the kernel finished freezing it (cgroup.events frozen)? SIGSTOP: at once."""
+        proc = self.procs.get(name)
+        if proc is None or not proc.paused:
+            return False
+        if proc.paused == "sigstop" or proc.group is None:
+            return True
+        try:
+            return proc.group.frozen()
+        except OSError:
+            return False
+
+    def _kill_all_of(self, proc: Proc) -> None:
+        """SIGKILL the agent and everything it started: its cgroup, else its process group."""
+        if proc.group is not None:
+            try:
+                proc.group.kill()
+                return
+            except (OSError, ValueError):
+                pass
+        spawn.kill_group(proc.pid, signal.SIGKILL)
+
+    def _oom(self, proc: Proc) -> None:
+        """v1: the kernel signalled an OOM in the agent's memory cgroup; end the group."""
+        self._close_oom(proc)
+        if self.procs.get(proc.name) is proc and proc.popen is not None:
+            self._memory_exceeded(proc)
+            self.kill(proc.name, "memory")
+
+    def _close_oom(self, proc: Proc) -> None:
+        if proc.oom_fd >= 0:
+            self.loop.remove_reader(proc.oom_fd)
+            os.close(proc.oom_fd)
+            proc.oom_fd = -1
+
+    def _memory_exceeded(self, proc: Proc) -> None:
+        """agent.memory, with the cgroup's own high-water mark and OOM count."""
+        assert proc.group is not None
+        limit = proc.spec.limits.memory_mb * 1024 * 1024
+        self.events.emit(
+            "agent.memory",
+            proc.name,
+            limit=limit,
+            peak=proc.group.memory_peak(),
+            oom_kills=proc.group.oom_kills(),
+        )
 
     def mark_ready(self, name: str, incarnation: int) -> None:
         """READY from the bus (for any agent that speaks it)."""
@@ -321,7 +454,7 @@ class ProcessRuntime:
                 proc.stopping = proc.stop_hard = True
             elif proc.pid:
                 proc.stopping = True
-                spawn.kill_group(proc.pid, signal.SIGKILL)
+                self._kill_all_of(proc)
 
     # --- internals -------------------------------------------------------------------
 
@@ -354,8 +487,17 @@ class ProcessRuntime:
     def _reap(self, proc: Proc) -> None:
         """The pidfd is readable: the process has exited."""
         self.loop.remove_reader(proc.pidfd)
-        # Whatever it forked dies with it; the zombie keeps the pgid from reuse.
-        spawn.kill_group(proc.pid, signal.SIGKILL)
+        group = proc.group
+        if group is None:
+            # Whatever it forked dies with it; the zombie keeps the pgid from reuse.
+            spawn.kill_group(proc.pid, signal.SIGKILL)
+        else:
+            self._close_oom(proc)
+            if proc.spec.limits.memory_mb and not proc.kill_reason and group.oom_kills():
+                proc.kill_reason = "memory"  # the kernel's OOM killer, this very moment
+                self._memory_exceeded(proc)
+            if group.populated():  # whatever it started (setsid, double forks) dies with it
+                self._kill_all_of(proc)
         try:
             _, status = os.waitpid(proc.pid, 0)
         except ChildProcessError:
@@ -392,7 +534,11 @@ class ProcessRuntime:
         else:
             reason = "exit"
         info = ExitInfo(code, sig, reason, tail)
-        if self.guard is not None and proc.pid:
+        if proc.group is not None:  # after the restart this exit may cause: off its path
+            self.loop.call_later(0.1, self._retire, proc.group)
+            if proc.stopping and not proc.kill_reason:
+                self._drop_spare(proc.name)  # stopped, not crashed: no hurry to come back
+        elif self.guard is not None and proc.pid:
             self.guard.remove(proc.pid)
         if self.procs.get(proc.name) is proc:
             del self.procs[proc.name]
@@ -409,6 +555,82 @@ class ProcessRuntime:
         )
         self.on_exited(proc.name, proc.incarnation, info)
 
+    def _spare_later(self, proc: Proc) -> None:
+        """A restarted agent's next cgroup, made off the restart path (not for every first
+        start: 200 agents at once would pay for 200 spares)."""
+        if proc.group is not None and proc.incarnation > 0:
+            limits = proc.spec.limits
+            self.loop.call_later(
+                SPARE_AFTER, self._make_spare, proc.name, proc.incarnation + 1, limits
+            )
+
+    def _group_for(self, name: str, incarnation: int, limits: Limits) -> cgroup.Group:
+        """The cgroup of this incarnation: the spare made ahead if it fits, else a new one."""
+        spare = self._spares.pop(name, None)
+        if spare is not None:
+            group, made_for = spare
+            if made_for == (incarnation, limits):
+                return group
+            self._retire(group)  # a reload changed the limits, or the incarnations moved
+        assert self.cgroups is not None
+        group = self.cgroups.group(
+            name, incarnation, limits.memory_mb, limits.pids, limits.cpu_percent
+        )
+        if self.guard is not None:
+            self.guard.add_group(group)
+        return group
+
+    def _make_spare(self, name: str, incarnation: int, limits: Limits) -> None:
+        """mkdir (and limits) for an incarnation that may come: a crash restart then only
+        spawns. Kept while the agent runs; dropped when it is stopped rather than crashed.
+        """
+        proc = self.procs.get(name)
+        if self.cgroups is None or name in self._spares or proc is None or proc.stopping:
+            return
+        if proc.incarnation != incarnation - 1:
+            return  # restarted since: that incarnation has its cgroup already
+        try:
+            group = self.cgroups.group(
+                name, incarnation, limits.memory_mb, limits.pids, limits.cpu_percent
+            )
+        except OSError:
+            return  # made when it is needed, then
+        if self.guard is not None:
+            self.guard.add_group(group)
+        self._spares[name] = (group, (incarnation, limits))
+
+    def _drop_spare(self, name: str) -> None:
+        spare = self._spares.pop(name, None)
+        if spare is not None:
+            self._retire(spare[0])
+
+    def _retire(self, group: cgroup.Group, delay: float = 0.005) -> None:
+        """Remove a finished agent's cgroup once its last process is gone (killed already).
+
+        Processes die a moment after SIGKILL, so rmdir is retried, a little later
+        each time; the guard keeps the group until then.
+        """
+        try:
+            gone = group.remove()
+        except OSError:
+            gone = False
+        if gone:
+            if self.guard is not None:
+                self.guard.remove_group(group)
+            return
+        if delay > 5.0:
+            self.events.emit("agent.cgroup_busy", "agentd", cgroup=group.main)
+            return
+        self._kill_quietly(group)
+        asyncio.get_running_loop().call_later(delay, self._retire, group, delay * 2)
+
+    @staticmethod
+    def _kill_quietly(group: cgroup.Group) -> None:
+        try:
+            group.kill()
+        except (OSError, ValueError):
+            pass
+
     def _ensure_memory_sampler(self) -> None:
         if self._memory_task is None or self._memory_task.done():
             self._memory_task = self.loop.create_task(self._sample_memory())
@@ -420,7 +642,9 @@ class ProcessRuntime:
             limited = [
                 (proc, proc.spec.limits.memory_mb)
                 for proc in self.procs.values()
-                if proc.spec.limits.memory_mb and proc.pid
+                if proc.spec.limits.memory_mb
+                and proc.pid
+                and (proc.group is None or "memory" not in proc.group.dirs)
             ]
             if not limited:
                 return
@@ -436,22 +660,30 @@ class ProcessRuntime:
     def rss(self, proc: Proc, table: ProcTable | None = None) -> int | None:
         """Resident memory of the agent and everything it forked, in bytes.
 
-        Pass one `ProcTable` when asking about many agents: /proc is read once.
+        From its memory cgroup when it has one (the whole group, nothing missed);
+        else pass one `ProcTable` when asking about many agents: /proc is read once.
         """
-        return (table or ProcTable()).tree_rss(proc.pid) if proc.pid else None
+        if not proc.pid:
+            return None
+        if proc.group is not None and "memory" in proc.group.dirs:
+            return proc.group.memory()
+        return (table or ProcTable()).tree_rss(proc.pid)
 
     def cpu(self, proc: Proc, table: ProcTable | None = None) -> float | None:
         """CPU% of one core used by the agent since the previous call (0.0 the first time)."""
         if not proc.pid:
             return None
-        table = table or ProcTable()
-        seconds = table.cpu_seconds(proc.pid)
+        if proc.group is not None:  # the whole group's CPU time
+            taken, seconds = time.monotonic(), proc.group.cpu_seconds()
+        else:
+            table = table or ProcTable()
+            taken, seconds = table.taken, table.cpu_seconds(proc.pid)
         if seconds is None:
             return None
-        previous, proc.cpu_mark = proc.cpu_mark, (table.taken, seconds)
-        if previous is None or table.taken <= previous[0]:
+        previous, proc.cpu_mark = proc.cpu_mark, (taken, seconds)
+        if previous is None or taken <= previous[0]:
             return 0.0
-        return round(100.0 * (seconds - previous[1]) / (table.taken - previous[0]), 1)
+        return round(100.0 * (seconds - previous[1]) / (taken - previous[0]), 1)
 
     def reap_strays(self, known: set[int]) -> None:
         """Reap orphaned descendants reparented to us (we are a subreaper).

@@ -35,7 +35,9 @@ from .spec import AgentSpec, PoolSpec, Spec, pool_member
 from .tree import (
     Action,
     Note,
+    Pause,
     Policy,
+    Resume,
     SetTimer,
     Start,
     Stop,
@@ -107,6 +109,9 @@ class Daemon:
         self.tree = tree_from_spec(spec)
         self.guard: Guard | None = None
         self.process_runtime: ProcessRuntime | None = None
+        self.cgroups: Any = None  # cgroup.Subtree once isolated; None: process groups
+        self.isolation: dict[str, Any] = {}  # as the daemon.isolation line said it
+        self._isolation_reason = ""
         self.exit_code: int | None = None
         self.ready = False
         self.stopping = False
@@ -124,6 +129,7 @@ class Daemon:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._reload_lock = asyncio.Lock()
         self._watchdog: asyncio.Task[None] | None = None
+        self._resumed_at: dict[str, float] = {}  # ctl resume: no hung verdict for a heartbeat
 
     @staticmethod
     def now() -> float:
@@ -152,16 +158,6 @@ class Daemon:
         # From the loop itself: a stuck loop stops the pings and systemd steps in.
         # Without a watchdog for this process the task ends at once.
         self._watchdog = loop.create_task(watchdog_loop(self.notifier))
-        self.guard = Guard()
-        self.process_runtime = ProcessRuntime(
-            self.spec.daemon,
-            self.spec.agents,
-            self.events,
-            on_started=self._agent_started,
-            on_exited=self._agent_exited,
-            guard=self.guard,
-        )
-        restored = self.dynamic.restore()  # the last run's dynamic children, in the spec now
         for sig, handler in (
             (signal.SIGTERM, self._on_term),
             (signal.SIGINT, self._on_term),
@@ -178,8 +174,27 @@ class Daemon:
             self.log.error(
                 "daemon.control_failed", endpoint=self.spec.daemon.control, error=str(exc)
             )
-            self.guard.close()
             return 1
+        # After the bind: a second daemon on the same runtime_dir stops at it and never
+        # touches the first one's cgroups. Before the guard and the broker: under a
+        # delegated cgroup the daemon moves into its leaf alone, its children follow it.
+        if not self._isolate():
+            await self.control.close()
+            return 1
+        self.guard = Guard()
+        if self.cgroups is not None:
+            for base in self.cgroups.guard_lines():
+                self.guard.add_base(base)
+        self.process_runtime = ProcessRuntime(
+            self.spec.daemon,
+            self.spec.agents,
+            self.events,
+            on_started=self._agent_started,
+            on_exited=self._agent_exited,
+            guard=self.guard,
+            cgroups=self.cgroups,
+        )
+        restored = self.dynamic.restore()  # the last run's dynamic children, in the spec now
         self.metrics = MetricsEndpoint(self.metrics_snapshot, loop)
         if not self._serve_metrics():
             await self.control.close()
@@ -228,6 +243,8 @@ class Daemon:
                 self.broker_child.close_logs()
             if self.guard is not None:
                 self.guard.close()
+            if self.cgroups is not None:
+                self.cgroups.close()
         return code
 
     def _serve_metrics(self) -> bool:
@@ -243,6 +260,47 @@ class Daemon:
             return False
         tls = daemon.metrics_tls_cert is not None
         self.log.info("daemon.metrics", address=daemon.metrics, tls=tls)
+        return True
+
+    def _isolate(self) -> bool:
+        """A cgroup subtree for the agents, or today's process groups, said out loud.
+
+        One `daemon.isolation` line; `required` without a usable tree refuses to start.
+        """
+        from . import cgroup
+
+        daemon = self.spec.daemon
+        reason = "daemon.cgroup = off"
+        leftovers = 0
+        if daemon.cgroup != "off":
+            try:
+                tag = cgroup.tag_for(daemon.runtime_dir)
+                subtree = cgroup.open_subtree(cgroup.detect(), tag, daemon.cgroup_root)
+                leftovers = subtree.clean_leftovers()
+                self.cgroups = subtree
+            except (cgroup.Unavailable, OSError) as exc:
+                reason = f"no writable cgroup tree: {exc}"
+        self._isolation_reason = reason
+        self.isolation = isolation_info(self.spec, self.cgroups, reason)
+        missing = self.isolation["unenforced"] + self.isolation["sampled"]
+        if daemon.cgroup == "required" and (self.cgroups is None or missing):
+            what = reason if self.cgroups is None else f"no controller for {', '.join(missing)}"
+            self.log.error(
+                "daemon.isolation",
+                **self.isolation,
+                error=f"daemon.cgroup = required, but {what}; agentd does not start",
+            )
+            if self.cgroups is not None:
+                self.cgroups.close()
+            return False
+        fell_back = self.cgroups is None and daemon.cgroup != "off"
+        quiet = not (fell_back or self.isolation["unenforced"] or (self.cgroups and missing))
+        log = self.log.info if quiet else self.log.warning
+        extra: dict[str, Any] = {"leftovers_removed": leftovers}
+        if os.environ.get("INVOCATION_ID") and self.isolation.get("how") == "created":
+            log = self.log.warning  # a systemd unit, but agents outside it: a unit's kill misses
+            extra["hint"] = "the unit's cgroup is not delegated: set Delegate=yes"
+        log("daemon.isolation", **self.isolation, **extra)
         return True
 
     def shutdown(self) -> None:
@@ -339,6 +397,9 @@ class Daemon:
         proc = self.process_runtime.procs.get(name)
         if proc is None or proc.incarnation != incarnation or proc.stopping:
             return
+        resumed = self._resumed_at.get(name)
+        if proc.paused or (resumed is not None and self.now() - resumed < proc.spec.heartbeat):
+            return  # frozen on purpose, or not had a heartbeat's time since: not hung
         self.events.emit("agent.hung", name, pid=proc.pid, incarnation=incarnation)
         self.process_runtime.kill(name, "hung", incarnation)
 
@@ -353,6 +414,13 @@ class Daemon:
                     self.process_runtime.start(name, incarnation)
                 case Stop(name=name):
                     self.process_runtime.stop(name)
+                case Pause(name=name):
+                    if self.process_runtime.pause(name):
+                        self.events.emit("agent.paused", name)
+                case Resume(name=name):
+                    if self.process_runtime.resume(name):
+                        self._resumed_at[name] = self.now()
+                        self.events.emit("agent.resumed", name)
                 case SetTimer(key=key, delay=delay):
                     asyncio.get_running_loop().call_later(delay, self._timer, key)
                 case Note(event=event, name=name, detail=detail):
@@ -451,6 +519,27 @@ class Daemon:
             self._stop_timeout(names),
         )
 
+    async def pause_agents(self, names: list[str]) -> list[str]:
+        """ctl pause: freeze running agents; the names that are not (or not yet) paused."""
+        for name in names:
+            self._apply(self.tree.pause_child(name, self.now()))
+        assert self.process_runtime is not None
+        deadline = self.now() + 5.0
+        while not all(
+            self.process_runtime.frozen(n) for n in names if self.tree.state(n) == "paused"
+        ):
+            if self.now() > deadline:
+                break
+            await asyncio.sleep(0.005)  # the kernel freezes in the background: a few ms
+        return [n for n in names if not self.process_runtime.frozen(n)]
+
+    async def resume_agents(self, names: list[str]) -> list[str]:
+        """ctl resume: thaw paused agents; the names that were not paused."""
+        refused = [n for n in names if self.tree.state(n) != "paused"]
+        for name in names:
+            self._apply(self.tree.resume_child(name, self.now()))
+        return refused
+
     async def start_agents(self, names: list[str]) -> list[str]:
         """ctl start; the names that did not reach running."""
         exits = {n: self.exits.get(n, 0) for n in names}
@@ -516,6 +605,10 @@ class Daemon:
             self.tree.state(name) != "running"
         )
 
+    def isolation_status(self) -> dict[str, Any]:
+        """`status --json`'s `isolation`, for the agents configured now (reloads included)."""
+        return isolation_info(self.spec, self.cgroups, self._isolation_reason)
+
     def agents_now(self) -> Iterator[AgentNow]:
         """Every agent in start order, then the broker (`bus`): the rows of status and metrics."""
         assert self.process_runtime is not None
@@ -578,7 +671,7 @@ class Daemon:
             samples.append(
                 AgentSample(
                     a.name,
-                    up=a.state == "running",
+                    up=a.state in ("running", "paused"),  # paused: held by ctl, not down
                     restarts=dict(a.restarts),  # a copy: the scrape reads it on another thread
                     rss=table.tree_rss(proc.pid) if proc else None,
                     cpu_seconds=table.cpu_seconds(proc.pid) if proc else None,
@@ -836,6 +929,41 @@ def _bus_figures(name: str, stats: Stats | None) -> tuple[int | None, int | None
     if figures is None:
         return 0, 0
     return figures.held + figures.pending, figures.in_flight
+
+
+def isolation_info(spec: Spec, cgroups: Any, reason: str) -> dict[str, Any]:
+    """The isolation in force: the `daemon.isolation` line and `status --json`'s field.
+
+    `unenforced`: limits some agent sets that nothing enforces here (pids and
+    cpu_percent need their cgroup controller); `sampled`: memory limits checked by
+    the RSS sampler instead of the kernel.
+    """
+    from .cgroup import LIMIT_CONTROLLER
+
+    used = {
+        key
+        for agent in spec.agents.values()
+        for key in LIMIT_CONTROLLER
+        if getattr(agent.limits, key)
+    }
+    if cgroups is None:
+        return {
+            "mode": "process_group",
+            "reason": reason,
+            "unenforced": sorted(used - {"memory_mb"}),
+            "sampled": sorted(used & {"memory_mb"}),
+        }
+    served = cgroups.controllers
+    missing = sorted(key for key in used if LIMIT_CONTROLLER[key] not in served)
+    return {
+        "mode": "cgroup",
+        "layout": cgroups.layout.kind,
+        "subtree": cgroups.main,
+        "how": cgroups.how,
+        "controllers": served,
+        "unenforced": [key for key in missing if key != "memory_mb"],
+        "sampled": [key for key in missing if key == "memory_mb"],
+    }
 
 
 def _raise_nofile_limit() -> None:

@@ -21,17 +21,25 @@ RestartType = Literal["permanent", "transient", "temporary"]
 AutoShutdown = Literal["never", "any_significant", "all_significant"]
 JournalSync = Literal["batch", "always"]
 StartMode = Literal["fork", "exec"]
+CgroupMode = Literal["auto", "required", "off"]
 
 #: Names an agent may not take: the broker, the daemon's bus identity, ctl.
 RESERVED_NAMES = frozenset({"bus", "agentd", "ctl"})
 
 
 class Limits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Per-agent resource limits; 0 means unlimited."""
+    """Per-agent resource limits; 0 means unlimited.
+
+    With a cgroup (SPEC §11) the kernel keeps memory_mb (memory.max), pids (pids.max)
+    and cpu_percent (a CPU quota, 100 = one core); without one memory_mb is sampled
+    and pids and cpu_percent are not enforced (the daemon says so at start).
+    """
 
     memory_mb: int = 0
     nofile: int = 0
     cpu_seconds: int = 0
+    pids: int = 0
+    cpu_percent: int = 0
 
 
 class AgentSpec(msgspec.Struct, frozen=True):
@@ -103,6 +111,8 @@ class DaemonSpec(msgspec.Struct, frozen=True):
     metrics_tls_cert: str | None = None  # PEM files (absolute): HTTPS; required off loopback
     metrics_tls_key: str | None = None
     event_history: int = HISTORY  # events kept for `ctl events --since`
+    cgroup: CgroupMode = "auto"  # a cgroup per agent (cgroup.py); auto: where the host allows
+    cgroup_root: str | None = None  # the parent of agentd's cgroup subtree (default: chosen)
 
 
 class PoolSpec(msgspec.Struct, frozen=True):

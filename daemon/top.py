@@ -53,7 +53,17 @@ FIGURES = ("restarts", "rss", "cpu", "in_flight", "held")
 STATE_RANK = {
     s: i
     for i, s in enumerate(
-        ("failed", "failing", "backoff", "stopping", "starting", "stopped", "idle", "running")
+        (
+            "failed",
+            "failing",
+            "backoff",
+            "stopping",
+            "starting",
+            "paused",
+            "stopped",
+            "idle",
+            "running",
+        )
     )
 }
 #: No answer for this long: the view says so and `top` exits 3.

@@ -1,11 +1,12 @@
 """The supervision tree as a pure state machine (no I/O, injected clock).
 
 Inputs are method calls — `start`, `started`, `exited`, `timer`, `stop_child`,
-`start_child`, `restart_child`, `shutdown`, `add_child`, `remove_child` —
-each taking `now` and returning the actions the runtime must carry out
-(`Start`, `Stop`, `SetTimer`) plus facts for the event log (`Note`) and the
-tree-level outcomes (`TreeReady`, `TreeFailed`, `TreeStopped`). The runtime
-executes actions and feeds results back in; nothing here touches a process.
+`start_child`, `restart_child`, `pause_child`, `resume_child`, `shutdown`,
+`add_child`, `remove_child` — each taking `now` and returning the actions the
+runtime must carry out (`Start`, `Stop`, `Pause`, `Resume`, `SetTimer`) plus
+facts for the event log (`Note`) and the tree-level outcomes (`TreeReady`,
+`TreeFailed`, `TreeStopped`). The runtime executes actions and feeds results
+back in; nothing here touches a process.
 
 Every supervisor works one operation at a time, like OTP's supervisor
 process does: it first drains its queue of pending stops (always queued in
@@ -40,10 +41,10 @@ class Policy(NamedTuple):
         return cls(agent.restart, agent.restart_delay, agent.significant, agent.pool)
 
 
-ChildState = Literal["stopped", "starting", "running", "stopping", "backoff", "failed"]
+ChildState = Literal["stopped", "starting", "running", "paused", "stopping", "backoff", "failed"]
 Phase = Literal["idle", "starting", "running", "stopping", "failing", "failed"]
 
-_UP = frozenset({"starting", "running", "backoff"})
+_UP = frozenset({"starting", "running", "paused", "backoff"})
 
 
 # --- outputs -----------------------------------------------------------------
@@ -58,6 +59,18 @@ class Start(msgspec.Struct, frozen=True, tag=True):
 
 class Stop(msgspec.Struct, frozen=True, tag=True):
     """Stop agent `name` (stop signal, grace, SIGKILL) and report `exited`."""
+
+    name: str
+
+
+class Pause(msgspec.Struct, frozen=True, tag=True):
+    """Freeze agent `name` (cgroup.freeze, or SIGSTOP): it stays up, frozen."""
+
+    name: str
+
+
+class Resume(msgspec.Struct, frozen=True, tag=True):
+    """Thaw agent `name`."""
 
     name: str
 
@@ -91,7 +104,7 @@ class TreeStopped(msgspec.Struct, frozen=True, tag=True):
     """An orderly shutdown finished; every child is stopped."""
 
 
-Action = Start | Stop | SetTimer | Note | TreeReady | TreeFailed | TreeStopped
+Action = Start | Stop | Pause | Resume | SetTimer | Note | TreeReady | TreeFailed | TreeStopped
 
 
 # --- decisions -----------------------------------------------------------------
@@ -318,6 +331,28 @@ class Tree:
         self._advance(self.sups[child.parent])
         return self._flush()
 
+    def pause_child(self, name: str, now: float) -> list[Action]:
+        """ctl pause: a running agent becomes paused (no-op in any other state).
+
+        A paused agent is up: nothing starts it again, a stop (ctl, a group restart,
+        the shutdown) stops it as usual, and its exit is handled as a running one's.
+        """
+        self._tick(now)
+        child = self._child(name)
+        if not child.is_supervisor and child.state == "running":
+            child.state = "paused"
+            self._out.append(Pause(name))
+        return self._flush()
+
+    def resume_child(self, name: str, now: float) -> list[Action]:
+        """ctl resume: a paused agent runs again (no-op in any other state)."""
+        self._tick(now)
+        child = self._child(name)
+        if child.state == "paused":
+            child.state = "running"
+            self._out.append(Resume(name))
+        return self._flush()
+
     def shutdown(self, now: float) -> list[Action]:
         """Stop the whole tree in reverse start order, depth first."""
         self._tick(now)
@@ -481,7 +516,7 @@ class Tree:
                 sup.inflight = None
             self._after_stopped(sup, child)
             return
-        if child.state not in ("starting", "running"):
+        if child.state not in ("starting", "running", "paused"):
             if child.state != "stopping":
                 self._after_stopped(sup, child)
             return

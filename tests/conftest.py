@@ -225,10 +225,21 @@ class DaemonProc:
         return json.loads(result.stdout)
 
     def _head(self, body: str) -> str:
-        """Our [daemon] table's start: runtime_dir, and state_dir unless the test sets one."""
+        """Our [daemon] table's start: runtime_dir, and state_dir unless the test sets one.
+
+        AGENTD_TEST_CGROUP=off | fallback runs the tests without cgroups (SPEC §11):
+        `cgroup = "off"`, or a cgroup_root outside any cgroup file system, which is
+        what `auto` meets on a host with no writable tree.
+        """
         head = f'[daemon]\nruntime_dir = "{self.runtime_dir}"\n'
         if not re.search(r"^\s*state_dir\s*=", body, re.M):
             head += f'state_dir = "{self.state_dir}"\n'
+        mode = os.environ.get("AGENTD_TEST_CGROUP", "")
+        if mode and not re.search(r"^\s*cgroup(_root)?\s*=", body, re.M):
+            if mode == "off":
+                head += 'cgroup = "off"\n'
+            elif mode == "fallback":
+                head += f'cgroup_root = "{self.tmp}"\n'
         return head
 
     def rewrite(self, config: str) -> None:

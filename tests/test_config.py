@@ -60,7 +60,7 @@ def test_good_config_builds_the_spec(tmp_path: Path) -> None:
 
 
 def test_defaults(tmp_path: Path) -> None:
-    spec = load(write(tmp_path, '[agents.a]\ncommand = ["x"]\n[agents.b]\ncommand = ["y"]\n'))
+    spec = load(write(tmp_path, '[agents.a]\ncommand = ["true"]\n[agents.b]\ncommand = ["true"]\n'))
     root = spec.supervisors["root"]
     assert root.children == ("a", "b")  # every agent not named elsewhere, in file order
     assert (root.strategy, root.max_restarts, root.max_seconds) == ("one_for_one", 3, 5)
@@ -77,16 +77,24 @@ def test_defaults(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "line", "needle"),
     [
-        ('[agents.a]\ncommand = ["x"]\nrestrat = "permanent"\n', 3, "unknown key `restrat`"),
-        ('[agents.a]\ncommand = ["x"]\nreplicas = "two"\n', 3, "Expected `int | null`"),
-        ('[agents.a]\ncommand = ["x"]\nrestart = "sometimes"\n', 3, "Invalid enum value"),
-        ('[agents.a]\ncommand = ["x"]\nstop_signal = "SIGNOPE"\n', 3, "unknown signal"),
-        ('[agents.a]\ncommand = ["x"]\nlimits = { memory_gb = 1 }\n', 3, "unknown key `memory_gb`"),
-        ('[agents.a]\ncommand = ["x"]\nmodule = "m:C"\n', 1, "exactly one of"),
-        ('[supervisor]\nchildren = ["ghost"]\n[agents.a]\ncommand = ["x"]\n', 2, "unknown child"),
+        ('[agents.a]\ncommand = ["true"]\nrestrat = "permanent"\n', 3, "unknown key `restrat`"),
+        ('[agents.a]\ncommand = ["true"]\nreplicas = "two"\n', 3, "Expected `int | null`"),
+        ('[agents.a]\ncommand = ["true"]\nrestart = "sometimes"\n', 3, "Invalid enum value"),
+        ('[agents.a]\ncommand = ["true"]\nstop_signal = "SIGNOPE"\n', 3, "unknown signal"),
+        (
+            '[agents.a]\ncommand = ["true"]\nlimits = { memory_gb = 1 }\n',
+            3,
+            "unknown key `memory_gb`",
+        ),
+        ('[agents.a]\ncommand = ["true"]\nmodule = "m:C"\n', 1, "exactly one of"),
+        (
+            '[supervisor]\nchildren = ["ghost"]\n[agents.a]\ncommand = ["true"]\n',
+            2,
+            "unknown child",
+        ),
         ('[agents.a]\ncommand = ["x"\n', 2, "TOML syntax"),
-        ('[agents.bus]\ncommand = ["x"]\n', 1, "reserved name"),
-        ('[agents."a.b"]\ncommand = ["x"]\n', 1, "bad name"),
+        ('[agents.bus]\ncommand = ["true"]\n', 1, "reserved name"),
+        ('[agents."a.b"]\ncommand = ["true"]\n', 1, "bad name"),
         ('[daemon]\nbus = "tcp://127.0.0.1:5555"\n', 2, "needs CurveZMQ keys"),
         ('[daemon]\nkeys_dir = "k"\ncontrol = "tcp://127.0.0.1"\n', 3, "needs a host and a port"),
         ('[daemon]\n\nbus = "udp://127.0.0.1:5555"\n', 3, "unknown transport 'udp'"),
@@ -98,10 +106,10 @@ def test_defaults(tmp_path: Path) -> None:
         ("[supervisors.s]\nchildren = []\nshutdown = 5\n", 3, "Expected `str`"),
         ('[agents.a]\ncommand = ["x"]\nshutdown = "forever"\n', 3, "shutdown"),
         ('[daemon]\nshutdown_timeout = "soon"\n', 2, "Expected `float`"),
-        ('[agents.a]\ncommand = ["x"]\nheartbeat = 0\n', 3, "must be > 0"),
-        ('[agents.a]\ncommand = ["x"]\nuser = "no-such-user-agentd"\n', 3, "no such user"),
+        ('[agents.a]\ncommand = ["true"]\nheartbeat = 0\n', 3, "must be > 0"),
+        ('[agents.a]\ncommand = ["true"]\nuser = "no-such-user-agentd"\n', 3, "no such user"),
         (
-            '[agents.a]\ncommand = ["x"]\n[agents.b]\ncommand = ["y"]\n[supervisor]\n'
+            '[agents.a]\ncommand = ["true"]\n[agents.b]\ncommand = ["true"]\n[supervisor]\n'
             'children = ["a"]\n',
             3,
             "not a child of any supervisor",
@@ -127,7 +135,7 @@ def test_child_listed_twice_is_an_error(tmp_path: Path) -> None:
     path = write(
         tmp_path,
         '[supervisor]\nchildren = ["a", "s"]\n[supervisors.s]\nchildren = ["a"]\n'
-        '[agents.a]\ncommand = ["x"]\n',
+        '[agents.a]\ncommand = ["true"]\n',
     )
     assert any(f"{path}:4: " in e and "already a child" in e for e in errors(path))
 
@@ -135,25 +143,25 @@ def test_child_listed_twice_is_an_error(tmp_path: Path) -> None:
 def test_every_error_is_reported_at_once(tmp_path: Path) -> None:
     path = write(
         tmp_path,
-        '[agents.a]\ncommand = ["x"]\nrestrat = 1\n[agents.b]\ncommand = ["x"]\nack = "no"\n',
+        '[agents.a]\ncommand = ["true"]\nrestrat = 1\n[agents.b]\ncommand = ["true"]\nack = "no"\n',
     )
     found = errors(path)
     assert len(found) == 2 and f"{path}:3: " in found[0] and f"{path}:6: " in found[1]
 
 
 def test_include_drop_ins_and_duplicate_names(tmp_path: Path) -> None:
-    main = write(tmp_path, 'include = ["conf.d/*.toml"]\n[agents.a]\ncommand = ["x"]\n')
-    write(tmp_path, '[agents.b]\ncommand = ["y"]\n', "conf.d/10-b.toml")
+    main = write(tmp_path, 'include = ["conf.d/*.toml"]\n[agents.a]\ncommand = ["true"]\n')
+    write(tmp_path, '[agents.b]\ncommand = ["true"]\n', "conf.d/10-b.toml")
     spec = load(main)
     assert spec.supervisors["root"].children == ("a", "b")
-    dup = write(tmp_path, '[agents.a]\ncommand = ["z"]\n', "conf.d/20-dup.toml")
+    dup = write(tmp_path, '[agents.a]\ncommand = ["true"]\n', "conf.d/20-dup.toml")
     found = errors(main)
     assert any(str(dup) in e and str(main) in e and "defined twice" in e for e in found), found
     assert any(e.startswith(f"{dup}:1: ") for e in found)
 
 
 def test_drop_in_may_not_set_daemon(tmp_path: Path) -> None:
-    main = write(tmp_path, 'include = ["d/*.toml"]\n[agents.a]\ncommand = ["x"]\n')
+    main = write(tmp_path, 'include = ["d/*.toml"]\n[agents.a]\ncommand = ["true"]\n')
     drop = write(tmp_path, "[daemon]\nshutdown_timeout = 1\n", "d/x.toml")
     assert any(e.startswith(f"{drop}:1: ") for e in errors(main))
 
@@ -163,18 +171,18 @@ def test_runtime_dir_substitution(tmp_path: Path) -> None:
         write(
             tmp_path,
             f'[daemon]\nruntime_dir = "{tmp_path}/rt"\n'
-            '[agents.a]\ncommand = ["x", "{runtime_dir}/sock"]\ncwd = "{runtime_dir}"\n'
+            '[agents.a]\ncommand = ["true", "{runtime_dir}/sock"]\ncwd = "{runtime_dir}"\n'
             'env = { SOCK = "{runtime_dir}/s" }\n',
         )
     )
     agent = spec.agents["a"]
-    assert agent.argv == ("x", f"{tmp_path}/rt/sock")
+    assert agent.argv == ("true", f"{tmp_path}/rt/sock")
     assert agent.cwd == f"{tmp_path}/rt"
     assert dict(agent.env)["SOCK"] == f"{tmp_path}/rt/s"
 
 
 def test_config_lookup_env_var(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = write(tmp_path, '[agents.a]\ncommand = ["x"]\n', "elsewhere.toml")
+    path = write(tmp_path, '[agents.a]\ncommand = ["true"]\n', "elsewhere.toml")
     monkeypatch.setenv("AGENTD_CONFIG", str(path))
     monkeypatch.chdir(tmp_path)
     assert load(None).files == (str(path),)
@@ -193,7 +201,7 @@ def test_check_command_exit_codes(tmp_path: Path) -> None:
     good = write(tmp_path, GOOD)
     result = run_cli("check", "--config", str(good))
     assert result.returncode == 0 and "ok" in result.stdout
-    bad = write(tmp_path, '[agents.a]\ncommand = ["x"]\nrestrat = 1\n', "bad.toml")
+    bad = write(tmp_path, '[agents.a]\ncommand = ["true"]\nrestrat = 1\n', "bad.toml")
     result = run_cli("check", "--config", str(bad))
     assert result.returncode == 1
     assert f"{bad}:3: " in result.stderr and "restrat" in result.stderr
@@ -204,7 +212,7 @@ def test_run_refuses_bad_config_and_starts_nothing(tmp_path: Path) -> None:
     bad = write(
         tmp_path,
         f'[agents.a]\ncommand = ["touch", "{marker}"]\nstart_seconds = 0\n'
-        '[agents.b]\ncommand = ["x"]\nshutdown = -1\n',
+        '[agents.b]\ncommand = ["true"]\nshutdown = -1\n',
     )
     result = run_cli("run", "--config", str(bad))
     assert result.returncode == 1
@@ -213,14 +221,15 @@ def test_run_refuses_bad_config_and_starts_nothing(tmp_path: Path) -> None:
 
 
 def test_readme_config_tour_validates(tmp_path: Path) -> None:
-    """The README's tour is a real config (its `user` swapped for one that exists here)."""
+    """The README's tour is a real config (its `user` and node swapped for ones here)."""
     import getpass
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     tour = readme[readme.index("## A short tour of the config") :]
     block = tour.split("```toml\n", 1)[1].split("```", 1)[0]
-    assert 'user = "app"' in block
-    spec = load(write(tmp_path, block.replace('user = "app"', f'user = "{getpass.getuser()}"')))
+    assert 'user = "app"' in block and '"/usr/bin/node"' in block
+    block = block.replace('user = "app"', f'user = "{getpass.getuser()}"')
+    spec = load(write(tmp_path, block.replace('"/usr/bin/node"', f'"{sys.executable}"')))
     assert set(spec.agents) == {"ingress", "summarizer@0", "summarizer@1", "summarizer@2"}
     assert spec.daemon.death_signal and spec.daemon.max_frame == 1048576
 
@@ -230,7 +239,7 @@ def test_readme_config_tour_validates(tmp_path: Path) -> None:
 
 def test_durable_delivery_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("STATE_DIRECTORY", raising=False)
-    spec = load(write(tmp_path, '[agents.a]\ncommand = ["x"]\nack = true\n'))
+    spec = load(write(tmp_path, '[agents.a]\ncommand = ["true"]\nack = true\n'))
     assert spec.daemon.journal_sync == "batch"
     if os.getuid() == 0:
         assert spec.daemon.state_dir == "/var/lib/agentd"
@@ -247,7 +256,7 @@ def test_state_dir_default_is_systemds_state_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("STATE_DIRECTORY", f"{tmp_path}/lib/agentd:{tmp_path}/other")
-    spec = load(write(tmp_path, '[agents.a]\ncommand = ["x"]\n'))
+    spec = load(write(tmp_path, '[agents.a]\ncommand = ["true"]\n'))
     assert spec.daemon.state_dir == f"{tmp_path}/lib/agentd"  # the first of the list
 
 
@@ -281,14 +290,14 @@ def test_runtime_and_log_dir_defaults_are_systemds_directories(
     """Under the unit: sockets in RuntimeDirectory=, logs in LogsDirectory= (kept on restart)."""
     monkeypatch.setenv("RUNTIME_DIRECTORY", f"{tmp_path}/run/agentd")
     monkeypatch.setenv("LOGS_DIRECTORY", f"{tmp_path}/log/agentd:{tmp_path}/log/other")
-    daemon = load(write(tmp_path, '[agents.a]\ncommand = ["x"]\n')).daemon
+    daemon = load(write(tmp_path, '[agents.a]\ncommand = ["true"]\n')).daemon
     assert daemon.runtime_dir == f"{tmp_path}/run/agentd"
     assert daemon.control == f"ipc://{tmp_path}/run/agentd/control.sock"
     assert daemon.log_dir == f"{tmp_path}/log/agentd"
-    text = '[daemon]\nlog_dir = "{runtime_dir}/mine"\n[agents.a]\ncommand = ["x"]\n'
+    text = '[daemon]\nlog_dir = "{runtime_dir}/mine"\n[agents.a]\ncommand = ["true"]\n'
     assert load(write(tmp_path, text)).daemon.log_dir == f"{tmp_path}/run/agentd/mine"
     monkeypatch.delenv("LOGS_DIRECTORY")  # outside systemd: <runtime_dir>/log
-    assert load(write(tmp_path, '[agents.a]\ncommand = ["x"]\n')).daemon.log_dir == (
+    assert load(write(tmp_path, '[agents.a]\ncommand = ["true"]\n')).daemon.log_dir == (
         f"{tmp_path}/run/agentd/log"
     )
 
@@ -359,7 +368,7 @@ def test_state_dir_default_for_other_users(tmp_path: Path) -> None:
     ],
 )
 def test_durable_delivery_bounds(tmp_path: Path, key: str, value: str, needle: str) -> None:
-    path = write(tmp_path, f'[agents.a]\ncommand = ["x"]\nack = true\n{key} = {value}\n')
+    path = write(tmp_path, f'[agents.a]\ncommand = ["true"]\nack = true\n{key} = {value}\n')
     found = errors(path)
     assert any(e.startswith(f"{path}:4: ") and key in e and needle in e for e in found), found
 
@@ -368,9 +377,9 @@ def test_durable_delivery_bounds_are_inclusive(tmp_path: Path) -> None:
     spec = load(
         write(
             tmp_path,
-            '[agents.lo]\ncommand = ["x"]\nmax_deliveries = 1\nmax_in_flight = 1\n'
+            '[agents.lo]\ncommand = ["true"]\nmax_deliveries = 1\nmax_in_flight = 1\n'
             "max_pending = 1\nretry_backoff = 0.001\n"
-            '[agents.hi]\ncommand = ["x"]\nmax_deliveries = 1000\nmax_in_flight = 100000\n'
+            '[agents.hi]\ncommand = ["true"]\nmax_deliveries = 1000\nmax_in_flight = 100000\n'
             "max_pending = 10000000\nretry_backoff = 30\n",
         )
     )
@@ -409,9 +418,9 @@ def test_values_reach_the_agent_table_and_the_broker_argv(tmp_path: Path) -> Non
         write(
             tmp_path,
             f'[daemon]\nstate_dir = "{tmp_path}/st"\njournal_sync = "always"\n'
-            '[agents.w]\ncommand = ["x"]\nack = true\nreplicas = 2\nmax_deliveries = 3\n'
+            '[agents.w]\ncommand = ["true"]\nack = true\nreplicas = 2\nmax_deliveries = 3\n'
             "retry_backoff = 2\nmax_in_flight = 7\nmax_pending = 50\n"
-            '[agents.plain]\ncommand = ["y"]\n',
+            '[agents.plain]\ncommand = ["true"]\n',
         )
     )
     table = {e.name: e for e in agent_table(spec)}
@@ -461,6 +470,8 @@ EDGES = [
     ("agent.limits.memory_mb", "-1", "0", "16777216", "16777217"),
     ("agent.limits.nofile", "-1", "0", "1048576", "1048577"),
     ("agent.limits.cpu_seconds", "-1", "0", "31536000", "31536001"),
+    ("agent.limits.pids", "-1", "0", "4194304", "4194305"),
+    ("agent.limits.cpu_percent", "-1", "0", "102400", "102401"),
 ]
 FLOAT_KEYS = {
     "daemon.shutdown_timeout",
@@ -483,16 +494,17 @@ def config_setting(key: str, value: str) -> tuple[str, int, str]:
         text = f'[supervisors.s]\nstrategy = "dynamic"\ntemplate = "a"\n{attr} = {value}\n'
         return text + '[agents.a]\ncommand = ["x"]\n', 4, f"supervisors.s.{attr}"
     if section == "supervisor":
-        text = f'[supervisors.s]\nchildren = ["a"]\n{attr} = {value}\n[agents.a]\ncommand = ["x"]\n'
+        agent = '[agents.a]\ncommand = ["true"]\n'
+        text = f'[supervisors.s]\nchildren = ["a"]\n{attr} = {value}\n{agent}'
         return text, 3, f"supervisors.s.{attr}"
     if attr.startswith("limits."):
         inner = attr.partition(".")[2]
         return (
-            f'[agents.a]\ncommand = ["x"]\nlimits = {{ {inner} = {value} }}\n',
+            f'[agents.a]\ncommand = ["true"]\nlimits = {{ {inner} = {value} }}\n',
             3,
             f"agents.a.{attr}",
         )
-    return f'[agents.a]\ncommand = ["x"]\n{attr} = {value}\n', 3, f"agents.a.{attr}"
+    return f'[agents.a]\ncommand = ["true"]\n{attr} = {value}\n', 3, f"agents.a.{attr}"
 
 
 def test_every_bound_in_the_table_is_tested() -> None:
@@ -533,14 +545,14 @@ def test_the_root_supervisor_is_bounded_too(tmp_path: Path) -> None:
 
 
 def test_a_number_past_any_bound_names_its_value_briefly(tmp_path: Path) -> None:
-    path = write(tmp_path, '[agents.a]\ncommand = ["x"]\nreplicas = 1' + "0" * 30 + "\n")
+    path = write(tmp_path, '[agents.a]\ncommand = ["true"]\nreplicas = 1' + "0" * 30 + "\n")
     assert errors(path) == [
         f"{path}:3: agents.a.replicas: must be between 0 and 100000 (got a 31-digit number)"
     ]
 
 
 def test_an_int_literal_python_will_not_parse_is_an_error_not_a_traceback(tmp_path: Path) -> None:
-    path = write(tmp_path, '[agents.a]\ncommand = ["x"]\nreplicas = 1' + "0" * 5000 + "\n")
+    path = write(tmp_path, '[agents.a]\ncommand = ["true"]\nreplicas = 1' + "0" * 5000 + "\n")
     found = errors(path)
     assert len(found) == 1 and found[0].startswith(f"{path}:3: "), found
 
@@ -567,7 +579,7 @@ def test_absurd_replicas_is_refused_before_any_member_is_built(tmp_path: Path) -
         finally:
             sys.settrace(previous)
 
-    text = '[agents.a]\ncommand = ["x"]\n[agents.w]\ncommand = ["x"]\nreplicas = 100000000\n'
+    text = '[agents.a]\ncommand = ["true"]\n[agents.w]\ncommand = ["true"]\nreplicas = 100000000\n'
     path = write(tmp_path, text)
     with pytest.raises(ConfigError) as info:
         load_tripwired(path)
@@ -579,7 +591,7 @@ def test_absurd_replicas_is_refused_before_any_member_is_built(tmp_path: Path) -
 
 
 def test_check_answers_absurd_replicas_with_file_and_line(tmp_path: Path) -> None:
-    bad = write(tmp_path, '[agents.w]\ncommand = ["x"]\nreplicas = 100000000\n')
+    bad = write(tmp_path, '[agents.w]\ncommand = ["true"]\nreplicas = 100000000\n')
     result = run_cli("check", "--config", str(bad))
     assert result.returncode == 1
     assert f"{bad}:3: agents.w.replicas: must be between 0 and 100000" in result.stderr
@@ -588,11 +600,11 @@ def test_check_answers_absurd_replicas_with_file_and_line(tmp_path: Path) -> Non
 def test_instances_in_all_are_bounded_across_pools_and_files(tmp_path: Path) -> None:
     main = write(
         tmp_path,
-        'include = ["d/*.toml"]\n[agents.w]\ncommand = ["x"]\nreplicas = 60000\n',
+        'include = ["d/*.toml"]\n[agents.w]\ncommand = ["true"]\nreplicas = 60000\n',
     )
     drop = write(
         tmp_path,
-        '[agents.single]\ncommand = ["x"]\n[agents.v]\ncommand = ["x"]\nreplicas = 40000\n',
+        '[agents.single]\ncommand = ["true"]\n[agents.v]\ncommand = ["true"]\nreplicas = 40000\n',
         "d/v.toml",
     )
     found = errors(main)
@@ -605,7 +617,7 @@ def test_instances_in_all_are_bounded_across_pools_and_files(tmp_path: Path) -> 
 
 
 def test_a_full_size_pool_is_fine(tmp_path: Path) -> None:
-    spec = load(write(tmp_path, '[agents.w]\ncommand = ["x"]\nreplicas = 100000\n'))
+    spec = load(write(tmp_path, '[agents.w]\ncommand = ["true"]\nreplicas = 100000\n'))
     assert len(spec.agents) == 100_000 and spec.pools["w"].replicas == 100_000
 
 
@@ -614,7 +626,7 @@ def test_children_per_supervisor_are_bounded(tmp_path: Path) -> None:
     path = write(
         tmp_path,
         '[supervisors.s]\nchildren = ["w", "t"]\n[supervisors.t]\nchildren = []\n'
-        '[agents.w]\ncommand = ["x"]\nreplicas = 100000\n',
+        '[agents.w]\ncommand = ["true"]\nreplicas = 100000\n',
     )
     assert errors(path) == [
         f"{path}:2: supervisors.s: 100001 children (a pool counts each member), more than the "
@@ -638,7 +650,7 @@ def nested(depth: int) -> str:
         f'[supervisors.s{i}]\nchildren = ["{f"s{i + 1}" if i < depth else "a"}"]\n'
         for i in range(1, depth + 1)
     )
-    return text + '[agents.a]\ncommand = ["x"]\n'
+    return text + '[agents.a]\ncommand = ["true"]\n'
 
 
 def test_nesting_depth_is_bounded(tmp_path: Path) -> None:
@@ -661,8 +673,8 @@ def test_a_cycle_is_still_reported_with_depth_checked(tmp_path: Path) -> None:
 
 
 def test_names_are_bounded(tmp_path: Path) -> None:
-    load(write(tmp_path, f'[agents.{"a" * 128}]\ncommand = ["x"]\n'))
-    path = write(tmp_path, f'[agents.{"a" * 129}]\ncommand = ["x"]\n')
+    load(write(tmp_path, f'[agents.{"a" * 128}]\ncommand = ["true"]\n'))
+    path = write(tmp_path, f'[agents.{"a" * 129}]\ncommand = ["true"]\n')
     assert errors(path) == [
         f"{path}:1: agents.{'a' * 40}...: 129 characters in the name, more than the 128 allowed"
     ]
@@ -673,7 +685,7 @@ def test_a_pool_of_none_builds(tmp_path: Path) -> None:
     spec = load(
         write(
             tmp_path,
-            '[supervisors.s]\nchildren = ["w"]\n[agents.w]\ncommand = ["x"]\nreplicas = 0\n',
+            '[supervisors.s]\nchildren = ["w"]\n[agents.w]\ncommand = ["true"]\nreplicas = 0\n',
         )
     )
     assert spec.pools["w"].replicas == 0 and spec.pools["w"].supervisor == "s"
@@ -682,7 +694,7 @@ def test_a_pool_of_none_builds(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("pattern", ["a..b", "", "a.", ".a", "."])
 def test_empty_pattern_segments_are_errors(tmp_path: Path, pattern: str) -> None:
-    path = write(tmp_path, f'[agents.a]\ncommand = ["x"]\nsubscribe = ["ok.*", "{pattern}"]\n')
+    path = write(tmp_path, f'[agents.a]\ncommand = ["true"]\nsubscribe = ["ok.*", "{pattern}"]\n')
     assert errors(path) == [
         f'{path}:3: agents.a.subscribe: "{pattern}" is not a pattern: its dot-separated '
         "segments must not be empty"
@@ -690,14 +702,14 @@ def test_empty_pattern_segments_are_errors(tmp_path: Path, pattern: str) -> None
 
 
 def test_wildcard_patterns_are_fine(tmp_path: Path) -> None:
-    spec = load(write(tmp_path, '[agents.a]\ncommand = ["x"]\nsubscribe = ["a.*", "**", "b"]\n'))
+    spec = load(write(tmp_path, '[agents.a]\ncommand = ["true"]\nsubscribe = ["a.*", "**", "b"]\n'))
     assert spec.agents["a"].subscribe == ("a.*", "**", "b")
 
 
 def test_an_include_without_a_wildcard_must_name_a_file(tmp_path: Path) -> None:
     main = write(
         tmp_path,
-        'include = ["extra.tmol", "none.d/*.toml", "d"]\n[agents.a]\ncommand = ["x"]\n',
+        'include = ["extra.tmol", "none.d/*.toml", "d"]\n[agents.a]\ncommand = ["true"]\n',
     )
     (tmp_path / "d").mkdir()
     assert errors(main) == [
@@ -705,9 +717,9 @@ def test_an_include_without_a_wildcard_must_name_a_file(tmp_path: Path) -> None:
         "may match nothing",
         f'{main}:1: include: "d" is not a file ({tmp_path}/d); for a directory use "d/*.toml"',
     ]
-    write(tmp_path, '[agents.b]\ncommand = ["y"]\n', "extra.tmol")
+    write(tmp_path, '[agents.b]\ncommand = ["true"]\n', "extra.tmol")
     (tmp_path / "d").rmdir()
-    write(tmp_path, '[agents.c]\ncommand = ["z"]\n', "d")  # a file named d: fine
+    write(tmp_path, '[agents.c]\ncommand = ["true"]\n', "d")  # a file named d: fine
     assert set(load(main).agents) == {"a", "b", "c"}
 
 
@@ -721,7 +733,7 @@ def test_a_missing_include_in_a_drop_in_names_the_drop_in(tmp_path: Path) -> Non
 
 
 def test_a_glob_skips_directories(tmp_path: Path) -> None:
-    main = write(tmp_path, 'include = ["d/*"]\n[agents.a]\ncommand = ["x"]\n')
+    main = write(tmp_path, 'include = ["d/*"]\n[agents.a]\ncommand = ["true"]\n')
     (tmp_path / "d" / "sub.toml").mkdir(parents=True)
     assert set(load(main).agents) == {"a"}
 
@@ -730,10 +742,10 @@ def test_a_glob_skips_directories(tmp_path: Path) -> None:
     ("setting", "needle"),
     [
         ('command = ["x\\u0000y"]', "agents.a.command: must not contain a NUL byte"),
-        ('command = ["x"]\nenv = { A = "\\u0000" }', "agents.a.env: must not contain a NUL"),
-        ('command = ["x"]\nenv = { "A=B" = "1" }', "agents.a.env: `A=B` is not a variable name"),
-        ('command = ["x"]\nenv = { "" = "1" }', "agents.a.env: `` is not a variable name"),
-        ('command = ["x"]\ncwd = "/tmp\\u0000"', "agents.a.cwd: must not contain a NUL byte"),
+        ('command = ["true"]\nenv = { A = "\\u0000" }', "agents.a.env: must not contain a NUL"),
+        ('command = ["true"]\nenv = { "A=B" = "1" }', "agents.a.env: `A=B` is not a variable name"),
+        ('command = ["true"]\nenv = { "" = "1" }', "agents.a.env: `` is not a variable name"),
+        ('command = ["true"]\ncwd = "/tmp\\u0000"', "agents.a.cwd: must not contain a NUL byte"),
     ],
 )
 def test_strings_exec_cannot_carry_are_errors(tmp_path: Path, setting: str, needle: str) -> None:
@@ -756,3 +768,41 @@ def test_otp_keys_reach_the_spec(tmp_path: Path) -> None:
     assert spec.supervisors["root"].auto_shutdown == "all_significant"
     assert spec.supervisors["s"].significant and not spec.supervisors["root"].significant
     assert spec.agents["a"].significant and spec.agents["a"].shutdown == math.inf
+
+
+# --- command[0] must resolve, as the runtime resolves it (SPEC §11) ---------------------
+
+
+@pytest.mark.parametrize(
+    ("command", "needle"),
+    [
+        ('["/nonexistent/agent"]', '"/nonexistent/agent": no such executable'),
+        ('["{tmp}/plain.txt"]', 'plain.txt": no such executable'),  # not executable
+        ('["{tmp}"]', "no such executable"),  # a directory
+        ('["no-such-agent-xyz", "-v"]', '"no-such-agent-xyz": not found on PATH ('),
+        ('["bin/agent"]', '"bin/agent": no such executable'),  # relative to cwd: not there
+    ],
+)
+def test_a_command_that_does_not_resolve_is_an_error_at_its_line(
+    tmp_path: Path, command: str, needle: str
+) -> None:
+    (tmp_path / "plain.txt").write_text("not a program\n")
+    text = f"[agents.a]\nstart_seconds = 0\ncommand = {command.format(tmp=tmp_path)}\n"
+    path = write(tmp_path, text)
+    found = errors(path)
+    assert len(found) == 1 and found[0].startswith(f"{path}:3: agents.a.command: "), found
+    assert needle in found[0], found
+
+
+def test_a_command_resolves_on_the_agents_own_path_and_cwd(tmp_path: Path) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "agent").write_text("#!/bin/sh\n")
+    (bin_dir / "agent").chmod(0o755)
+    text = (
+        f'[agents.a]\ncommand = ["agent"]\nenv = {{ PATH = "{bin_dir}" }}\n'
+        f'[agents.b]\ncommand = ["bin/agent"]\ncwd = "{tmp_path}"\n'
+        '[agents.c]\ncommand = ["sh", "-c", "true"]\n'  # the daemon's own PATH
+    )
+    spec = load(write(tmp_path, text))
+    assert spec.agents["a"].argv == ("agent",)  # resolved again at spawn, as written

@@ -279,17 +279,22 @@ start_seconds = 0.1
     assert "agent.exited" not in text  # only the agent's own lines
 
 
-def test_missing_program_is_start_failed_and_fails_the_tree(daemon_factory) -> None:
+def test_missing_program_is_start_failed_and_fails_the_tree(daemon_factory, tmp_path) -> None:
+    # `check` refuses a command that does not resolve; this one does, but its
+    # interpreter is missing, so the exec itself fails.
+    ghost = tmp_path / "ghost"
+    ghost.write_text("#!/nonexistent/interpreter\n")
+    ghost.chmod(0o755)
     d = daemon_factory(
-        """
+        f"""
 [agents.ghost]
-command = ["/nonexistent/program"]
+command = ["{ghost}"]
 """
     ).start(wait_ready=False)
     assert d.wait(10) == 1
     exited = d.events("agent.exited", "ghost")[0]
     assert exited["reason"] == "start_failed"
-    assert "FileNotFoundError" in exited["stderr_tail"][0]
+    assert "No such file or directory" in " ".join(exited["stderr_tail"])
 
 
 def test_second_sigterm_escalates(daemon_factory, tmp_path) -> None:

@@ -6,7 +6,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agentd.daemon.tree import SetTimer, Start, Stop, TreeFailed, TreeReady, TreeStopped
+from agentd.daemon.tree import (
+    Pause,
+    Resume,
+    SetTimer,
+    Start,
+    Stop,
+    TreeFailed,
+    TreeReady,
+    TreeStopped,
+)
 from tests.treesim import Sim, sup
 
 ABC = ["a", "b", "c", "d"]
@@ -328,6 +337,34 @@ def test_ctl_stop_keeps_child_down_without_counting() -> None:
     sim.apply(sim.tree.start_child("a", 2.0))
     assert sim.ops("start") == ["a"]
     assert sim.tree.state("a") == "running"
+
+
+def test_ctl_pause_keeps_an_agent_up_and_frozen_until_resume() -> None:
+    sim = Sim.make([sup("root", ["a", "b"], "one_for_all")]).start()
+    sim.clear()
+    assert sim.tree.pause_child("a", 1.0) == [Pause("a")]
+    assert sim.tree.state("a") == "paused"
+    assert sim.tree.pause_child("a", 1.0) == []  # already paused
+    sim.apply(sim.tree.timer("a#0", 2.0))
+    assert sim.ops("start") == [] and sim.ops("stop") == []  # nothing restarts it
+    assert sim.tree.resume_child("a", 3.0) == [Resume("a")]
+    assert sim.tree.state("a") == "running"
+    assert sim.tree.resume_child("a", 3.0) == []  # not paused
+    sim.apply(sim.tree.stop_child("b", 4.0))
+    assert sim.tree.pause_child("b", 4.0) == []  # only a running agent pauses
+
+
+def test_a_paused_agent_stops_and_restarts_like_a_running_one() -> None:
+    sim = Sim.make([sup("root", ["a", "b"], "one_for_all")]).start()
+    sim.clear()
+    sim.apply(sim.tree.pause_child("a", 1.0))
+    sim.crash("b")  # the group restart takes the paused sibling too, stop then start
+    assert sim.ops("stop") == ["a"] and sim.ops("start") == ["a", "b"]
+    assert sim.tree.state("a") == "running"
+    sim.apply(sim.tree.pause_child("a", 2.0))
+    sim.clear()
+    sim.apply(sim.tree.shutdown(3.0))
+    assert sim.ops("stop") == ["b", "a"] and sim.outcome[-1] == TreeStopped()
 
 
 def test_ctl_restart_does_not_count_toward_intensity() -> None:

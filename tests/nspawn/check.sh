@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # agentd under a real systemd: the unit, StateDirectory=, sd_notify, the watchdog,
-# `agentd ctl` from a root shell, and durability across kills and restarts (the
+# `agentd ctl` from a root shell, a cgroup per agent inside the unit's delegated
+# cgroup, and durability across kills and restarts (the
 # hub's jobs, its audit trail, the agents' logs), in a Debian 12 container booted
 # with systemd-nspawn.
 #
@@ -362,6 +363,42 @@ check_ctl() {
     ok $? "the same with XDG_RUNTIME_DIR=/run (the unit's environment)"
 }
 
+cgroup_of() { ct sh -c "grep '^0::' /proc/$1/cgroup | cut -d: -f3"; } # pid's cgroup2 path
+stray_gone() { ! ct pgrep -x -f 'sleep 434343' >/dev/null; }
+
+check_cgroups() {
+    say "1c. a cgroup per agent (SPEC §11), inside the unit's delegated cgroup"
+    local cg root main line orch ocg stray
+    cg=$(prop ControlGroup)
+    main=$(prop MainPID)
+    root=/sys/fs/cgroup
+    ct test -f /sys/fs/cgroup/unified/cgroup.procs && root=/sys/fs/cgroup/unified # hybrid
+    show systemd-cgls --no-pager -u agentd.service
+    line=$(ct journalctl -q -o cat --no-pager -u agentd | grep '"daemon.isolation"' | tail -n1)
+    printf '    %s\n' "$line"
+    grep -q '"mode":"cgroup"' <<<"$line" && grep -q '"how":"delegated"' <<<"$line"
+    ok $? "daemon.isolation: a cgroup per agent, in the cgroup systemd delegated (Delegate=yes)"
+    printf '    the daemon (MainPID %s): %s\n' "$main" "$(cgroup_of "$main")"
+    [ "$(cgroup_of "$main")" = "$cg/daemon" ]
+    ok $? "the daemon moved itself into the leaf $cg/daemon"
+    orch=$(orchestrator_pid)
+    ocg=$(cgroup_of "$orch")
+    printf '    the orchestrator (pid %s): %s\n' "$orch" "$ocg"
+    [[ $ocg =~ ^$cg/orchestrator\.[0-9]+$ ]]
+    ok $? "the orchestrator runs in a cgroup of its own inside the unit ($cg/orchestrator.N)"
+    # A process that leaves the agent's session (setsid), as a daemonising child does.
+    ct sh -c "echo \$\$ > $root$ocg/cgroup.procs || exit 1; setsid sleep 434343 </dev/null >/dev/null 2>&1 &"
+    wait_for 10 "the setsid sleep" ct pgrep -x -f 'sleep 434343'
+    stray=$(ct pgrep -x -f 'sleep 434343')
+    printf '    setsid sleep 434343: pid %s, in %s\n' "$stray" "$(cgroup_of "$stray")"
+    show agentd ctl --config /etc/agentd/agentd.toml restart orchestrator
+    wait_for 5 "the setsid sleep to be gone" stray_gone
+    ok $? "ctl restart orchestrator: its setsid() child went with it (cgroup.kill)"
+    wait_for 5 "the old cgroup to be removed" ct test ! -e "$root$ocg"
+    ok $? "the old incarnation's cgroup is removed ($ocg)"
+    printf '    the new orchestrator: %s\n' "$(cgroup_of "$(orchestrator_pid)")"
+}
+
 check_durability() {
     say "3a. a job in flight, then systemctl kill -s SIGKILL agentd (the whole unit)"
     local id main restarts t broker n
@@ -529,6 +566,7 @@ main() {
     install_agentd
     check_unit_and_notify
     check_ctl
+    check_cgroups
     check_state_directory
     check_durability
     check_restart
