@@ -367,7 +367,7 @@ class ProcessRuntime:
     def pause(self, name: str) -> bool:
         """Freeze the agent's cgroup (SIGSTOP to its process group without one)."""
         proc = self.procs.get(name)
-        if proc is None or proc.pid == 0 or proc.popen is None or proc.stopping:
+        if proc is None or proc.pid == 0 or proc.exited or proc.stopping:
             return False
         proc.paused = "sigstop"
         if proc.group is not None and proc.group.can_freeze:
@@ -419,7 +419,7 @@ class ProcessRuntime:
     def _oom(self, proc: Proc) -> None:
         """v1: the kernel signalled an OOM in the agent's memory cgroup; end the group."""
         self._close_oom(proc)
-        if self.procs.get(proc.name) is proc and proc.popen is not None:
+        if self.procs.get(proc.name) is proc and not proc.exited:
             self._memory_exceeded(proc)
             self.kill(proc.name, "memory")
 

@@ -529,3 +529,40 @@ def test_the_trampoline_joins_the_cgroup_then_drops_privileges(monkeypatch, tram
     uid = next(line.split()[1] for line in text.splitlines() if line.startswith("Uid:"))
     assert int(uid) == pwd.getpwnam("nobody").pw_uid
     assert not any(Path(d).exists() for d in tree.created)
+
+
+SPAWNER = """
+import subprocess
+from agentd.agents import Agent
+
+
+class Spawner(Agent):
+    def setup(self):
+        # Leaves the agent's session and process group: only the cgroup holds it.
+        subprocess.Popen(["setsid", "sleep", "4248"])
+"""
+
+
+@needs_root
+def test_a_forked_agent_is_in_its_own_cgroup_before_its_code_runs(daemon_factory, tmp_path) -> None:
+    (tmp_path / "spawner.py").write_text(SPAWNER)
+    d = daemon_factory(f"""
+[agents.w]
+module = "spawner:Spawner"
+limits = {{ memory_mb = 300 }}
+env = {{ PYTHONPATH = "{tmp_path}" }}
+""").start()
+    assert d.events("daemon.isolation")[0]["mode"] == "cgroup"
+    pid = d.pid("w")
+    assert d.ctl_json("status", "w")["agents"][0]["pid"] == pid
+    mount = cgroup.detect().v2.mount  # type: ignore[union-attr]
+    subtree = d.events("daemon.isolation")[0]["subtree"].removeprefix(mount)
+    line = next(x for x in Path(f"/proc/{pid}/cgroup").read_text().splitlines() if x[:3] == "0::")
+    assert line == f"0::{subtree}/w.0", line  # forked from its template, then placed
+    memory = v1_or_v2_dir(pid, "memory")
+    limit = memory / ("memory.max" if (memory / "memory.max").exists() else "memory.limit_in_bytes")
+    assert int(limit.read_text()) == 300 * 1024 * 1024
+    [escaped] = wait_for_escapees(["4248"])
+    assert os.getpgid(escaped) != pid
+    assert d.ctl("stop", "w").returncode == 0
+    wait_for(lambda: not alive(escaped), 2, "the setsid child to go with its cgroup")

@@ -99,12 +99,12 @@ def test_defaults(tmp_path: Path) -> None:
         ('[daemon]\nkeys_dir = "k"\ncontrol = "tcp://127.0.0.1"\n', 3, "needs a host and a port"),
         ('[daemon]\n\nbus = "udp://127.0.0.1:5555"\n', 3, "unknown transport 'udp'"),
         ('[daemon]\ncontrol = "/run/agentd/control.sock"\n', 2, "is not an endpoint"),
-        ('[agents.a]\ncommand = ["x"]\nsignificant = true\n', 3, "a permanent child"),
-        ('[supervisor]\nsignificant = true\n[agents.a]\ncommand = ["x"]\n', 2, "the root"),
+        ('[agents.a]\ncommand = ["true"]\nsignificant = true\n', 3, "a permanent child"),
+        ('[supervisor]\nsignificant = true\n[agents.a]\ncommand = ["true"]\n', 2, "the root"),
         ("[supervisors.s]\nchildren = []\nsignificant = true\n", 3, "a permanent child"),
         ('[supervisor]\nauto_shutdown = "some"\n', 2, "Invalid enum value"),
         ("[supervisors.s]\nchildren = []\nshutdown = 5\n", 3, "Expected `str`"),
-        ('[agents.a]\ncommand = ["x"]\nshutdown = "forever"\n', 3, "shutdown"),
+        ('[agents.a]\ncommand = ["true"]\nshutdown = "forever"\n', 3, "shutdown"),
         ('[daemon]\nshutdown_timeout = "soon"\n', 2, "Expected `float`"),
         ('[agents.a]\ncommand = ["true"]\nheartbeat = 0\n', 3, "must be > 0"),
         ('[agents.a]\ncommand = ["true"]\nuser = "no-such-user-agentd"\n', 3, "no such user"),
@@ -306,8 +306,8 @@ def test_a_config_that_says_nothing_gets_the_specs_defaults(tmp_path: Path) -> N
     """spec.py holds every default once: an unset key means exactly what it says there."""
     from agentd.daemon.spec import AgentSpec, SupervisorSpec
 
-    spec = load(write(tmp_path, '[daemon]\nruntime_dir = "run"\n[agents.a]\ncommand = ["x"]\n'))
-    assert spec.agents["a"] == AgentSpec(name="a", pool=None, argv=("x",), bus_agent=False)
+    spec = load(write(tmp_path, '[daemon]\nruntime_dir = "run"\n[agents.a]\ncommand = ["true"]\n'))
+    assert spec.agents["a"] == AgentSpec(name="a", pool=None, argv=("true",), bus_agent=False)
     assert spec.supervisors["root"] == SupervisorSpec(name="root", children=("a",))
     given = {"runtime_dir", "log_dir", "control", "bus", "state_dir"}  # derived, not defaults
     unset = {f: v for f, v in msgspec.structs.asdict(spec.daemon).items() if f not in given}
@@ -329,7 +329,7 @@ def test_ctl_finds_the_endpoints_the_daemon_serves(tmp_path: Path, daemon: str) 
     """ctl reads the raw config (no validation) and must land where the daemon binds."""
     from agentd.daemon.ctl import Ctl
 
-    path = write(tmp_path / "etc", f'[daemon]\n{daemon}[agents.a]\ncommand = ["x"]\n')
+    path = write(tmp_path / "etc", f'[daemon]\n{daemon}[agents.a]\ncommand = ["true"]\n')
     spec = load(path).daemon
     settings = Ctl(str(path)).settings()
     assert (settings["control"], settings["bus"]) == (spec.control, spec.bus)
@@ -492,7 +492,7 @@ def config_setting(key: str, value: str) -> tuple[str, int, str]:
         return f"[daemon]\n{attr} = {value}\n", 2, key
     if key == "supervisor.max_children":  # a dynamic supervisor's key only
         text = f'[supervisors.s]\nstrategy = "dynamic"\ntemplate = "a"\n{attr} = {value}\n'
-        return text + '[agents.a]\ncommand = ["x"]\n', 4, f"supervisors.s.{attr}"
+        return text + '[agents.a]\ncommand = ["true"]\n', 4, f"supervisors.s.{attr}"
     if section == "supervisor":
         agent = '[agents.a]\ncommand = ["true"]\n'
         text = f'[supervisors.s]\nchildren = ["a"]\n{attr} = {value}\n{agent}'
@@ -761,7 +761,7 @@ def test_otp_keys_reach_the_spec(tmp_path: Path) -> None:
             '[supervisor]\nauto_shutdown = "all_significant"\n'
             '[supervisors.s]\nrestart = "transient"\nsignificant = true\nshutdown = "infinity"\n'
             'children = ["a"]\n'
-            '[agents.a]\ncommand = ["x"]\nrestart = "temporary"\nsignificant = true\n'
+            '[agents.a]\ncommand = ["true"]\nrestart = "temporary"\nsignificant = true\n'
             'shutdown = "infinity"\n',
         )
     )

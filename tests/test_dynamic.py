@@ -270,7 +270,7 @@ def config_errors(tmp_path: Path, text: str) -> list[str]:
     [
         (
             '[supervisors.s]\nstrategy = "dynamic"\ntemplate = "a"\nchildren = ["b"]\n'
-            '[agents.a]\ncommand = ["x"]\n[agents.b]\ncommand = ["x"]\n',
+            '[agents.a]\ncommand = ["true"]\n[agents.b]\ncommand = ["true"]\n',
             4,
             "a dynamic supervisor has no configured children",
         ),
@@ -284,24 +284,24 @@ def config_errors(tmp_path: Path, text: str) -> list[str]:
         ),
         (
             '[supervisor]\nchildren = ["a", "s"]\n[supervisors.s]\nstrategy = "dynamic"\n'
-            'template = "a"\n[agents.a]\ncommand = ["x"]\n',
+            'template = "a"\n[agents.a]\ncommand = ["true"]\n',
             2,
             "`a` is a dynamic supervisor's template",
         ),
         (
-            '[supervisors.s]\nchildren = ["a"]\ntemplate = "a"\n[agents.a]\ncommand = ["x"]\n',
+            '[supervisors.s]\nchildren = ["a"]\ntemplate = "a"\n[agents.a]\ncommand = ["true"]\n',
             3,
             'only a supervisor with strategy = "dynamic"',
         ),
         (
             '[supervisors.s]\nstrategy = "dynamic"\ntemplate = "a"\nmax_children = 100001\n'
-            '[agents.a]\ncommand = ["x"]\n',
+            '[agents.a]\ncommand = ["true"]\n',
             4,
             "must be between 1 and 100000",
         ),
         (
             '[supervisors.s]\nstrategy = "dynamic"\ntemplate = "a"\n'
-            '[agents.a]\ncommand = ["x"]\nreplicas = 2\n',
+            '[agents.a]\ncommand = ["true"]\nreplicas = 2\n',
             6,
             "a template (of `supervisors.s`) is not a pool",
         ),
@@ -320,8 +320,8 @@ def test_config_template_is_not_started_and_children_are_transient_unless_set(
     path.write_text(
         '[supervisors.s]\nstrategy = "dynamic"\ntemplate = "a"\n'
         '[supervisors.p]\nstrategy = "dynamic"\ntemplate = "b"\nmax_children = 7\n'
-        '[agents.a]\ncommand = ["x"]\n[agents.b]\ncommand = ["x"]\nrestart = "permanent"\n'
-        '[agents.c]\ncommand = ["x"]\n'
+        '[agents.a]\ncommand = ["true"]\n[agents.b]\ncommand = ["true"]\nrestart = "permanent"\n'
+        '[agents.c]\ncommand = ["true"]\n'
     )
     spec = load(path)
     assert set(spec.agents) == {"c"} and set(spec.templates) == {"a", "b"}
@@ -335,11 +335,11 @@ def test_config_template_is_not_started_and_children_are_transient_unless_set(
     path.write_text(
         '[supervisors.outer]\nstrategy = "one_for_all"\nchildren = ["c", "s"]\n'
         '[supervisors.s]\nstrategy = "dynamic"\ntemplate = "a"\n'
-        '[agents.a]\ncommand = ["x"]\n[agents.c]\ncommand = ["x"]\n'
+        '[agents.a]\ncommand = ["true"]\n[agents.c]\ncommand = ["true"]\n'
     )
     assert load(path).supervisors["outer"].children == ("c", "s")
     path.write_text(
-        '[supervisor]\nstrategy = "dynamic"\ntemplate = "a"\n[agents.a]\ncommand = ["x"]\n'
+        '[supervisor]\nstrategy = "dynamic"\ntemplate = "a"\n[agents.a]\ncommand = ["true"]\n'
     )
     spec = load(path)
     assert spec.supervisors["root"].children == () and spec.supervisors["root"].template == "a"
@@ -382,8 +382,8 @@ def test_with_children_keeps_those_whose_supervisor_is_still_dynamic(tmp_path: P
     path = tmp_path / "agentd.toml"
     path.write_text(
         '[supervisors.s]\nstrategy = "dynamic"\ntemplate = "a"\n'
-        '[agents.a]\ncommand = ["x"]\nenv = { AGENTD_ARGS = "no", K = "v" }\n'
-        '[agents.c]\ncommand = ["x"]\n'
+        '[agents.a]\ncommand = ["true"]\nenv = { AGENTD_ARGS = "no", K = "v" }\n'
+        '[agents.c]\ncommand = ["true"]\n'
     )
     spec = load(path)
     children = [
