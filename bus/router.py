@@ -439,6 +439,9 @@ class Router:
         peer = self.peers.get(sender)
         if peer is not None:
             peer.last_seen = now
+            # Heard from again (a paused agent resumed: its hung report was ignored): a
+            # later silence is news again.
+            peer.hung_reported = False
         elif kind in (RawSignal, RawBatch, Heartbeat, Ready, Ack, Nack):
             # A peer from before a broker restart (or a client that skipped HELLO):
             # known from now on, and asked to announce itself again — whatever its

@@ -300,6 +300,13 @@ def test_heartbeat_silence_is_reported_once() -> None:
     assert [(h.name, h.incarnation) for h in hung] == [("w", 0)]
     net.advance(2.0)
     assert not [f for f in net.take("agentd") if isinstance(f, AgentEvent) and f.event == "hung"]
+    # Heard from again (it was paused: agentd let it be), then silent again: news again.
+    net.send("w", Heartbeat())
+    net.advance(0.5)
+    assert not [f for f in net.take("agentd") if isinstance(f, AgentEvent) and f.event == "hung"]
+    net.advance(0.6)
+    hung = [f for f in net.take("agentd") if isinstance(f, AgentEvent) and f.event == "hung"]
+    assert [(h.name, h.incarnation) for h in hung] == [("w", 0)]
 
 
 # --- kept (ack = true) ---------------------------------------------------------------
