@@ -70,8 +70,12 @@ def test_broker_that_cannot_bind_backs_off(daemon_factory, tmp_path) -> None:
         head = f'bus = "tcp://127.0.0.1:{port}"\nkeys_dir = "{keys}"\n'
         d.config.write_text(text.replace("[daemon]\n", "[daemon]\n" + head, 1))
         d.start(wait_ready=False)
-        d.wait_event("agent.restarting", "bus", count=4, timeout=10)
-        delays = [e["delay"] for e in d.events("agent.restarting", "bus")][:4]
-        assert delays == [0.1, 0.2, 0.4, 0.8]
+        d.wait_event("agent.restarting", "bus", count=5, timeout=15)
+        delays = [e["delay"] for e in d.events("agent.restarting", "bus")]
+        # A first failure slower than QUICK (a loaded machine's interpreter start) counts
+        # as a broker that ran: no delay for it. From the first quick failure on, doubling.
+        while delays and delays[0] == 0.0:
+            delays.pop(0)
+        assert delays[:3] == [0.1, 0.2, 0.4], delays
         assert d.stop() == 0  # SIGTERM while the broker is still failing: a clean exit
         assert not d.events("agent.starting", "a")  # the tree never started without a bus
