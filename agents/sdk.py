@@ -231,7 +231,6 @@ class AgentRunner:
         self.receipts: dict[str, asyncio.Future[Receipt]] = {}
         self.daemon_asks: dict[str, asyncio.Future[SpawnReply]] = {}  # spawn, terminate
         self.requests: dict[str, asyncio.Future[Signal]] = {}
-        self.request_ids: dict[str, str] = {}  # signal id -> correlation id
         self.inflight: set[asyncio.Task[Any]] = set()
         self._acks: list[str] = []  # handled, not yet acknowledged (sent once per turn)
         self.stopping = False
@@ -315,16 +314,26 @@ class AgentRunner:
     def send(self, frame: Any) -> None:
         self.sock.send(self.enc.encode(frame), copy=True)
 
-    async def send_with_receipt(self, sig: Signal, timeout: float = 5.0) -> Receipt:
-        future: asyncio.Future[Receipt] = asyncio.get_running_loop().create_future()
-        self.receipts[sig.id] = future
-        self.send(sig)
+    async def _answer(
+        self, waiting: dict[str, asyncio.Future[Any]], frame: Any, timeout: float, late: str
+    ) -> Any:
+        """Send `frame` and wait for the answer filed under its id in `waiting`.
+
+        The receiving side resolves the future; BusTimeout(`late`) after `timeout`.
+        """
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        waiting[frame.id] = future
+        self.send(frame)
         try:
-            receipt = await asyncio.wait_for(future, timeout)
+            return await asyncio.wait_for(future, timeout)
         except TimeoutError:
-            raise BusTimeout(f"no receipt for {sig.type} to {sig.to} in {timeout}s") from None
+            raise BusTimeout(late) from None
         finally:
-            self.receipts.pop(sig.id, None)
+            waiting.pop(frame.id, None)
+
+    async def send_with_receipt(self, sig: Signal, timeout: float = 5.0) -> Receipt:
+        late = f"no receipt for {sig.type} to {sig.to} in {timeout}s"
+        receipt = await self._answer(self.receipts, sig, timeout, late)
         if not receipt.ok:
             raise BusError(receipt.error or "refused")
         return receipt
@@ -333,32 +342,16 @@ class AgentRunner:
         tp, cause = _caused()
         sig = make_signal(type, data, self.name, to=to, traceparent=tp, causation_id=cause)
         sig = msgspec.structs.replace(sig, correlation_id=sig.id)
-        future: asyncio.Future[Signal] = asyncio.get_running_loop().create_future()
-        self.requests[sig.id] = future
-        self.request_ids[sig.id] = sig.id
-        self.send(sig)
-        try:
-            reply = await asyncio.wait_for(future, timeout)
-        except TimeoutError:
-            raise BusTimeout(f"no reply from {to} to {type} within {timeout}s") from None
-        finally:
-            self.requests.pop(sig.id, None)
-            self.request_ids.pop(sig.id, None)
+        late = f"no reply from {to} to {type} within {timeout}s"
+        reply = await self._answer(self.requests, sig, timeout, late)
         if reply.error is not None:
             raise RemoteError(f"{to}: {reply.error}")
         return reply.data
 
     async def ask_daemon(self, frame: Spawn | Terminate, what: str, timeout: float) -> None:
         """Send a spawn/terminate (the broker hands it to agentd); raise unless it is done."""
-        future: asyncio.Future[SpawnReply] = asyncio.get_running_loop().create_future()
-        self.daemon_asks[frame.id] = future
-        self.send(frame)
-        try:
-            answer = await asyncio.wait_for(future, timeout)
-        except TimeoutError:
-            raise BusTimeout(f"no answer to {what} within {timeout}s") from None
-        finally:
-            self.daemon_asks.pop(frame.id, None)
+        late = f"no answer to {what} within {timeout}s"
+        answer = await self._answer(self.daemon_asks, frame, timeout, late)
         if not answer.ok:
             raise RemoteError(answer.error or "refused")
 

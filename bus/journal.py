@@ -43,6 +43,8 @@ from typing import Any, Literal
 
 import msgspec
 
+from .atomic import replace_durably, write_all
+
 HEADER = struct.Struct("<II")
 COMPACT_MIN = 32 * 1024 * 1024  # bytes of log before compaction is considered
 LOCK_WAIT = 5.0  # seconds to wait for a dying broker's lock on the same journal
@@ -141,7 +143,7 @@ class Journal:
         if not buf:
             return
         try:
-            _write_all(self.fd, buf)
+            write_all(self.fd, buf)
             if self.sync == "always":
                 os.fdatasync(self.fd)
         except OSError:
@@ -162,19 +164,7 @@ class Journal:
         would lose every entry at a power cut, even in `batch` mode.
         """
         buf = encode((stored_record(s) for s in snapshot), self._enc)
-        tmp = self.path.with_name(self.path.name + ".compact")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
-        try:
-            _write_all(fd, buf)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, self.path)
-        dirfd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dirfd)
-        finally:
-            os.close(dirfd)
+        replace_durably(self.path, buf, ".compact")
         os.close(self.fd)
         self.fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
         self._lock(self.fd)
@@ -195,12 +185,6 @@ def encode(records: Iterable[tuple[Any, ...]], enc: msgspec.msgpack.Encoder) -> 
         buf += HEADER.pack(len(body), zlib.crc32(body))
         buf += body
     return buf
-
-
-def _write_all(fd: int, buf: bytearray) -> None:
-    written = os.write(fd, buf)
-    while written < len(buf):
-        written += os.write(fd, memoryview(buf)[written:])
 
 
 def stored_record(s: Stored) -> tuple[Any, ...]:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from agentd.bus.atomic import replace_durably
 from agentd.bus.log import get_logger
 
 from .spec import RESERVED_NAMES, ROOT, AgentSpec, Spec
@@ -151,20 +152,8 @@ class Record:
         data = msgspec.json.encode(RecordFile(children=list(children)))
         if len(data) > RECORD_MAX:
             raise SpawnError(f"the record of dynamic children would pass {RECORD_MAX} bytes")
-        tmp = self.path.with_name(RECORD + ".tmp")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-            try:
-                os.write(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, self.path)
-            dir_fd = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            replace_durably(self.path, data)
         except OSError as exc:
             raise SpawnError(f"cannot record the dynamic children in {self.path}: {exc}") from None
 
