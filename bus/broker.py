@@ -51,7 +51,10 @@ class BrokerLoop:
         # cost several µs a frame, which is most of a hop's latency in a request.
         recv, option = sock.recv, sock.getsockopt
         noblock, rcvmore, events, pollin = (
-            int(zmq.NOBLOCK), int(zmq.RCVMORE), int(zmq.EVENTS), int(zmq.POLLIN)
+            int(zmq.NOBLOCK),
+            int(zmq.RCVMORE),
+            int(zmq.EVENTS),
+            int(zmq.POLLIN),
         )
         while True:
             ready = dict(poller.poll(int(router.timeout() * 1000)))

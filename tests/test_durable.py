@@ -231,9 +231,7 @@ def test_a_full_disk_turns_receipts_into_errors_never_a_false_accepted(
         c.send("free", "still.works", 1)  # agents without ack keep working
         d.wait_event("bus.journal_unavailable", timeout=10)
         filler.unlink()
-        wait_for(
-            lambda: c.send_confirmed([("sink", "after", 1)], window=1)[0].ok, 10, "recovery"
-        )
+        wait_for(lambda: c.send_confirmed([("sink", "after", 1)], window=1)[0].ok, 10, "recovery")
         d.wait_event("bus.journal_recovered", timeout=10)
     assert len(d.events("bus.journal_unavailable")) == 1  # once per episode
     handled = {r["id"] for r in ledger(d)}
@@ -242,9 +240,10 @@ def test_a_full_disk_turns_receipts_into_errors_never_a_false_accepted(
 
 
 def agent_free() -> str:
-    return "\n".join(
-        ["[agents.free]", 'module = "tests.bus_agents:Recorder"', f'cwd = "{ROOT}"']
-    ) + "\n"
+    return (
+        "\n".join(["[agents.free]", 'module = "tests.bus_agents:Recorder"', f'cwd = "{ROOT}"'])
+        + "\n"
+    )
 
 
 def test_a_corrupt_journal_is_moved_aside_and_reported(daemon_factory, monkeypatch) -> None:
