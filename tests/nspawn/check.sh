@@ -226,8 +226,16 @@ systemd_has() { journal_since "$1" | grep -v '^{' | grep -qi -- "$2"; }
 active() { [ "$(prop ActiveState)/$(prop SubState)" = active/running ]; }
 restarts_are() { [ "$(prop NRestarts)" = "$1" ]; }
 healthy() { ct curl -sf -o /dev/null 127.0.0.1:8080/healthz; }
-agent_pids() { ct pgrep -f 'agentd.agents ' | sort | tr '\n' ' '; }
-orchestrator_pid() { ct pgrep -f 'agentd.agents agentd.agents.examples.orchestrator'; }
+# Agents' pids from the daemon itself: a forked agent (start = "fork") has its
+# template's command line, so pgrep cannot tell the agents apart.
+status_pids() { # [NAME..]: the running agents' pids (the broker's left out), one a line
+    ct agentd ctl --config /etc/agentd/agentd.toml status --json "$@" 2>/dev/null | python3 -c '
+import json, sys
+rows = json.load(sys.stdin)["agents"]
+print("\n".join(str(r["pid"]) for r in rows if r["pid"] and r["name"] != "bus"))'
+}
+agent_pids() { status_pids | sort | tr '\n' ' '; }
+orchestrator_pid() { local p; p=$(status_pids orchestrator) && [ -n "$p" ] && echo "$p"; }
 orchestrator_is_not() { # exactly one orchestrator, and not pid $1
     local p
     p=$(orchestrator_pid) && [ "$(printf '%s\n' "$p" | wc -l)" = 1 ] && [ "$p" != "$1" ]
@@ -298,7 +306,6 @@ check_unit_and_notify() {
     wait_for 20 "a new orchestrator" orchestrator_is_not "$orch"
     new=$(orchestrator_pid)
     printf '    orchestrator pid %s -> %s\n' "$orch" "$new"
-    # Not in one pipeline: a pgrep sees the other's command line.
     others=$(printf '%s\n' $before | grep -vx "$orch" | tr '\n' ' ')
     after=$(agent_pids)
     after=$(printf '%s\n' $after | grep -vx "$new" | tr '\n' ' ')
