@@ -150,7 +150,7 @@ class Stream:
     the ingress ask for its receipt again (5 s each).
     """
 
-    def __init__(self, base: str, threads: int = 8, limit: int = 2000) -> None:
+    def __init__(self, base: str, threads: int = 8, limit: int = 20_000) -> None:
         self.base = base
         self.limit = limit
         self.answered: dict[str, dict[str, Any]] = {}  # job id -> its expected result
@@ -181,6 +181,8 @@ class Stream:
             return len(self.answered)
 
     def wait_answered(self, n: int, timeout: float = 60) -> None:
+        # Past `limit` the threads stop posting: such a wait could never end.
+        assert n <= self.limit, f"waiting for {n} answers from a stream limited to {self.limit}"
         wait_for(lambda: self.count() >= n, timeout, f"{n} jobs answered 202")
 
     def _post(self, k: int, step: int) -> None:
