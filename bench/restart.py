@@ -252,9 +252,8 @@ def daemon_setting(config: Path, line: str) -> None:
     config.write_text(config.read_text().replace("[daemon]\n", f"[daemon]\n{line}\n", 1))
 
 
-def run_agentd(
-    cleanup: Cleanup, kills: int, settle: float, death_signal: bool = True
-) -> tuple[Latency, dict[str, list[float]]]:
+def sleeper_daemon(cleanup: Cleanup, *daemon_lines: str) -> Agentd:
+    """agentd running one `sleep` agent that may restart without end, plus `[daemon]` lines."""
     tmp = cleanup.tmpdir()
     config = write_agentd_config(
         tmp / "agentd.toml",
@@ -264,13 +263,19 @@ def run_agentd(
         max_restarts=10_000,
         max_seconds=1,
     )
-    if not death_signal:
-        # The kernel death signal costs an exec of the trampoline per spawn; the
-        # guard process still kills every agent group if the daemon dies.
-        daemon_setting(config, "death_signal = false")
-    daemon_setting(config, 'cgroup = "off"')
+    for line in daemon_lines:
+        daemon_setting(config, line)
+    return Agentd(cleanup, config, pythonpath=AGENTD_PATH)
+
+
+def run_agentd(
+    cleanup: Cleanup, kills: int, settle: float, death_signal: bool = True
+) -> tuple[Latency, dict[str, list[float]]]:
+    # The kernel death signal costs an exec of the trampoline per spawn; the guard
+    # process still kills every agent group if the daemon dies.
+    lines = () if death_signal else ("death_signal = false",)
     runner = "agentd" if death_signal else "agentd-nopd"
-    daemon = Agentd(cleanup, config, pythonpath=AGENTD_PATH)
+    daemon = sleeper_daemon(cleanup, *lines, 'cgroup = "off"')
     marks: list[tuple[float, int, int, float]] = []
     try:
         if daemon.wait_event("daemon.ready", timeout=30) is None:
@@ -296,17 +301,7 @@ def run_agentd_pair(
     marks: dict[str, list[tuple[float, int, int, float]]] = {}
     try:
         for runner, mode in (("agentd", "off"), ("agentd-cg", "required")):
-            tmp = cleanup.tmpdir()
-            config = write_agentd_config(
-                tmp / "agentd.toml",
-                tmp / "run",
-                {"sleeper": SLEEP_ARGV},
-                start_seconds=0,
-                max_restarts=10_000,
-                max_seconds=1,
-            )
-            daemon_setting(config, f'cgroup = "{mode}"')
-            daemons[runner] = Agentd(cleanup, config, pythonpath=AGENTD_PATH)
+            daemons[runner] = sleeper_daemon(cleanup, f'cgroup = "{mode}"')
         for runner, daemon in daemons.items():
             if daemon.wait_event("daemon.ready", timeout=30) is None:
                 raise RuntimeError(f"{runner}: no daemon.ready in 30 s\n" + daemon.tail())
