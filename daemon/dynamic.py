@@ -274,28 +274,26 @@ class Dynamic:
         self.daemon.events.emit("agent.terminated", name)
         return {"terminated": name}
 
-    def sweep(self) -> None:
-        """Forget children that ended for good: a temporary one, a transient one's normal end.
+    def sweep(self, name: str) -> None:
+        """After `name`'s exit: forget it if it ended for good (temporary, or transient
+        with a normal end).
 
         OTP deletes such a child of a simple_one_for_one supervisor; here it also
-        leaves the record (it will not come back) and frees its name. Called after
-        every exit the tree was told of.
+        leaves the record (it will not come back) and frees its name. Only the child
+        that exited can have ended (a child's `ended` is set by its own exit; reload's
+        `carry` drops the children of a removed supervisor), so one lookup, not a scan
+        of every child on every exit.
         """
-        tree = self.daemon.tree
-        done = []
-        for name in self.children:
-            child = tree.children.get(name)
-            if child is None:
-                done.append(name)  # its supervisor was removed (reload)
-            elif child.ended and not child.want and child.state in ("stopped", "failed"):
-                done.append(name)
-        if not done:
+        if name not in self.children:
             return
-        for name in done:
-            self.children.pop(name, None)
-            if name in tree.children:
-                self.daemon._apply(tree.remove_child(name, self.daemon.now()))
-            self._unput(name)
+        tree = self.daemon.tree
+        child = tree.children.get(name)
+        if child is not None:
+            if not (child.ended and not child.want and child.state in ("stopped", "failed")):
+                return
+            self.daemon._apply(tree.remove_child(name, self.daemon.now()))
+        self.children.pop(name, None)
+        self._unput(name)
         self.save_quietly()
 
     # --- internals ----------------------------------------------------------------

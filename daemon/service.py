@@ -458,7 +458,7 @@ class Daemon:
                 incarnation=incarnation,
             )
         )
-        self.dynamic.sweep()
+        self.dynamic.sweep(name)
 
     def _crash_report(self, reason: str) -> None:
         assert self.process_runtime is not None
