@@ -95,11 +95,14 @@ class TraceRing:
             sig.correlation_id,
             sig.reply,
         )
+        self._insert(rec)
+        return rec
+
+    def _insert(self, rec: TraceRecord) -> None:
         new = self._new
-        new[sig.id] = rec
+        new[rec.id] = rec
         if len(new) >= self.bound:  # a new generation: the oldest one is forgotten
             self._old, self._new = new, {}
-        return rec
 
     def mark(
         self,
@@ -138,9 +141,7 @@ class TraceRing:
             return
         rec = TraceRecord(frame.id, kind, source, now, frame.name, frame.traceparent)
         rec.causation_id = frame.causation_id
-        self._new[frame.id] = rec
-        if len(self._new) >= self.bound:
-            self._old, self._new = self._new, {}
+        self._insert(rec)
 
     def control_answered(self, answer: Any) -> None:
         """The daemon's SpawnReply: done, or the error it gave."""
