@@ -386,7 +386,7 @@ class Group:
         """v1: an eventfd the kernel signals on OOM (cgroup.event_control); v2 needs none.
 
         On v2 memory.oom.group kills the whole group, the agent with it, so its
-        pidfd fires and memory.events says why; v1 kills one process, maybe a child.
+        exit is seen (SIGCHLD) and memory.events says why; v1 kills one process, maybe a child.
         """
         if "memory" not in self.dirs or self.on_v2("memory"):
             return None

@@ -18,8 +18,8 @@ traceback (`ForkError`), and the next start tries a fresh template.
 
 Reaping: a forked agent becomes the daemon's child when the template's
 intermediate child exits, which may be before its pid has come back over the
-socket. `pending` counts forks in flight; the runtime does not reap strays
-while it is non-zero, so no agent is ever reaped as an unknown orphan.
+socket. Each fork in flight holds the reaper (reaper.py), which leaves an
+unknown zombie alone meanwhile, so no agent is ever reaped as an orphan.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from agentd.agents.template import (
 from agentd.bus.log import get_logger
 
 from . import spawn
+from .reaper import reaper
 from .spec import AgentSpec, DaemonSpec
 
 TemplateKey = tuple[object, ...]
@@ -85,7 +86,6 @@ class Template:
     spec: AgentSpec  # the first agent spec that needed it (to start it again)
     popen: subprocess.Popen[bytes]
     sock: socket.socket
-    pidfd: int
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     hello: Hello | None = None
     retired: bool = False  # no new user: it is closed (or being closed)
@@ -109,7 +109,6 @@ class ForkServer:
         self.guard = guard
         self.wanted = wanted  # an agent spec that still needs this key, if any
         self.templates: dict[TemplateKey, Template] = {}
-        self.pending = 0  # forks in flight (see the module docstring)
         self.log = get_logger("agentd.forkserver")
         self._closing = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -117,9 +116,6 @@ class ForkServer:
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
         return asyncio.get_running_loop()
-
-    def pids(self) -> set[int]:
-        return {t.pid for t in self.templates.values()}
 
     async def fork(
         self,
@@ -145,8 +141,7 @@ class ForkServer:
             cpu_seconds=spec.limits.cpu_seconds,
             cgroup_procs=cgroup_procs or [],
         )
-        self.pending += 1
-        try:
+        with reaper.hold():  # the agent is our child before its pid is back
             for _ in range(3):  # a template closed while we queued: take the fresh one
                 template = self._template(spec)
                 async with template.lock:
@@ -155,8 +150,6 @@ class ForkServer:
                     await self._greeted(template, max(spec.heartbeat, HELLO_TIMEOUT))
                     return await self._ask(template, request, stdout, stderr)
             raise ForkError("no template stayed up long enough to fork")
-        finally:
-            self.pending -= 1
 
     async def _greeted(self, template: Template, timeout: float) -> None:
         """The template's hello (read once): it imported the module, or why not."""
@@ -234,21 +227,14 @@ class ForkServer:
         ours.setblocking(False)
         if self.guard is not None:
             self.guard.add(popen.pid)
-        pidfd = os.pidfd_open(popen.pid)
-        template = Template(key, spec, popen, ours, pidfd)
-        self.loop.add_reader(pidfd, self._exited, template)
+        template = Template(key, spec, popen, ours)
+        reaper.watch(popen.pid, lambda status: self._exited(template, status))
         self.log.info("template.started", pid=popen.pid, module=spec.module, agent=spec.name)
         return template
 
-    def _exited(self, template: Template) -> None:
-        """The template's pidfd is readable: reap it; start it again if it died on its own."""
-        self.loop.remove_reader(template.pidfd)
-        os.close(template.pidfd)
-        try:
-            _, status = os.waitpid(template.pid, 0)
-            template.popen.returncode = os.waitstatus_to_exitcode(status)
-        except ChildProcessError:
-            template.popen.returncode = -1
+    def _exited(self, template: Template, status: int) -> None:
+        """The template exited (the reaper reaps it): start it again if it died on its own."""
+        template.popen.returncode = os.waitstatus_to_exitcode(status)
         if self.guard is not None:
             self.guard.remove(template.pid)
         on_its_own = not template.retired and not self._closing

@@ -30,6 +30,7 @@ from .dynamic import Dynamic, SpawnError
 from .events import EventLog
 from .metrics import AgentSample, MetricsEndpoint, Snapshot
 from .proctable import ProcTable
+from .reaper import reaper
 from .runtime import ExitInfo, Guard, Proc, ProcessRuntime
 from .spec import AgentSpec, PoolSpec, Spec, pool_member
 from .tree import (
@@ -379,12 +380,8 @@ class Daemon:
                 self.notifier.ready(status=f"{count} agents running")
 
     def _on_chld(self) -> None:
-        """SIGCHLD: reap orphans (a waitid peek; agents are reaped through their pidfds)."""
-        assert self.process_runtime is not None and self.guard is not None
-        known = {self.guard.popen.pid}
-        if self.broker_child is not None and self.broker_child.proc() is not None:
-            known.add(self.broker_child.proc().pid)
-        self.process_runtime.reap_strays(known)
+        """SIGCHLD: every exited child to its owner, orphans reaped (reaper.py)."""
+        reaper.reap()
 
     # --- broker -> tree -----------------------------------------------------------------
 
@@ -967,7 +964,7 @@ def isolation_info(spec: Spec, cgroups: Any, reason: str) -> dict[str, Any]:
 
 
 def _raise_nofile_limit() -> None:
-    """Hundreds of agents need pipes and pidfds: lift the soft fd limit to the hard one."""
+    """Thousands of agents need two pipes each: lift the soft fd limit to the hard one."""
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
