@@ -124,12 +124,14 @@ class ForkServer:
         env: dict[str, str],
         stdout: int,
         stderr: int,
+        cgroup_dir: str = "",
         cgroup_procs: list[str] | None = None,
     ) -> int:
         """Fork `spec` from its template with these stdout/stderr; the agent's pid.
 
-        `cgroup_procs`: the agent's cgroup.procs files (SPEC §11), which it writes its
-        pid into before any agent code runs.
+        `cgroup_dir`: the agent's cgroup2 directory (SPEC §11), which it is born in;
+        `cgroup_procs`: the cgroup.procs files of its v1 hierarchies, which it writes
+        its pid into before any agent code runs.
         """
         request = ForkRequest(
             name=spec.name,
@@ -139,6 +141,7 @@ class ForkServer:
             env=env,
             nofile=spec.limits.nofile,
             cpu_seconds=spec.limits.cpu_seconds,
+            cgroup_dir=cgroup_dir,
             cgroup_procs=cgroup_procs or [],
         )
         with reaper.hold():  # the agent is our child before its pid is back

@@ -147,6 +147,15 @@ class Guard:
             self.popen.wait()
 
 
+def _fork_placement(group: cgroup.Group | None) -> tuple[str, list[str]]:
+    """A forked agent's cgroup2 directory to be born in, and v1 cgroup.procs to join."""
+    if group is None:
+        return "", []
+    if group.v2:
+        return group.main, [os.path.join(d, "cgroup.procs") for d in group.all_dirs()[1:]]
+    return "", group.procs_files()
+
+
 def _described(exc: BaseException) -> str:
     """An error as a start_failed's stderr tail says it."""
     return f"{type(exc).__name__}: {exc}"
@@ -257,9 +266,9 @@ class ProcessRuntime:
             self.daemon.state_dir,
         )
         try:
-            joins = proc.group.procs_files() if proc.group is not None else []
+            born_in, joins = _fork_placement(proc.group)
             pid = await self.forkserver.fork(
-                proc.spec, proc.incarnation, env, stdout, stderr, cgroup_procs=joins
+                proc.spec, proc.incarnation, env, stdout, stderr, born_in, joins
             )
         except (ForkError, OSError, KeyError, subprocess.SubprocessError) as exc:
             proc.forking = False
