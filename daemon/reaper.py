@@ -45,6 +45,7 @@ class Reaper:
     def __init__(self) -> None:
         self._watched: dict[int, ExitCallback] = {}
         self._holds = 0
+        self._reaping = False  # a callback that ends in reap(): the running loop goes on
 
     def watch(self, pid: int, on_exit: ExitCallback) -> None:
         """Call `on_exit(status)` when `pid` exits (once); it is reaped right after."""
@@ -68,6 +69,15 @@ class Reaper:
 
     def reap(self) -> None:
         """Hand every exited child to its watcher, reap it; reap orphans."""
+        if self._reaping:
+            return
+        self._reaping = True
+        try:
+            self._reap_all()
+        finally:
+            self._reaping = False
+
+    def _reap_all(self) -> None:
         while True:
             try:
                 info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)

@@ -443,7 +443,6 @@ class Daemon:
 
     def _agent_exited(self, name: str, incarnation: int, info: ExitInfo) -> None:
         self.exits[name] = self.exits.get(name, 0) + 1
-        self._on_chld()  # an orphan's zombie may have been waiting behind this agent's
         if self.broker_child is not None:
             self.broker_child.agent_exited(name, incarnation)
         self._apply(
