@@ -5,10 +5,10 @@
 The daemon starts one template per distinct template key (interpreter, module,
 env, cwd, user) with one end of a SOCK_SEQPACKET socketpair as FD. The
 template imports the SDK and the module, warms what asyncio and pyzmq load
-lazily, runs `gc.freeze()` (so the forked agents' reference counting does not
-copy the shared heap's pages), says `Hello` (or `Hello(error=traceback)` and
-exits, if the module failed to import) and then serves `ForkRequest`s, one at
-a time.
+lazily, runs `gc.freeze()` (so the forked agents' garbage collections do not
+write to, and so copy, the shared heap's pages), says `Hello` (or `Hello(error=traceback)` and
+exits, if the module failed to import) and then serves `ForkRequest`s in the
+order they come (the daemon keeps several in flight).
 
 Each request is one clone3(CLONE_PARENT): the agent is born the daemon's
 child (the template's parent), so nothing has to reparent it, and with
@@ -84,11 +84,16 @@ class ForkRequest(msgspec.Struct, frozen=True, tag="fork"):
 
 
 class Forked(msgspec.Struct, frozen=True, tag="forked"):
-    """Template (or the agent itself) → daemon: the agent's pid, or why there is none."""
+    """Template (or the agent itself) → daemon: the agent's pid, or why there is none.
+
+    Requests are pipelined, and each agent answers for itself, so answers come in
+    any order: (name, incarnation) says which request this one answers.
+    """
 
     name: str
     pid: int = 0
     error: str | None = None
+    incarnation: int = 0
 
 
 Message = Hello | ForkRequest | Forked
@@ -221,15 +226,16 @@ def serve(target: str, fd: int) -> int:
             continue
         if not data:
             return 0  # the daemon closed its end (or is gone)
-        name = "?"
+        name, incarnation = "?", 0
         try:
             request = decoder.decode(data)
             if not isinstance(request, ForkRequest) or len(fds) != 2:
                 raise ValueError("expected a fork request with two fds")
-            name = request.name
+            name, incarnation = request.name, request.incarnation
             _fork(sock, request, fds, cls, cloner)
         except Exception as exc:
-            sock.send(encode(Forked(name, error=f"{type(exc).__name__}: {exc}")))
+            error = f"{type(exc).__name__}: {exc}"
+            sock.send(encode(Forked(name, error=error, incarnation=incarnation)))
         finally:
             for passed in fds:
                 os.close(passed)
@@ -262,7 +268,8 @@ def _fork(
 def _refuse(sock: socket.socket, request: ForkRequest, exc: BaseException) -> NoReturn:
     """No agent after all: say why (the daemon is waiting for a pid), and go."""
     with contextlib.suppress(OSError):
-        sock.send(encode(Forked(request.name, error=f"{type(exc).__name__}: {exc}")))
+        error = f"{type(exc).__name__}: {exc}"
+        sock.send(encode(Forked(request.name, error=error, incarnation=request.incarnation)))
     os._exit(1)
 
 
@@ -278,7 +285,7 @@ def _agent(sock: socket.socket, request: ForkRequest, fds: list[int], cls: type)
                 f.write(str(os.getpid()))
     except OSError as exc:
         _refuse(sock, request, exc)
-    sock.send(encode(Forked(request.name, pid=os.getpid())))
+    sock.send(encode(Forked(request.name, pid=os.getpid(), incarnation=request.incarnation)))
     sock.close()
     _arm_death_signal(request.daemon_pid, request.death_signal)
     os.dup2(fds[0], 1)
