@@ -189,14 +189,26 @@ def fd_count(pid: int) -> int:
         return -1
 
 
+def host_busy_ticks() -> int:
+    """Ticks all cores spent busy (not idle or iowait), from /proc/stat."""
+    with open("/proc/stat") as f:
+        cpu = [int(x) for x in f.readline().split()[1:]]
+    return sum(cpu) - cpu[3] - cpu[4]
+
+
 def idle_cpu(groups: dict[str, list[int]], seconds: float) -> dict[str, float]:
-    """% of one core used by each group of pids over `seconds` (a pid gone counts 0)."""
+    """% of one core used by each group of pids over `seconds` (a pid gone counts 0).
+
+    Also "host": every core's busy time over the same window (the noise of a shared host).
+    """
     before = {g: [cpu_ticks(p) for p in pids] for g, pids in groups.items()}
+    host0 = host_busy_ticks()
     t0 = time.perf_counter()
     time.sleep(seconds)
-    after = {g: [cpu_ticks(p) for p in pids] for g, pids in groups.items()}
     wall = time.perf_counter() - t0
-    out = {}
+    host1 = host_busy_ticks()
+    after = {g: [cpu_ticks(p) for p in pids] for g, pids in groups.items()}
+    out = {"host": 100.0 * (host1 - host0) / TICK / wall}
     for g in groups:
         used = sum(
             b - a
@@ -309,6 +321,7 @@ class Run:
     spawn_ms: list[float] = field(default_factory=list)
     spawn_return_ms: list[float] = field(default_factory=list)
     stop_s: float = float("nan")
+    load: float = math.nan  # 1-minute load average after the idle window
     profile: dict[str, dict[str, int]] = field(default_factory=dict)
     profile_pid: int = 0
     notes: list[str] = field(default_factory=list)
@@ -319,7 +332,7 @@ class Run:
 
     @property
     def cpu_total(self) -> float:
-        return sum(self.cpu.values()) if self.cpu else float("nan")
+        return sum(v for k, v in self.cpu.items() if k != "host") if self.cpu else math.nan
 
 
 # --- events, read incrementally (a rescan per line would be O(N^2) at 10,000) -------
@@ -445,6 +458,15 @@ def preflight(mode: str, n: int, cost_mib: float) -> str:
     return ""
 
 
+def fitting(cost_mib: float) -> int:
+    """The most agents (a multiple of 100) that pass `preflight` on this host now."""
+    mem = MEM_FRACTION * meminfo()["MemAvailable"] / (cost_mib * 1024)
+    pid_max = read_int("/proc/sys/kernel/pid_max") or 32768
+    limit = min(pid_max, read_int("/proc/sys/kernel/threads-max") or pid_max)
+    pids = (0.97 * limit - threads_in_use() - 50) / THREADS_PER_AGENT - 1
+    return max(0, int(min(mem, pids) // 100 * 100))
+
+
 class Starter:
     """Launch -> all READY, watching for failures, memory and a deadline."""
 
@@ -513,7 +535,7 @@ def run_agentd(
     try:
         if args.py_spy:
             spy = PySpy(args.py_spy, f"{mode}-{n}-startup", daemon.pid)
-        starter = Starter(daemon, n, deadline_s=60 + (0.03 if mode == "fork" else 0.5) * n)
+        starter = Starter(daemon, n, deadline_s=60 + (0.03 if mode == "fork" else 1.0) * n)
         t_ready, why = starter.run()
         if spy:
             spy.stop()
@@ -585,6 +607,7 @@ def measure_idle(
         "agents": agents + ([starter.template] if starter.template else []),
     }
     run.cpu = idle_cpu(groups, args.idle_seconds)
+    run.load = os.getloadavg()[0]
 
 
 def measure_kills(run: Run, daemon: Agentd, starter: Starter, kills: int) -> None:
@@ -763,6 +786,7 @@ def run_supervisord(cleanup: Cleanup, n: int, args: argparse.Namespace) -> Run:
         run.daemon_fds = fd_count(proc.pid)
         run.host_kib = (avail0 - meminfo()["MemAvailable"]) / n
         run.cpu = idle_cpu({"daemon": [proc.pid], "agents": pids}, args.idle_seconds)
+        run.load = os.getloadavg()[0]
         run.status_ms = time_command(
             [str(bin_dir / "supervisorctl"), "-c", str(path), "status"],
             runs=args.status_runs,
@@ -865,6 +889,11 @@ def details(runs: list[Run]) -> None:
         if r.template_pss == r.template_pss:
             line.append(f"template PSS {r.template_pss / 1024:.1f} MiB")
         line.append(f"stop (SIGTERM -> all gone) {r.stop_s:.1f} s")
+        if "host" in r.cpu:
+            line.append(
+                f"host during the idle window: {r.cpu['host']:.0f}% of a core busy, "
+                f"ours {r.cpu_total:.1f}%, load {r.load:.1f}"
+            )
         print("    " + "; ".join(line))
         if r.daemon_fds > 0 and r.runner != "supervisord":
             per = r.daemon_fds / r.n
@@ -952,6 +981,7 @@ def profiles(runs: list[Run]) -> None:
 
 
 def main() -> int:
+    global MEM_FRACTION
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="100,1000,5000,10000")
     parser.add_argument("--modes", default="fork,exec")
@@ -959,6 +989,18 @@ def main() -> int:
         "--quick", action="store_true", help="sizes 20,100; 5 kills/spawns; 3 s idle"
     )
     parser.add_argument("--no-supervisord", action="store_true")
+    parser.add_argument(
+        "--no-fit",
+        dest="fit",
+        action="store_false",
+        help="when a size does not fit the host, stop there (default: run the most that fit)",
+    )
+    parser.add_argument(
+        "--mem-fraction",
+        type=float,
+        default=MEM_FRACTION,
+        help="a size's estimated memory must fit in this share of MemAvailable",
+    )
     parser.add_argument("--supervisord-programs", type=int, default=500)
     parser.add_argument("--idle-seconds", type=float, default=10.0)
     parser.add_argument(
@@ -987,6 +1029,7 @@ def main() -> int:
         args.idle_seconds, args.settle, args.status_runs = 3.0, 1.0, 3
         args.supervisord_programs = min(args.supervisord_programs, 50)
     sizes = sorted(int(s) for s in args.sizes.split(",") if s)
+    MEM_FRACTION = args.mem_fraction
     modes = [m for m in args.modes.split(",") if m]
 
     install_sigterm_as_interrupt()
@@ -996,11 +1039,18 @@ def main() -> int:
     try:
         for mode in modes:
             cost = DEFAULT_COST_MIB[mode]
-            for n in sizes:
+            queue, largest = list(sizes), 0
+            while queue:
+                n = queue.pop(0)
                 why = preflight(mode, n, cost)
                 if why:
                     log(f"{mode} {n}: skipped: {why}")
                     runs.append(Run(mode, n, stop=f"not started: {why}"))
+                    fit = fitting(cost)
+                    if args.fit and largest < fit < n:
+                        log(f"{mode}: {fit} agents fit: running that size instead")
+                        queue = [fit]
+                        continue
                     break
                 log(f"{mode} {n}: starting (estimate {cost:.1f} MiB/agent) ...")
                 run = sized_run(cleanup, mode, n, args, args.heartbeat)
@@ -1013,6 +1063,7 @@ def main() -> int:
                     runs.append(run)
                 if run.stop:
                     break
+                largest = n
                 # the next size's estimate: what this one cost the host, never below its USS
                 measured = max(run.host_kib, run.uss_mean) / 1024
                 if measured == measured:
@@ -1058,7 +1109,7 @@ def sized_run(
 
 def retry_heartbeat(mode: str, n: int) -> float:
     """A READY deadline long enough for N concurrent starts on this host (seconds)."""
-    per = 0.01 if mode == "fork" else 0.4  # CPU seconds of one start, roughly, over the cores
+    per = 0.01 if mode == "fork" else 0.6  # CPU seconds of one start, roughly, over the cores
     return float(min(86400, round(30 + per * n / max(1, (os.cpu_count() or 1) / 2))))
 
 
