@@ -4,6 +4,7 @@
     python bench/scale.py [--sizes 100,1000,5000,10000] [--modes fork,exec]
                           [--quick] [--no-supervisord] [--idle-seconds 10]
                           [--kills 20] [--spawns 20] [--cgroup auto] [--py-spy DIR]
+                          [--mem-fraction 0.6] [--no-fit] [--heartbeat S]
 
 For each start mode and each N (smallest first), one daemon runs a pool of N
 idle SDK agents (`bench/scale_agent.py`, `replicas = N`, `start = MODE`) and an
@@ -29,6 +30,8 @@ empty dynamic supervisor whose template is the same agent. Measured:
 - spawn -> READY: `Client.spawn("dyn", NAME)` on one Client kept open, time
   until that child's `agent.ready` line arrives (and, beside it, until
   `spawn` returned); --spawns (20), one at a time, median.
+- CPU per agent, start to idle: utime + stime so far of the agents, the
+  daemon, the broker and the template, over N (what one start costs the host).
 - where one agent's memory goes (/proc/PID/smaps grouped by mapping), printed
   for each mode at the largest N it reached.
 
@@ -39,7 +42,11 @@ per agent: main, libzmq's IO and reaper threads), and it watches MemAvailable
 during the start (a size is stopped below 10 % of RAM). A size that does not
 come up — an agent that fails to start, the daemon exiting, EMFILE in its
 output, a deadline — is stopped with the reason printed, and the larger sizes
-of that mode are skipped. RLIMIT_NOFILE is not assumed: the daemon's and the
+of that mode are skipped. A size that does not fit is replaced by the most
+agents that do (a multiple of 100; --no-fit: stop there). A start whose agents
+miss the READY deadline (`heartbeat`, 10 s: N concurrent exec starts on two
+cores do) is reported, then run again with a longer heartbeat (row "hb=S").
+RLIMIT_NOFILE is not assumed: the daemon's and the
 broker's fds per agent are printed, so the cap they imply can be read off.
 
 supervisord (from bench/.venv-bench) runs 500 programs of a minimal idle
@@ -101,7 +108,7 @@ MEM_FLOOR = 0.10  # stop a size if MemAvailable falls below this share of RAM
 # Default per-agent cost (MiB of host memory) until a size has been measured.
 DEFAULT_COST_MIB = {"fork": 6.0, "exec": 20.0}
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(1e9)"]
-FAIL_WORDS = ("Too many open files", "EMFILE", "Resource temporarily unavailable", "EAGAIN")
+FAIL_WORDS = ("Too many open files", "EMFILE")  # in the daemon's output: this size stops
 
 TARGETS = {
     "agents": 10_000,
@@ -321,6 +328,8 @@ class Run:
     spawn_ms: list[float] = field(default_factory=list)
     spawn_return_ms: list[float] = field(default_factory=list)
     stop_s: float = float("nan")
+    progress: list[tuple[float, int]] = field(default_factory=list)
+    start_cpu_ms: dict[str, float] = field(default_factory=dict)  # CPU so far / N, per process
     load: float = math.nan  # 1-minute load average after the idle window
     profile: dict[str, dict[str, int]] = field(default_factory=dict)
     profile_pid: int = 0
@@ -478,6 +487,8 @@ class Starter:
         self.template = 0
         self.first_starting: float | None = None
         self.last_ready: float | None = None
+        self.progress: list[tuple[float, int]] = []  # (seconds since launch, members READY)
+        self.raw: list[str] = []  # the daemon's non-JSON output (tracebacks), first 200 lines
 
     def note(self, rec: dict[str, Any]) -> None:
         event, agent = rec.get("event"), rec.get("agent", "")
@@ -505,6 +516,8 @@ class Starter:
                 if why:
                     return None, why
                 self.note(rec)
+                if rec.get("event") == "raw" and len(self.raw) < 200:
+                    self.raw.append(rec.get("line", ""))
                 if rec.get("event") == "daemon.ready":
                     return t, ""
             now = time.monotonic()
@@ -515,6 +528,7 @@ class Starter:
             if now - last_print > 5:
                 ready = sum(1 for a in self.pids if a.startswith("idle@"))
                 log(f"    {ready}/{self.n} READY, daemon fds {fd_count(self.daemon.pid)}")
+                self.progress.append((time.perf_counter() - self.daemon.t_launch, ready))
                 last_print = now
 
 
@@ -535,12 +549,16 @@ def run_agentd(
     try:
         if args.py_spy:
             spy = PySpy(args.py_spy, f"{mode}-{n}-startup", daemon.pid)
-        starter = Starter(daemon, n, deadline_s=60 + (0.03 if mode == "fork" else 1.0) * n)
+        starter = Starter(daemon, n, deadline_s=60 + (0.1 if mode == "fork" else 1.0) * n)
         t_ready, why = starter.run()
         if spy:
             spy.stop()
             spy = None
         run.reached = sum(1 for a in starter.pids if a.startswith("idle@"))
+        run.progress = starter.progress
+        if starter.raw:
+            shown = "\n      ".join(starter.raw[:40])
+            run.notes.append(f"the daemon's non-JSON output:\n      {shown}")
         if t_ready is None:
             run.stop = why
             run.notes.append(f"daemon fds at the stop: {fd_count(daemon.pid)}")
@@ -601,6 +619,14 @@ def measure_idle(
     run.daemon_fds = fd_count(daemon.pid)
     run.broker_fds = fd_count(starter.broker) if starter.broker else -1
     run.host_kib = (avail0 - meminfo()["MemAvailable"]) / run.n
+    for key, pids in (
+        ("agents", agents),
+        ("daemon", [daemon.pid]),
+        ("broker", [starter.broker] if starter.broker else []),
+        ("template", [starter.template] if starter.template else []),
+    ):
+        ticks = sum(t for t in (cpu_ticks(p) for p in pids) if t is not None)
+        run.start_cpu_ms[key] = 1000.0 * ticks / TICK / run.n
     groups = {
         "daemon": [daemon.pid],
         "broker": [starter.broker] if starter.broker else [],
@@ -879,6 +905,9 @@ def details(runs: list[Run]) -> None:
         print(f"  {r.label} {r.n}:")
         if r.stop:
             print(f"    stopped after {r.reached} READY: {r.stop}")
+        if r.progress:
+            every = r.progress[:: max(1, len(r.progress) // 12)]
+            print("    READY by time: " + ", ".join(f"{t:.0f}s {k}" for t, k in every))
         if r.ready_s != r.ready_s:
             for note in r.notes:
                 print(f"    {note}")
@@ -895,6 +924,10 @@ def details(runs: list[Run]) -> None:
                 f"ours {r.cpu_total:.1f}%, load {r.load:.1f}"
             )
         print("    " + "; ".join(line))
+        if r.start_cpu_ms:
+            parts = ", ".join(f"{k} {v:.2f}" for k, v in r.start_cpu_ms.items())
+            total = sum(r.start_cpu_ms.values())
+            print(f"    CPU ms per agent, start to idle: {total:.2f} = {parts}")
         if r.daemon_fds > 0 and r.runner != "supervisord":
             per = r.daemon_fds / r.n
             print(
