@@ -17,12 +17,14 @@ setsid() and double forks included.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +57,7 @@ class ExitInfo(msgspec.Struct, frozen=True):
         return not (self.reason == "exit" and self.code == 0)
 
 
-@dataclass
+@dataclass(eq=False)  # by identity: a set of them counts the ones starting
 class Proc:
     """One running incarnation of an agent."""
 
@@ -66,6 +68,7 @@ class Proc:
     pid: int
     started_at: float = field(default_factory=time.time)
     forking: bool = False  # start = "fork": asked a template, no pid yet
+    queued: bool = False  # waiting for room to start (ProcessRuntime.STARTING)
     exited: bool = False  # reaped
     ready: bool = False
     ready_early: bool = False  # READY from the bus before the fork's pid came back
@@ -87,6 +90,7 @@ class Proc:
 
 
 SPARE_AFTER = 0.02  # seconds after a start (off its path): the next cgroup is made then
+CORES = os.cpu_count() or 1
 
 StartedCallback = Callable[[str, int], None]
 ExitedCallback = Callable[[str, int, ExitInfo], None]
@@ -162,7 +166,17 @@ def _described(exc: BaseException) -> str:
 
 
 class ProcessRuntime:
-    """Starts, stops and watches agent processes for the supervision tree."""
+    """Starts, stops and watches agent processes for the supervision tree.
+
+    At most STARTING[mode] agents are between their start and READY at once; the
+    others wait in line (state `starting`, no process yet), and their READY
+    deadline runs from their real start. A pool of 600 exec agents started all at
+    once on two cores spent so long importing that most missed the deadline and
+    were killed as hung, again and again; forked agents are cheap to start, but
+    ten thousand at once would starve the broker and the daemon all the same.
+    """
+
+    STARTING = {"exec": 2 * CORES, "fork": 16 * CORES}
 
     def __init__(
         self,
@@ -182,6 +196,8 @@ class ProcessRuntime:
         self.guard = guard
         self.cgroups = cgroups
         self.procs: dict[str, Proc] = {}
+        self._starting: dict[str, set[Proc]] = {mode: set() for mode in self.STARTING}
+        self._waiting: dict[str, deque[Proc]] = {mode: deque() for mode in self.STARTING}
         self.last_exit: dict[str, ExitInfo] = {}
         self.logs: dict[str, LogFile] = {}
         self._memory_task: asyncio.Task[None] | None = None
@@ -197,7 +213,36 @@ class ProcessRuntime:
     # --- actions -----------------------------------------------------------------
 
     def start(self, name: str, incarnation: int) -> None:
-        """Spawn `name` (exec, or fork from a template); report on_started once started."""
+        """Spawn `name` (exec, or fork from a template) when there is room; report
+        on_started once started."""
+        spec = self.agents[name]
+        if len(self._starting[spec.start]) >= self.STARTING[spec.start]:
+            proc = Proc(name, incarnation, spec, None, pid=0, queued=True)
+            self.procs[name] = proc
+            self._waiting[spec.start].append(proc)
+            return
+        self._launch(name, incarnation)
+
+    def _started(self, proc: Proc) -> None:
+        """Ready or gone: its room goes to the next in line."""
+        starting = self._starting[proc.spec.start]
+        if proc not in starting:
+            return
+        starting.discard(proc)
+        waiting = self._waiting[proc.spec.start]
+        while waiting and len(starting) < self.STARTING[proc.spec.start]:
+            next_one = waiting.popleft()
+            if self.procs.get(next_one.name) is next_one:
+                self._launch(next_one.name, next_one.incarnation)
+
+    def _unqueue(self, proc: Proc) -> None:
+        """Stopped before it started: it ends now, as stopped (it never ran)."""
+        with contextlib.suppress(ValueError):
+            self._waiting[proc.spec.start].remove(proc)
+        proc.stopping = True
+        self.loop.call_soon(self._finish, proc, None)
+
+    def _launch(self, name: str, incarnation: int) -> None:
         spec = self.agents[name]
         self.events.emit("agent.starting", name, incarnation=incarnation)
         if spec.start == "fork":
@@ -225,6 +270,7 @@ class ProcessRuntime:
             return
         proc = Proc(name, incarnation, spec, popen, popen.pid, group=group)
         self.procs[name] = proc
+        self._starting[spec.start].add(proc)
         self._spare_later(proc)
         assert popen.stdout is not None and popen.stderr is not None
         self._capture(proc, os.dup(popen.stdout.fileno()), os.dup(popen.stderr.fileno()))
@@ -249,6 +295,7 @@ class ProcessRuntime:
                 return
         proc = Proc(spec.name, incarnation, spec, None, pid=0, forking=True, group=group)
         self.procs[spec.name] = proc
+        self._starting[spec.start].add(proc)
         self._spare_later(proc)
         out, out_w = os.pipe()
         err, err_w = os.pipe()
@@ -347,6 +394,9 @@ class ProcessRuntime:
     def stop(self, name: str) -> None:
         """stop_signal to the group, `shutdown` seconds' grace, then kill it whole."""
         proc = self.procs.get(name)
+        if proc is not None and proc.queued:
+            self._unqueue(proc)
+            return
         if proc is not None and proc.forking:
             proc.stopping = True  # carried out once the fork's pid is back
             return
@@ -463,7 +513,9 @@ class ProcessRuntime:
     def kill_everything(self) -> None:
         """Last resort (second SIGTERM, shutdown timeout): SIGKILL every group."""
         for proc in list(self.procs.values()):
-            if proc.forking:
+            if proc.queued:
+                self._unqueue(proc)
+            elif proc.forking:
                 proc.stopping = proc.stop_hard = True
             elif proc.pid:
                 proc.stopping = True
@@ -491,6 +543,7 @@ class ProcessRuntime:
         proc.cancel_timers()
         self.events.emit("agent.ready", proc.name, pid=proc.pid, incarnation=proc.incarnation)
         self.on_started(proc.name, proc.incarnation)
+        self._started(proc)
 
     def _start_timeout(self, proc: Proc) -> None:
         if not proc.ready and self.procs.get(proc.name) is proc:
@@ -560,6 +613,7 @@ class ProcessRuntime:
             stderr_tail=tail,
         )
         self.on_exited(proc.name, proc.incarnation, info)
+        self._started(proc)
 
     def _spare_later(self, proc: Proc) -> None:
         """A restarted agent's next cgroup, made off the restart path (not for every first
