@@ -163,7 +163,7 @@ def _names(daemon: Daemon, args: dict[str, Any]) -> list[str]:
     """Expand names: a pool's name means all its members."""
     names: list[str] = []
     for name in args.get("names", []):
-        found = daemon.expand(name)
+        found = daemon.driver.expand(name)
         if not found:
             raise Refused(f"unknown agent `{name}`")
         names.extend(found)
@@ -194,13 +194,13 @@ async def cmd_tree(daemon: Daemon, args: dict[str, Any], send: Send) -> Any:
 
 async def cmd_stop(daemon: Daemon, args: dict[str, Any], send: Send) -> Any:
     names = _names(daemon, args)
-    await daemon.stop_agents(names)
+    await daemon.driver.stop_agents(names)
     return {"stopped": names}
 
 
 async def cmd_pause(daemon: Daemon, args: dict[str, Any], send: Send) -> Any:
     names = _agents_only(daemon, _names(daemon, args), "pause")
-    refused = await daemon.pause_agents(names)
+    refused = await daemon.driver.pause_agents(names)
     if refused:
         raise Refused(f"not running, so not paused: {', '.join(refused)}")
     return {"paused": names}
@@ -208,14 +208,14 @@ async def cmd_pause(daemon: Daemon, args: dict[str, Any], send: Send) -> Any:
 
 async def cmd_resume(daemon: Daemon, args: dict[str, Any], send: Send) -> Any:
     names = _agents_only(daemon, _names(daemon, args), "resume")
-    refused = await daemon.resume_agents(names)
+    refused = await daemon.driver.resume_agents(names)
     if refused:
         raise Refused(f"not paused: {', '.join(refused)}")
     return {"resumed": names}
 
 
 def _agents_only(daemon: Daemon, names: list[str], verb: str) -> list[str]:
-    supervisors = [n for n in names if daemon.tree.children[n].is_supervisor]
+    supervisors = [n for n in names if daemon.driver.tree.children[n].is_supervisor]
     if supervisors:
         raise Refused(f"{verb} takes agents and pools, not supervisors: {', '.join(supervisors)}")
     return names
@@ -223,10 +223,10 @@ def _agents_only(daemon: Daemon, names: list[str], verb: str) -> list[str]:
 
 async def cmd_start(daemon: Daemon, args: dict[str, Any], send: Send) -> Any:
     names = _names(daemon, args)
-    paused = [n for n in names if daemon.tree.state(n) == "paused"]
+    paused = [n for n in names if daemon.driver.tree.state(n) == "paused"]
     if paused:
         raise Refused(f"paused (ctl resume them): {', '.join(paused)}")
-    failed = await daemon.start_agents(names)
+    failed = await daemon.driver.start_agents(names)
     if failed:
         raise Refused(f"did not start: {', '.join(failed)}")
     return {"started": names}
@@ -234,7 +234,7 @@ async def cmd_start(daemon: Daemon, args: dict[str, Any], send: Send) -> Any:
 
 async def cmd_restart(daemon: Daemon, args: dict[str, Any], send: Send) -> Any:
     names = _names(daemon, args)
-    failed = await daemon.restart_agents(names)
+    failed = await daemon.driver.restart_agents(names)
     if failed:
         raise Refused(f"did not start: {', '.join(failed)}")
     return {"restarted": names}
@@ -253,7 +253,7 @@ async def cmd_scale(daemon: Daemon, args: dict[str, Any], send: Send) -> Any:
         raise Refused("N must be a whole number >= 0")
     if name not in daemon.spec.pools:
         raise Refused(f"`{name}` is not a pool (give it `replicas` in the config)")
-    return await daemon.scale(name, count)
+    return await daemon.driver.scale(name, count)
 
 
 async def cmd_spawn(daemon: Daemon, args: dict[str, Any], send: Send) -> Any:
