@@ -215,7 +215,7 @@ async def cmd_resume(daemon: Daemon, args: dict[str, Any], send: Send) -> Any:
 
 
 def _agents_only(daemon: Daemon, names: list[str], verb: str) -> list[str]:
-    supervisors = [n for n in names if daemon.driver.tree.children[n].is_supervisor]
+    supervisors = [n for n in names if daemon.driver.view.child(n).is_supervisor]
     if supervisors:
         raise Refused(f"{verb} takes agents and pools, not supervisors: {', '.join(supervisors)}")
     return names
@@ -223,7 +223,7 @@ def _agents_only(daemon: Daemon, names: list[str], verb: str) -> list[str]:
 
 async def cmd_start(daemon: Daemon, args: dict[str, Any], send: Send) -> Any:
     names = _names(daemon, args)
-    paused = [n for n in names if daemon.driver.tree.state(n) == "paused"]
+    paused = [n for n in names if daemon.driver.view.state(n) == "paused"]
     if paused:
         raise Refused(f"paused (ctl resume them): {', '.join(paused)}")
     failed = await daemon.driver.start_agents(names)

@@ -108,6 +108,7 @@ class Driver:
         self.clock = clock
         self.call_later = call_later
         self.tree = tree_from_spec(spec)
+        self.view = self.tree.view  # what the other modules read of it
         self.runtime: Runtime | None = None
         self.children: Children | None = None
         self.log = get_logger("agentd")
@@ -149,7 +150,7 @@ class Driver:
                     self.events.emit(event, name, **detail)
                 case TreeReady():
                     self.ready = True
-                    count = len(self.tree.agents())
+                    count = len(self.view.agents())
                     self.events.emit("daemon.ready", "agentd", agents=count)
                     self.outcomes.tree_ready(count)
                 case TreeFailed(reason=reason):
@@ -214,6 +215,16 @@ class Driver:
             self.runtime.agents = dict(spec.agents)
         self.outcomes.agents_changed(spec)
 
+    def add(self, supervisor: str, name: str, agent: AgentSpec) -> None:
+        """A new agent `name` under `supervisor` (a spawn): the tree starts it in its turn."""
+        self.apply(
+            self.tree.add_child(supervisor, name, self.now(), agents={name: Policy.of(agent)})
+        )
+
+    def remove(self, name: str) -> None:
+        """Stop `name` and forget it once stopped (a terminate, or a child ended for good)."""
+        self.apply(self.tree.remove_child(name, self.now()))
+
     # --- waiting on state ----------------------------------------------------------
 
     def _check_waiters(self) -> None:
@@ -251,7 +262,7 @@ class Driver:
 
     def expand(self, name: str) -> list[str]:
         """A ctl name: an agent instance, a pool (all members) or a supervisor."""
-        if name in self.tree.children:
+        if name in self.view:
             return [name]
         if name in self.spec.pools:
             return [n for n, a in self.spec.agents.items() if a.pool == name]
@@ -261,7 +272,7 @@ class Driver:
         for name in names:
             self.apply(self.tree.stop_child(name, self.now()))
         await self.wait_until(
-            lambda: all(self.tree.state(n) in ("stopped", "failed") for n in names),
+            lambda: all(self.view.state(n) in ("stopped", "failed") for n in names),
             self.stop_timeout(names),
         )
 
@@ -271,7 +282,7 @@ class Driver:
             self.apply(self.tree.pause_child(name, self.now()))
         assert self.runtime is not None
         deadline = self.now() + 5.0
-        while not all(self.runtime.frozen(n) for n in names if self.tree.state(n) == "paused"):
+        while not all(self.runtime.frozen(n) for n in names if self.view.state(n) == "paused"):
             if self.now() > deadline:
                 break
             await asyncio.sleep(0.005)  # the kernel freezes in the background: a few ms
@@ -279,7 +290,7 @@ class Driver:
 
     async def resume_agents(self, names: list[str]) -> list[str]:
         """ctl resume: thaw paused agents; the names that were not paused."""
-        refused = [n for n in names if self.tree.state(n) != "paused"]
+        refused = [n for n in names if self.view.state(n) != "paused"]
         for name in names:
             self.apply(self.tree.resume_child(name, self.now()))
         return refused
@@ -293,7 +304,7 @@ class Driver:
 
     async def restart_agents(self, names: list[str]) -> list[str]:
         exits = {n: self.exits.get(n, 0) for n in names}
-        before = {n: self.tree.children[n].incarnation for n in names}
+        before = {n: self.view.child(n).incarnation for n in names}
         assert self.runtime is not None
         # New templates, so the restart runs the code on disk (SPEC §12).
         self.runtime.retire_templates(self._agents_under(names))
@@ -304,10 +315,10 @@ class Driver:
     def _agents_under(self, names: list[str]) -> list[str]:
         """The agents among `names` and under the supervisors among them."""
         wanted, out = set(names), []
-        for agent in self.tree.agents():
+        for agent in self.view.agents():
             node = agent
-            while node not in wanted and node != self.tree.root:
-                node = self.tree.supervisor_of(node)
+            while node not in wanted and node != self.view.root:
+                node = self.view.supervisor_of(node)
             if node in wanted:
                 out.append(agent)
         return out
@@ -323,9 +334,9 @@ class Driver:
         the names that do not run."""
 
         def settled(name: str) -> bool:
-            child = self.tree.children.get(name)
-            if child is None:
+            if name not in self.view:
                 return True
+            child = self.view.child(name)
             if self._failed_since(name, exits, before):
                 return True
             fresh = before is None or child.incarnation > before[name]
@@ -336,8 +347,8 @@ class Driver:
         return [
             n
             for n in names
-            if n not in self.tree.children
-            or self.tree.state(n) != "running"
+            if n not in self.view
+            or self.view.state(n) != "running"
             or self._failed_since(n, exits, before)
         ]
 
@@ -346,10 +357,10 @@ class Driver:
     ) -> bool:
         """Did `name` exit (other than by our stop) since the command began?"""
         allowed = 1 if before is not None else 0  # a restart's own stop
-        if self.tree.children[name].is_supervisor:
+        if self.view.child(name).is_supervisor:
             return False
         return self.exits.get(name, 0) - exits.get(name, 0) > allowed and (
-            self.tree.state(name) != "running"
+            self.view.state(name) != "running"
         )
 
     async def scale(self, pool: str, count: int) -> dict[str, Any]:
@@ -397,8 +408,8 @@ class Driver:
             )
         await self.wait_until(
             lambda: (
-                all(n not in self.tree.children for n in removed)
-                and all(self.tree.state(n) == "running" for n in added if n in self.tree.children)
+                all(n not in self.view for n in removed)
+                and all(self.view.state(n) == "running" for n in added if n in self.view)
             ),
             self.start_timeout(added) + self.stop_timeout(removed),
         )
@@ -426,7 +437,7 @@ class Driver:
         self.runtime.retire_templates(plan.changed_agents)  # changed: new code too
         if self.children is not None:
             self.children.save_quietly()
-        before = {n: self.tree.children[n].incarnation for n in plan.changed_agents}
+        before = {n: self.view.child(n).incarnation for n in plan.changed_agents}
         now = self.now()
         for name in plan.removed:
             self.apply(self.tree.remove_child(name, now))
@@ -456,18 +467,18 @@ class Driver:
         removed = list(plan.removed)
 
         def done() -> bool:
-            if any(n in self.tree.children for n in removed):
+            if any(n in self.view for n in removed):
                 return False
             for n in added + plan.changed_supervisors:
-                if n in self.tree.children and self.tree.state(n) in (
+                if n in self.view and self.view.state(n) in (
                     "starting",
                     "stopping",
                     "stopped",
                 ):
                     return False
             return all(
-                self.tree.children[n].incarnation > before[n]
-                and self.tree.state(n) not in ("starting", "stopping")
+                self.view.child(n).incarnation > before[n]
+                and self.view.state(n) not in ("starting", "stopping")
                 for n in plan.changed_agents
             )
 

@@ -33,7 +33,6 @@ from agentd.bus.atomic import replace_durably
 from agentd.bus.log import get_logger
 
 from .spec import RESERVED_NAMES, ROOT, AgentSpec, Spec
-from .tree import Policy
 
 if TYPE_CHECKING:
     from .driver import Driver
@@ -248,7 +247,7 @@ class Dynamic:
                 self.children.pop(name)
                 self._unput(name)
                 raise
-        d.apply(d.tree.add_child(supervisor, name, d.now(), agents={name: Policy.of(agent)}))
+        d.add(supervisor, name, agent)
 
     async def _settle(self, name: str, exits: dict[str, int], timeout: float) -> None:
         """Wait until `name` runs; if it ends or times out first, remove it (SpawnError)."""
@@ -265,7 +264,7 @@ class Dynamic:
     async def terminate(self, name: Any) -> dict[str, Any]:
         """Stop dynamic child `name` for good; returns once it is gone."""
         if not isinstance(name, str) or name not in self.children:
-            if isinstance(name, str) and name in self.driver.tree.children:
+            if isinstance(name, str) and name in self.driver.view:
                 raise SpawnError(
                     f"`{name}` is not a dynamic child (`ctl stop` stops a configured agent)"
                 )
@@ -286,12 +285,11 @@ class Dynamic:
         """
         if name not in self.children:
             return
-        tree = self.driver.tree
-        child = tree.children.get(name)
-        if child is not None:
-            if not (child.ended and not child.want and child.state in ("stopped", "failed")):
+        view = self.driver.view
+        if name in view:
+            if not view.finished(name):
                 return
-            self.driver.apply(tree.remove_child(name, self.driver.now()))
+            self.driver.remove(name)
         self.children.pop(name, None)
         self._unput(name)
         self.save_quietly()
@@ -316,7 +314,7 @@ class Dynamic:
                 f'`{supervisor}` is not a dynamic supervisor (strategy = "{sup.strategy}")'
             )
         problem = name_problem(spec, name)
-        if problem is None and name in d.tree.children:
+        if problem is None and name in d.view:
             problem = f"the name `{name}` is taken"
         if problem:
             raise SpawnError(problem)
@@ -327,7 +325,7 @@ class Dynamic:
             )
         if d.stopping:
             raise SpawnError("agentd is stopping")
-        phase = d.tree.sups[supervisor].phase
+        phase = d.view.supervisor(supervisor).phase
         # Idle before the tree is up: its turn to start has not come yet (the child
         # starts with it). Idle after: stopped (ctl stop), and so is anything else.
         if phase not in ("starting", "running") and (phase != "idle" or d.ready):
@@ -370,9 +368,9 @@ class Dynamic:
         d = self.driver
         self.children.pop(name, None)
         self.save_quietly()
-        if name in d.tree.children:
-            d.apply(d.tree.remove_child(name, d.now()))
-            await d.wait_until(lambda: name not in d.tree.children, d.stop_timeout([name]))
+        if name in d.view:
+            d.remove(name)
+            await d.wait_until(lambda: name not in d.view, d.stop_timeout([name]))
         self._unput(name)
 
     def save_quietly(self) -> None:

@@ -18,36 +18,23 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from agentd.bus.log import get_logger
 
-from . import spawn
+from . import spawn, views
 from .capture import tail
 from .driver import Driver
 from .dynamic import Dynamic, SpawnError
 from .events import EventLog
 from .metrics import AgentSample, MetricsEndpoint, Snapshot
 from .proctable import ProcTable
-from .runtime import ExitInfo, Guard, Proc, ProcessRuntime
+from .runtime import Guard, ProcessRuntime
 from .spec import Spec
-from .tree import Tree
+from .views import AgentNow
 
 if TYPE_CHECKING:
     from agentd.bus.envelope import Stats
-
-BUS = "bus"
-
-
-class AgentNow(NamedTuple):
-    """One agent (or the broker) as `ctl status` and the metrics both report it."""
-
-    name: str
-    state: str
-    supervisor: str | None
-    restarts: dict[str, int]  # by reason (the tree's, or the broker supervisor's, own count)
-    proc: Proc | None  # its live process, if any
-    last_exit: ExitInfo | None
 
 
 def prepare_runtime_dir(path: str) -> None:
@@ -114,10 +101,6 @@ class Daemon:
     def spec(self) -> Spec:
         """The running spec (the driver's: reload, scale and spawn change it)."""
         return self.driver.spec
-
-    @property
-    def tree(self) -> Tree:
-        return self.driver.tree
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -266,7 +249,7 @@ class Daemon:
             except (cgroup.Unavailable, OSError) as exc:
                 reason = f"no writable cgroup tree: {exc}"
         self._isolation_reason = reason
-        self.isolation = isolation_info(self.spec, self.cgroups, reason)
+        self.isolation = views.isolation_info(self.spec, self.cgroups, reason)
         missing = self.isolation["unenforced"] + self.isolation["sampled"]
         if daemon.cgroup == "required" and (self.cgroups is None or missing):
             what = reason if self.cgroups is None else f"no controller for {', '.join(missing)}"
@@ -360,7 +343,7 @@ class Daemon:
                 self.log.error("daemon.reload_failed", errors=[str(i) for i in exc.issues])
                 raise
             finally:
-                count = len(self.tree.agents())
+                count = len(self.driver.view.agents())
                 self.notifier.ready(status=f"{count} agents running")
 
     def _on_chld(self) -> None:
@@ -403,61 +386,39 @@ class Daemon:
         }
         self.log.critical("daemon.crash_report", reason=reason, last_exits=exits)
 
+    # --- what status, tree and the metrics show (views.py, from one pass each) ---------
+
     def isolation_status(self) -> dict[str, Any]:
         """`status --json`'s `isolation`, for the agents configured now (reloads included)."""
-        return isolation_info(self.spec, self.cgroups, self._isolation_reason)
+        return views.isolation_info(self.spec, self.cgroups, self._isolation_reason)
 
     def agents_now(self) -> Iterator[AgentNow]:
         """Every agent in start order, then the broker (`bus`): the rows of status and metrics."""
         assert self.process_runtime is not None
-        for name in self.tree.agents():
-            child = self.tree.children[name]
-            proc = self.process_runtime.procs.get(name)
-            last = self.process_runtime.last_exit.get(name)
-            yield AgentNow(name, child.state, child.parent, child.restarts_by_reason, proc, last)
-        if self.broker_child is not None:  # supervised here, outside the user's tree
-            proc = self.broker_child.proc()
-            state = "running" if proc is not None else "stopped"
-            by_reason = self.broker_child.restarts_by_reason
-            yield AgentNow(BUS, state, None, by_reason, proc, self.broker_child.last_exit())
+        broker = None
+        if self.broker_child is not None:
+            b = self.broker_child
+            broker = views.broker_now(b.proc(), b.restarts_by_reason, b.last_exit())
+        runtime = self.process_runtime
+        return views.agents_now(self.driver.view, runtime.procs, runtime.last_exit, broker)
 
     async def _bus_stats(self) -> Stats | None:
         return await self.broker_child.stats() if self.broker_child is not None else None
 
     async def status_rows(self) -> list[dict[str, Any]]:
         """`ctl status --json` rows, the broker (`bus`) included."""
-        assert self.process_runtime is not None
+        runtime = self.process_runtime
+        assert runtime is not None
         stats = await self._bus_stats()  # before the /proc pass: no await from here on
         now = time.time()
         table = ProcTable()  # one pass over /proc for every row
-        return [self._row(a, now, table, stats) for a in self.agents_now()]
-
-    def _row(
-        self, a: AgentNow, now: float, table: ProcTable, stats: Stats | None
-    ) -> dict[str, Any]:
-        assert self.process_runtime is not None
-        proc = a.proc if _alive(a.proc) else None
-        last = a.last_exit
-        held, in_flight = _bus_figures(a.name, stats)
-        return {
-            "name": a.name,
-            "state": a.state,
-            "pid": proc.pid if proc else None,
-            "uptime": round(now - proc.started_at, 3) if proc else None,
-            "restarts": sum(a.restarts.values()),
-            "supervisor": a.supervisor,
-            "last_exit": None
-            if last is None
-            else {
-                "code": last.code,
-                "signal": signal.Signals(last.signal).name if last.signal else None,
-                "reason": last.reason,
-            },
-            "rss": self.process_runtime.rss(proc, table) if proc else None,
-            "cpu": self.process_runtime.cpu(proc, table) if proc else None,
-            "held": held,
-            "in_flight": in_flight,
-        }
+        rows = []
+        for a in self.agents_now():
+            proc = views.live(a.proc)
+            rss = runtime.rss(proc, table) if proc else None
+            cpu = runtime.cpu(proc, table) if proc else None
+            rows.append(views.status_row(a, now, stats, rss, cpu))
+        return rows
 
     async def metrics_snapshot(self) -> Snapshot:
         """What one scrape reports: the agents from one /proc pass, the broker's counters."""
@@ -465,7 +426,7 @@ class Daemon:
         table = ProcTable()
         samples = []
         for a in self.agents_now():
-            proc = a.proc if _alive(a.proc) else None
+            proc = views.live(a.proc)
             samples.append(
                 AgentSample(
                     a.name,
@@ -481,41 +442,7 @@ class Daemon:
     def tree_view(self) -> dict[str, Any]:
         """The supervision tree with strategies and states, for `ctl tree`."""
         procs = self.process_runtime.procs if self.process_runtime is not None else {}
-
-        def node(name: str) -> dict[str, Any]:
-            sup = self.tree.sups[name]
-            children = []
-            for child_name in sup.children:
-                child = self.tree.children[child_name]
-                if child.is_supervisor:
-                    children.append(node(child_name))
-                else:
-                    proc = procs.get(child_name)
-                    children.append(
-                        {
-                            "name": child_name,
-                            "type": "agent",
-                            "state": child.state,
-                            "restart": child.restart,
-                            "pid": proc.pid if proc and proc.pid else None,
-                        }
-                    )
-            dynamic = self.spec.supervisors.get(name)
-            extra = {}
-            if dynamic is not None and dynamic.strategy == "dynamic":
-                extra = {"template": dynamic.template, "max_children": dynamic.max_children}
-            return {
-                **extra,
-                "name": name,
-                "type": "supervisor",
-                "strategy": sup.spec.strategy,
-                "max_restarts": sup.spec.max_restarts,
-                "max_seconds": sup.spec.max_seconds,
-                "state": sup.phase,
-                "children": children,
-            }
-
-        return node(self.tree.root)
+        return views.tree_view(self.driver.view, procs, self.spec.supervisors)
 
     def log_tail(self, name: str, lines: int) -> list[str]:
         return tail(Path(self.spec.daemon.log_dir) / f"{name}.log", lines)
@@ -557,63 +484,6 @@ class Daemon:
         task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-
-def _alive(proc: Proc | None) -> bool:
-    return proc is not None and bool(proc.pid) and not proc.exited
-
-
-def _bus_figures(name: str, stats: Stats | None) -> tuple[int | None, int | None]:
-    """(held, in_flight) of one status row; None, None if the broker did not answer.
-
-    held: what the broker keeps for the agent and has not handed over (its hold
-    queue, and for ack = true its mailbox's pending signals). The broker's own row
-    (`bus`) has the totals, which include what waits for a pool as a whole.
-    """
-    if stats is None:
-        return None, None
-    if name == BUS:
-        c = stats.counters
-        return c.get("held_now", 0) + c.get("pending_now", 0), c.get("in_flight_now", 0)
-    figures = stats.agents.get(name)
-    if figures is None:
-        return 0, 0
-    return figures.held + figures.pending, figures.in_flight
-
-
-def isolation_info(spec: Spec, cgroups: Any, reason: str) -> dict[str, Any]:
-    """The isolation in force: the `daemon.isolation` line and `status --json`'s field.
-
-    `unenforced`: limits some agent sets that nothing enforces here (pids and
-    cpu_percent need their cgroup controller); `sampled`: memory limits checked by
-    the RSS sampler instead of the kernel.
-    """
-    from .cgroup import LIMIT_CONTROLLER
-
-    used = {
-        key
-        for agent in spec.agents.values()
-        for key in LIMIT_CONTROLLER
-        if getattr(agent.limits, key)
-    }
-    if cgroups is None:
-        return {
-            "mode": "process_group",
-            "reason": reason,
-            "unenforced": sorted(used - {"memory_mb"}),
-            "sampled": sorted(used & {"memory_mb"}),
-        }
-    served = cgroups.controllers
-    missing = sorted(key for key in used if LIMIT_CONTROLLER[key] not in served)
-    return {
-        "mode": "cgroup",
-        "layout": cgroups.layout.kind,
-        "subtree": cgroups.main,
-        "how": cgroups.how,
-        "controllers": served,
-        "unenforced": [key for key in missing if key != "memory_mb"],
-        "sampled": [key for key in missing if key == "memory_mb"],
-    }
 
 
 def _raise_nofile_limit() -> None:

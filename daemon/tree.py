@@ -20,6 +20,7 @@ those after it), and lets ctl commands and concurrent failures compose.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
@@ -173,6 +174,93 @@ class TreeError(Exception):
     """A command that does not fit the tree (unknown name, bad state)."""
 
 
+class ChildView(NamedTuple):
+    """One child as the other modules see it: a snapshot, nothing to change."""
+
+    name: str
+    parent: str
+    is_supervisor: bool
+    state: ChildState
+    restart: RestartType
+    incarnation: int
+    restarts_by_reason: Mapping[str, int]  # the tree's own count: read, never written
+    ended: bool  # ended by itself and was not restarted (so gone for good, if dynamic)
+
+    @property
+    def restarts(self) -> int:
+        return sum(self.restarts_by_reason.values())
+
+
+class SupervisorView(NamedTuple):
+    """One supervisor as the other modules see it."""
+
+    name: str
+    strategy: Strategy
+    max_restarts: int
+    max_seconds: float
+    phase: Phase
+    children: tuple[str, ...]
+
+
+class TreeView:
+    """The tree, read-only: what status, ctl, dynamic and the metrics may ask of it.
+
+    Only the driver changes the tree (through its inputs); everyone else reads it
+    here, so the tree's bookkeeping can change without them.
+    """
+
+    def __init__(self, tree: Tree) -> None:
+        self._tree = tree
+
+    @property
+    def root(self) -> str:
+        return self._tree.root
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tree.children
+
+    def state(self, name: str) -> ChildState:
+        return self._tree.state(name)
+
+    def agents(self) -> list[str]:
+        """Agent instance names in start order (depth first)."""
+        return self._tree.agents()
+
+    def supervisor_of(self, name: str) -> str:
+        return self._tree.supervisor_of(name)
+
+    def finished(self, name: str) -> bool:
+        """Has `name` ended by itself for good (not to be restarted), and is it down?
+
+        (OTP deletes such a child of a simple_one_for_one supervisor.)
+        """
+        c = self._tree._child(name)
+        return c.ended and not c.want and c.state in ("stopped", "failed")
+
+    def child(self, name: str) -> ChildView:
+        c = self._tree._child(name)
+        return ChildView(
+            c.name,
+            c.parent,
+            c.is_supervisor,
+            c.state,
+            c.restart,
+            c.incarnation,
+            c.restarts_by_reason,
+            c.ended,
+        )
+
+    def supervisor(self, name: str) -> SupervisorView:
+        try:
+            sup = self._tree.sups[name]
+        except KeyError:
+            raise TreeError(f"unknown supervisor `{name}`") from None
+        spec = sup.spec
+        return SupervisorView(
+            name, spec.strategy, spec.max_restarts, spec.max_seconds, sup.phase, spec.children
+        )
+
+
 class Tree:
     """The supervision state machine for one root supervisor and its subtree."""
 
@@ -190,6 +278,7 @@ class Tree:
         self._shutting_down = False
         self._root_done = False
         self._now = 0.0
+        self.view = TreeView(self)
         for spec in supervisors.values():
             self.sups[spec.name] = Supervisor(spec)
         for spec in supervisors.values():
