@@ -24,6 +24,7 @@ from agentd.bus.log import get_logger
 
 from . import spawn, views
 from .capture import tail
+from .control import ControlServer
 from .driver import Driver
 from .dynamic import Dynamic, SpawnError
 from .events import EventLog
@@ -132,9 +133,7 @@ class Daemon:
             (signal.SIGCHLD, self._on_chld),
         ):
             loop.add_signal_handler(sig, handler)
-        from .control import ControlServer
-
-        self.control = ControlServer(self, self.spec.daemon.control)
+        self.control = ControlServer(self, self.spec.daemon.control, self.spec.daemon.keys_dir)
         try:
             self.control.bind()
         except (RuntimeError, OSError) as exc:
