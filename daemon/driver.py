@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping, ValuesView
 from typing import Any, Protocol
 
 import msgspec
@@ -25,7 +25,7 @@ from agentd.bus.log import get_logger
 
 from . import reload as reloading
 from .events import EventLog
-from .spec import AgentSpec, PoolSpec, Spec, pool_member
+from .spec import AgentSpec, Spec
 from .tree import (
     Action,
     Note,
@@ -86,6 +86,33 @@ def tree_from_spec(spec: Spec) -> Tree:
     return Tree(spec.supervisors, agents, root=spec.root)
 
 
+class Agents(Mapping[str, AgentSpec]):
+    """The running spec's agents, always the current ones: the one agent table.
+
+    The runtime reads it (what to start, which template to fork from) instead of a
+    copy kept in step by hand; the broker is told of every change (`Outcomes.agents_changed`),
+    since it runs in another process.
+    """
+
+    def __init__(self, driver: Driver) -> None:
+        self._driver = driver
+
+    def __getitem__(self, name: str) -> AgentSpec:
+        return self._driver.spec.agents[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._driver.spec.agents
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._driver.spec.agents)
+
+    def __len__(self) -> int:
+        return len(self._driver.spec.agents)
+
+    def values(self) -> ValuesView[AgentSpec]:
+        return self._driver.spec.agents.values()
+
+
 def _loop_call_later(delay: float, callback: Callable[..., None], arg: Any) -> Any:
     return asyncio.get_running_loop().call_later(delay, callback, arg)
 
@@ -102,7 +129,8 @@ class Driver:
         clock: Callable[[], float] = time.monotonic,
         call_later: CallLater = _loop_call_later,
     ) -> None:
-        self.spec = spec
+        self.spec = spec  # the running spec: reload, scale and spawn replace it (set_spec)
+        self.agents = Agents(self)
         self.events = events
         self.outcomes = outcomes
         self.clock = clock
@@ -123,8 +151,12 @@ class Driver:
         return self.clock()
 
     def attach(self, runtime: Runtime) -> None:
-        """The runtime that carries out the actions (made once the daemon has its guard)."""
+        """The runtime that carries out the actions (made once the daemon has its guard).
+
+        It reads the driver's agent table from now on, never a copy of it.
+        """
         self.runtime = runtime
+        runtime.agents = self.agents
 
     # --- tree <-> runtime ---------------------------------------------------------------
 
@@ -209,10 +241,9 @@ class Driver:
     # --- the running spec ---------------------------------------------------------------
 
     def set_spec(self, spec: Spec) -> None:
-        """The running spec changed (reload, scale, spawn): the runtime and broker see it."""
+        """The running spec changed (reload, scale, spawn): the runtime reads the new one
+        through `agents`; the broker, in its own process, is told."""
         self.spec = spec
-        if self.runtime is not None:
-            self.runtime.agents = dict(spec.agents)
         self.outcomes.agents_changed(spec)
 
     def add(self, supervisor: str, name: str, agent: AgentSpec) -> None:
@@ -364,48 +395,19 @@ class Driver:
         )
 
     async def scale(self, pool: str, count: int) -> dict[str, Any]:
-        """Grow or shrink a pool; the highest-numbered members stop first."""
-        assert self.runtime is not None
-        members = [n for n, a in self.spec.agents.items() if a.pool == pool]
-        members.sort(key=lambda n: int(n.rpartition("@")[2]))
+        """Grow or shrink a pool: a reload of the running spec with the pool's size changed.
+
+        The highest-numbered members stop first.
+        """
+        members = reloading.members(self.spec, pool)
         template = self.spec.agents[members[0]] if members else self._pool_template(pool)
-        supervisor = self.spec.pools[pool].supervisor
-        agents = dict(self.spec.agents)
-        added, removed = [], []
-        for index in range(len(members), count):
-            name = pool_member(pool, index)
-            agents[name] = msgspec.structs.replace(template, name=name)
-            added.append(name)
-        removed = members[count:]
-        for name in removed:
-            del agents[name]
         self._pool_templates[pool] = template
-        sup_spec = self.spec.supervisors[supervisor]
-        children = list(sup_spec.children)
-        anchor = children.index(members[-1]) + 1 if members else len(children)
-        if removed:
-            children = [c for c in children if c not in removed]
-            anchor = min(anchor, len(children))
-        children[anchor:anchor] = added
-        supervisors = dict(self.spec.supervisors)
-        supervisors[supervisor] = msgspec.structs.replace(sup_spec, children=tuple(children))
-        pools = dict(self.spec.pools)
-        pools[pool] = PoolSpec(pool, count, supervisor)
-        self.set_spec(
-            msgspec.structs.replace(self.spec, agents=agents, supervisors=supervisors, pools=pools)
-        )
-        for name in reversed(removed):
-            self.apply(self.tree.remove_child(name, self.now()))
-        for offset, name in enumerate(added):
-            self.apply(
-                self.tree.add_child(
-                    supervisor,
-                    name,
-                    self.now(),
-                    agents={name: Policy.of(agents[name])},
-                    index=anchor + offset,
-                )
-            )
+        new = reloading.scaled(self.spec, pool, count, template)
+        plan = reloading.diff(self.spec, new)
+        plan.removed.reverse()  # highest-numbered first
+        self._change(new, plan)
+        added = [a.name for a in plan.added]
+        removed = members[count:]
         await self.wait_until(
             lambda: (
                 all(n not in self.view for n in removed)
@@ -421,23 +423,16 @@ class Driver:
         except KeyError:
             raise LookupError(f"pool `{pool}` has no members to copy") from None
 
-    async def reload(self, new: Spec) -> dict[str, Any]:
-        """Apply the difference between the running spec and `new`."""
+    def _change(self, new: Spec, plan: reloading.Plan) -> None:
+        """Make `new` the running spec and carry `plan` (its diff) out in the tree."""
         assert self.runtime is not None
-        old = self.spec
-        if self.children is not None:
-            new = self.children.carry(new)  # running dynamic children stay, from the new template
-        plan = reloading.diff(old, new)
         for pool in new.pools:
             members = [a for a in new.agents.values() if a.pool == pool]
             if members:
                 self._pool_templates[pool] = members[0]
-        self.set_spec(msgspec.structs.replace(new, daemon=old.daemon))
+        self.set_spec(msgspec.structs.replace(new, daemon=self.spec.daemon))
         self.runtime.retire_templates()  # those no agent uses now
         self.runtime.retire_templates(plan.changed_agents)  # changed: new code too
-        if self.children is not None:
-            self.children.save_quietly()
-        before = {n: self.view.child(n).incarnation for n in plan.changed_agents}
         now = self.now()
         for name in plan.removed:
             self.apply(self.tree.remove_child(name, now))
@@ -463,6 +458,16 @@ class Driver:
         for name in plan.changed_supervisors:
             if name != new.root:
                 self.apply(self.tree.restart_child(name, now))
+
+    async def reload(self, new: Spec) -> dict[str, Any]:
+        """Apply the difference between the running spec and `new`."""
+        if self.children is not None:
+            new = self.children.carry(new)  # running dynamic children stay, from the new template
+        plan = reloading.diff(self.spec, new)
+        before = {n: self.view.child(n).incarnation for n in plan.changed_agents}
+        self._change(new, plan)
+        if self.children is not None:
+            self.children.save_quietly()
         added = [a.name for a in plan.added]
         removed = list(plan.removed)
 

@@ -153,7 +153,7 @@ class Daemon:
                 self.guard.add_base(base)
         self.process_runtime = ProcessRuntime(
             self.spec.daemon,
-            self.spec.agents,
+            self.driver.agents,
             self.events,
             on_started=self.driver.agent_started,
             on_exited=self.driver.agent_exited,
