@@ -5,21 +5,32 @@
 The daemon starts one template per distinct template key (interpreter, module,
 env, cwd, user) with one end of a SOCK_SEQPACKET socketpair as FD. The
 template imports the SDK and the module, warms what asyncio and pyzmq load
-lazily, runs `gc.freeze()` (so the forked agents' reference counting does not
-copy the shared heap's pages), says `Hello` (or `Hello(error=traceback)` and
-exits, if the module failed to import) and then serves `ForkRequest`s, one at
-a time.
+lazily, runs `gc.freeze()` (so the forked agents' garbage collections do not
+write to, and so copy, the shared heap's pages), says `Hello` (or `Hello(error=traceback)` and
+exits, if the module failed to import) and then serves `ForkRequest`s in the
+order they come (the daemon keeps several in flight).
 
-Each request is a double fork. The intermediate child exits at once, so the
-agent is reparented to the nearest subreaper: the daemon. The agent first
-makes its own session (its pid is its process group, as for an exec agent),
-then reports `Forked(pid)` — only then may the daemon signal the group — and
-waits until its parent is the daemon to arm PR_SET_PDEATHSIG (checking the
-parent again after, to close the race with a daemon that just died). It then
-takes the passed stdout/stderr, its environment, its limits, and runs the SDK
-(`sdk.run_class`) in-process: its own ZeroMQ context and event loop, made
-after the fork. The template stays single-threaded with no ZeroMQ context and
-no running event loop, so no agent inherits a thread or a socket.
+Each request is one clone3(CLONE_PARENT): the agent is born the daemon's
+child (the template's parent), so nothing has to reparent it, and with
+CLONE_INTO_CGROUP it is born in its cgroup2 directory — no task migration,
+which costs the kernel an RCU grace period (~10 ms) on every move. The agent
+first makes its own session (its pid is its process group, as for an exec
+agent), joins its v1 hierarchies (a hybrid host's memory and pids), then
+reports `Forked(pid)` — only then may the daemon signal the group — and arms
+PR_SET_PDEATHSIG (checking its parent again after, to close the race with a
+daemon that just died). It then takes the passed stdout/stderr, its
+environment, its limits, and runs the SDK (`sdk.run_class`) in-process: its own
+ZeroMQ context and event loop, made after the fork. The template stays
+single-threaded with no ZeroMQ context and no running event loop, so no agent
+inherits a thread or a socket.
+
+The clone is what os.fork does around fork(2) — PyOS_BeforeFork, the
+syscall, PyOS_AfterFork_Child/Parent, all with the GIL held — plus what
+glibc's fork does that a raw clone does not: the kernel writes the child's tid
+into glibc's thread descriptor (CLONE_CHILD_SETTID at the address where it
+keeps it, found once by looking for our tid there), so pthread functions in
+the agent see its own tid. A libc where that cannot be found is a clear error
+at the template's start (`start = "exec"` works everywhere).
 
 This module must not import agentd.daemon (tests/test_layers.py).
 """
@@ -35,7 +46,6 @@ import resource
 import signal
 import socket
 import sys
-import time
 import traceback
 from typing import NoReturn
 
@@ -43,7 +53,10 @@ import msgspec
 
 PR_SET_PDEATHSIG = 1
 MAX_MESSAGE = 1 << 20  # a request carries the agent's whole environment
-REPARENT_TIMEOUT = 5.0  # seconds the agent waits to become the daemon's child
+SYS_CLONE3 = 435  # the same number on every architecture
+CLONE_PARENT = 0x8000
+CLONE_CHILD_SETTID = 0x01000000
+CLONE_INTO_CGROUP = 0x200000000
 
 
 class Hello(msgspec.Struct, frozen=True, tag="hello"):
@@ -63,17 +76,24 @@ class ForkRequest(msgspec.Struct, frozen=True, tag="fork"):
     death_signal: bool = True  # PR_SET_PDEATHSIG=SIGKILL once it is (daemon.death_signal)
     nofile: int = 0  # RLIMIT_NOFILE (0: unchanged)
     cpu_seconds: int = 0  # RLIMIT_CPU (0: unchanged)
-    # Files to write the agent's pid into before any agent code runs: where a
-    # cgroup placement goes (cgroup.procs). The daemon passes none for now.
+    # The agent's cgroup2 directory: it is born there (CLONE_INTO_CGROUP). "": none.
+    cgroup_dir: str = ""
+    # cgroup.procs files to write the agent's pid into before any agent code runs:
+    # its v1 hierarchies (on a hybrid host, memory and pids), or all on a v1 host.
     cgroup_procs: list[str] = []
 
 
 class Forked(msgspec.Struct, frozen=True, tag="forked"):
-    """Template (or the agent itself) → daemon: the agent's pid, or why there is none."""
+    """Template (or the agent itself) → daemon: the agent's pid, or why there is none.
+
+    Requests are pipelined, and each agent answers for itself, so answers come in
+    any order: (name, incarnation) says which request this one answers.
+    """
 
     name: str
     pid: int = 0
     error: str | None = None
+    incarnation: int = 0
 
 
 Message = Hello | ForkRequest | Forked
@@ -83,6 +103,71 @@ decoder = msgspec.json.Decoder(Message)
 
 def encode(message: Message) -> bytes:
     return _encoder.encode(message)
+
+
+# --- the clone -------------------------------------------------------------------------
+
+
+class _CloneArgs(ctypes.Structure):
+    """struct clone_args (linux/sched.h), up to `cgroup` (Linux 5.7)."""
+
+    _fields_ = [
+        (name, ctypes.c_uint64)
+        for name in (
+            "flags",
+            "pidfd",
+            "child_tid",
+            "parent_tid",
+            "exit_signal",
+            "stack",
+            "stack_size",
+            "tls",
+            "set_tid",
+            "set_tid_size",
+            "cgroup",
+        )
+    ]
+
+
+class Cloner:
+    """clone3(CLONE_PARENT [| CLONE_INTO_CGROUP]) from Python, as os.fork forks."""
+
+    def __init__(self) -> None:
+        self.libc = ctypes.PyDLL(None, use_errno=True)  # PyDLL: the GIL stays held
+        self.libc.syscall.restype = ctypes.c_long
+        self.libc.pthread_self.restype = ctypes.c_void_p
+        self.tid_address = self._tid_address()
+
+    def _tid_address(self) -> int:
+        """Where glibc keeps this thread's tid (struct pthread), for CLONE_CHILD_SETTID."""
+        base = self.libc.pthread_self()
+        tid = self.libc.gettid() if hasattr(self.libc, "gettid") else -1
+        raw = ctypes.string_at(base, 2048)
+        hits = [i for i in range(0, len(raw), 4) if int.from_bytes(raw[i : i + 4], "little") == tid]
+        if tid <= 0 or len(hits) != 1:
+            raise RuntimeError(
+                "cannot fork agents here (this libc's thread descriptor was not found): "
+                'set start = "exec"'
+            )
+        return base + hits[0]
+
+    def clone(self, cgroup_fd: int = -1) -> int:
+        """The agent's pid in the template, 0 in the agent (the daemon's child); OSError."""
+        args = _CloneArgs(flags=CLONE_PARENT | CLONE_CHILD_SETTID, child_tid=self.tid_address)
+        if cgroup_fd >= 0:
+            args.flags |= CLONE_INTO_CGROUP
+            args.cgroup = cgroup_fd
+        api = ctypes.pythonapi
+        api.PyOS_BeforeFork()
+        pid = self.libc.syscall(SYS_CLONE3, ctypes.byref(args), ctypes.sizeof(args))
+        if pid == 0:
+            api.PyOS_AfterFork_Child()
+            return 0
+        error = ctypes.get_errno()
+        api.PyOS_AfterFork_Parent()
+        if pid < 0:
+            raise OSError(error, f"clone3: {os.strerror(error)}")
+        return pid
 
 
 # --- the template process --------------------------------------------------------------
@@ -128,6 +213,7 @@ def serve(target: str, fd: int) -> int:
     sock = socket.socket(fileno=fd)
     try:
         cls = warm(target)
+        cloner = Cloner()
     except BaseException:
         sock.send(encode(Hello(os.getpid(), error=traceback.format_exc())))
         return 1
@@ -140,36 +226,39 @@ def serve(target: str, fd: int) -> int:
             continue
         if not data:
             return 0  # the daemon closed its end (or is gone)
-        name = "?"
+        name, incarnation = "?", 0
         try:
             request = decoder.decode(data)
             if not isinstance(request, ForkRequest) or len(fds) != 2:
                 raise ValueError("expected a fork request with two fds")
-            name = request.name
-            _fork(sock, request, fds, cls)
+            name, incarnation = request.name, request.incarnation
+            _fork(sock, request, fds, cls, cloner)
         except Exception as exc:
-            sock.send(encode(Forked(name, error=f"{type(exc).__name__}: {exc}")))
+            error = f"{type(exc).__name__}: {exc}"
+            sock.send(encode(Forked(name, error=error, incarnation=incarnation)))
         finally:
             for passed in fds:
                 os.close(passed)
 
 
-def _fork(sock: socket.socket, request: ForkRequest, fds: list[int], cls: type) -> None:
-    """Double fork: the intermediate exits at once, the agent is the daemon's to reap."""
+def _fork(
+    sock: socket.socket, request: ForkRequest, fds: list[int], cls: type, cloner: Cloner
+) -> None:
+    """One clone: the agent is the daemon's child, in its cgroup2 directory if it has one."""
     sys.stdout.flush()
     sys.stderr.flush()
-    intermediate = os.fork()
-    if intermediate:
-        os.waitpid(intermediate, 0)
+    cgroup_fd = -1
+    if request.cgroup_dir:
+        cgroup_fd = os.open(request.cgroup_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        pid = cloner.clone(cgroup_fd)
+    finally:
+        if cgroup_fd >= 0:
+            os.close(cgroup_fd)  # in the agent too (after the clone: it is born in it)
+    if pid:
         return
-    intermediate = os.getpid()
     try:
-        if os.fork():
-            os._exit(0)
-    except BaseException as exc:
-        _refuse(sock, request, exc)
-    try:
-        _agent(sock, request, fds, cls, intermediate)
+        _agent(sock, request, fds, cls)
     except BaseException:
         with contextlib.suppress(BaseException):
             traceback.print_exc()
@@ -179,16 +268,15 @@ def _fork(sock: socket.socket, request: ForkRequest, fds: list[int], cls: type) 
 def _refuse(sock: socket.socket, request: ForkRequest, exc: BaseException) -> NoReturn:
     """No agent after all: say why (the daemon is waiting for a pid), and go."""
     with contextlib.suppress(OSError):
-        sock.send(encode(Forked(request.name, error=f"{type(exc).__name__}: {exc}")))
+        error = f"{type(exc).__name__}: {exc}"
+        sock.send(encode(Forked(request.name, error=error, incarnation=request.incarnation)))
     os._exit(1)
 
 
 # --- the agent, just after the fork --------------------------------------------------
 
 
-def _agent(
-    sock: socket.socket, request: ForkRequest, fds: list[int], cls: type, intermediate: int
-) -> None:
+def _agent(sock: socket.socket, request: ForkRequest, fds: list[int], cls: type) -> None:
     """Become an agent like an exec one: own session, daemon's child, own fds, SDK."""
     try:
         os.setsid()  # before the pid is reported: the daemon signals it as a group
@@ -197,9 +285,9 @@ def _agent(
                 f.write(str(os.getpid()))
     except OSError as exc:
         _refuse(sock, request, exc)
-    sock.send(encode(Forked(request.name, pid=os.getpid())))
+    sock.send(encode(Forked(request.name, pid=os.getpid(), incarnation=request.incarnation)))
     sock.close()
-    _become_daemon_child(intermediate, request.daemon_pid, request.death_signal)
+    _arm_death_signal(request.daemon_pid, request.death_signal)
     os.dup2(fds[0], 1)
     os.dup2(fds[1], 2)
     for passed in fds:
@@ -225,13 +313,8 @@ def _agent(
     os._exit(code)
 
 
-def _become_daemon_child(intermediate: int, daemon_pid: int, death_signal: bool) -> None:
-    """Wait for the reparenting, then arm the death signal; exit if the daemon is gone."""
-    deadline = time.monotonic() + REPARENT_TIMEOUT
-    while os.getppid() == intermediate:
-        if time.monotonic() > deadline:
-            os._exit(1)
-        time.sleep(0.0002)
+def _arm_death_signal(daemon_pid: int, death_signal: bool) -> None:
+    """PR_SET_PDEATHSIG=SIGKILL; exit if the daemon is gone (we were born its child)."""
     if os.getppid() != daemon_pid:  # adopted by someone else: the daemon is gone
         os._exit(1)
     if not death_signal:

@@ -28,6 +28,7 @@ signals (and their first delivery) leave only after `committed(True)`.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
 from collections import OrderedDict, deque
@@ -124,6 +125,7 @@ class Peer:
     hung_reported: bool = False
     stalled_until: float = 0.0  # its pipe was full: no deliveries before this
     patterns: set[str] = field(default_factory=set)
+    check_at: float = 0.0  # when its one entry in Router._checks falls due
 
 
 @dataclass(slots=True, eq=False)
@@ -203,6 +205,13 @@ class Router:
         self.table_version = -1
         self.pools: dict[str, list[str]] = {}
         self.live: dict[str, list[str]] = {}  # pool -> its connected, ready members
+        self._member_index: dict[str, int] = {}  # pool member -> its place in the pool
+        # Per-peer work at a tick is proportional to what is due, not to the peers: at
+        # 10,000 idle agents a scan of them all, 20 times a second, was most of the
+        # broker's CPU. (when its heartbeat check falls due, name): one entry per peer.
+        self._checks: list[tuple[float, str]] = []
+        self._stalled_peers: set[str] = set()
+        self._retrying: set[str] = set()  # mailboxes with a retry waiting
         self.rr: dict[str, int] = {}
         self.peers: dict[str, Peer] = {}
         self.incarnations: dict[str, int] = {}  # highest incarnation that said HELLO
@@ -341,18 +350,23 @@ class Router:
         self._done_due = bool(self._done)
         if self._before_table and not self._waiting_for_table(now):
             self._route_early(now)  # no table came: route with none (unknown names refused)
-        for box in self.boxes.values():
-            if box.retry and box.retry[0][0] <= now:
+        for name in list(self._retrying):
+            box = self.boxes.get(name)
+            if box is None or not box.retry:
+                self._retrying.discard(name)
+            elif box.retry[0][0] <= now:
                 self._retry_due(box, now)
-        for name, peer in self.peers.items():
-            if peer.stalled_until and peer.stalled_until <= now:
+        for name in list(self._stalled_peers):
+            peer = self.peers.get(name)
+            if peer is None or not peer.stalled_until:
+                self._stalled_peers.discard(name)
+            elif peer.stalled_until <= now:
                 peer.stalled_until = 0.0
+                self._stalled_peers.discard(name)
                 self._dirty.add(name)
-            if self.held.get(name):
+        for name in [n for n, q in self.held.items() if q]:
+            if name in self.peers or self.live.get(name):  # a peer, or a pool with a member
                 self._flush_held(name, now)
-        for pool, live in self.live.items():
-            if live and self.held.get(pool):
-                self._flush_held(pool, now)
         if not self.journal_ok and now >= self._probe_at:
             self._probe_at = now + PROBE
             # As large as the largest signal: a disk with a few bytes left that takes
@@ -439,15 +453,18 @@ class Router:
         peer = self.peers.get(sender)
         if peer is not None:
             peer.last_seen = now
-            # Heard from again (a paused agent resumed: its hung report was ignored): a
-            # later silence is news again.
-            peer.hung_reported = False
+            if peer.hung_reported:
+                # Heard from again (a paused agent resumed: its hung report was ignored):
+                # a later silence is news again.
+                peer.hung_reported = False
+                self._check_later(peer, now)
         elif kind in (RawSignal, RawBatch, Heartbeat, Ready, Ack, Nack):
             # A peer from before a broker restart (or a client that skipped HELLO):
             # known from now on, and asked to announce itself again — whatever its
             # first frame was. An agent whose first frame to a new broker is a reply
             # would otherwise never say READY again, and a pool would never use it.
             self.peers[sender] = Peer(sender, last_seen=now)
+            self._check_later(self.peers[sender], now)
             self._control(sender, Reconnect())
         if kind is RawSignal:
             self._route(sender, frame, payload, now)
@@ -609,6 +626,7 @@ class Router:
             old = None
         peer = Peer(name, hello.incarnation, hello.pid, last_seen=now, hello_at=now)
         self.peers[name] = peer
+        self._check_later(peer, now)
         self.incarnations[name] = max(hello.incarnation, self.incarnations.get(name, -1))
         self._update_live(name)
         dynamic = [p for p in hello.subscribe if valid(p)]
@@ -675,6 +693,7 @@ class Router:
         peer = self.peers.get(name)
         if peer is not None:
             peer.stalled_until = now + STALL
+            self._stalled_peers.add(name)
         if holder is None:
             return
         for sig_id in reversed(ids):
@@ -692,34 +711,66 @@ class Router:
                     peer.patterns.add(pattern)
 
     def _check_heartbeats(self, now: float) -> None:
-        for peer in self.peers.values():
-            entry = self.table.get(peer.name)
-            if entry is None or peer.hung_reported:
+        """The peers whose check is due: hung if silent (or unready) past `heartbeat`."""
+        checks = self._checks
+        while checks and checks[0][0] < now:
+            at, name = heapq.heappop(checks)
+            peer = self.peers.get(name)
+            if peer is None or peer.check_at != at or peer.hung_reported:
+                continue  # gone, or an entry since replaced by a later one
+            due = self._due(peer)
+            if due is None:
                 continue
-            silent = now - peer.last_seen > entry.heartbeat
-            # HELLO but no READY within `heartbeat` is hung too (a setup that never ends).
-            since_hello = now - peer.hello_at if peer.hello_at is not None else 0.0
-            unready = not peer.ready and since_hello > entry.heartbeat
-            if silent or unready:
-                peer.hung_reported = True
-                self.log(
-                    "bus.hung",
-                    agent=peer.name,
-                    incarnation=peer.incarnation,
-                    silent=round(now - peer.last_seen, 3),
-                    ready=peer.ready,
-                )
-                self._event("hung", peer.name, peer.incarnation)
+            if due >= now:
+                peer.check_at = due
+                heapq.heappush(checks, (due, name))
+                continue
+            peer.hung_reported = True  # no entry until it speaks again (_check_later)
+            self.log(
+                "bus.hung",
+                agent=peer.name,
+                incarnation=peer.incarnation,
+                silent=round(now - peer.last_seen, 3),
+                ready=peer.ready,
+            )
+            self._event("hung", peer.name, peer.incarnation)
+
+    def _due(self, peer: Peer) -> float | None:
+        """When it counts as hung if nothing changes: silent, or HELLO and no READY, for
+        longer than its `heartbeat`; None for a peer the table does not name."""
+        entry = self.table.get(peer.name)
+        if entry is None:
+            return None
+        due = peer.last_seen + entry.heartbeat
+        if not peer.ready and peer.hello_at is not None:
+            due = min(due, peer.hello_at + entry.heartbeat)
+        return due
+
+    def _check_later(self, peer: Peer, now: float) -> None:
+        """(Re)enter the peer in the heartbeat checks: its first check, in a tick or so."""
+        peer.check_at = now
+        heapq.heappush(self._checks, (now, peer.name))
 
     def _update_live(self, name: str) -> None:
-        """Recompute the ready members of `name`'s pool (on HELLO, READY, goodbye, table)."""
+        """Put `name` in or out of its pool's ready members (on HELLO, READY, goodbye).
+
+        One member at a time, in the pool's order: recomputing the whole pool on every
+        READY cost a pool of N members N² steps to start.
+        """
         entry = self.table.get(name)
-        if entry is None or entry.pool is None:
+        if entry is None or entry.pool is None or name not in self._member_index:
             return
-        peers = self.peers
-        members = self.pools.get(entry.pool, [])
-        self.live[entry.pool] = [m for m in members if m in peers and peers[m].ready]
-        if self.live[entry.pool] and entry.pool in self.boxes:
+        live = self.live.setdefault(entry.pool, [])
+        peer = self.peers.get(name)
+        index = self._member_index
+        at = bisect.bisect_left(live, index[name], key=index.__getitem__)
+        present = at < len(live) and live[at] == name
+        if peer is not None and peer.ready:
+            if not present:
+                live.insert(at, name)
+        elif present:
+            del live[at]
+        if live and entry.pool in self.boxes:
             self._dirty.add(entry.pool)
 
     # === the daemon's table ============================================================
@@ -742,9 +793,19 @@ class Router:
             if entry.pool:
                 pools.setdefault(entry.pool, []).append(entry.name)
         self.pools = pools
-        self.live = {}
-        for members in pools.values():
-            self._update_live(members[0])
+        self._member_index = {m: i for members in pools.values() for i, m in enumerate(members)}
+        peers = self.peers
+        self.live = {
+            pool: [m for m in members if m in peers and peers[m].ready]
+            for pool, members in pools.items()
+        }
+        for pool, live in self.live.items():
+            if live and pool in self.boxes:
+                self._dirty.add(pool)
+        self._checks = []  # heartbeats may have changed: every peer checked afresh
+        for peer in self.peers.values():
+            if not peer.hung_reported:
+                self._check_later(peer, now)
         for name, entry in old.items():
             if name not in self.table:  # gone for good: drop what we kept for it
                 self.held.pop(name, None)
@@ -1169,6 +1230,7 @@ class Router:
         if backoff:
             delay = min(BACKOFF_MAX, settings.retry_backoff * 2 ** max(0, k.deliveries - 1))
             heapq.heappush(box.retry, (now + delay, next(self._seq), k))
+            self._retrying.add(k.box)
         else:
             box.push_front(k)
             self._dirty.add(k.box)

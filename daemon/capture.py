@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections import deque
+from collections import OrderedDict, deque
 from pathlib import Path
 
 TAIL_LINES = 20
@@ -19,15 +19,23 @@ TAIL_LINE_MAX = 500
 
 
 class LogFile:
-    """An append-only, size-rotated log file for one agent name."""
+    """An append-only, size-rotated log file for one agent name.
+
+    Its fd is open only while the agent writes: at most MAX_OPEN log files are
+    open at once (the least recently written is closed first), so ten thousand
+    idle agents hold no log fd — the fd limit is what caps the agent count.
+    """
+
+    MAX_OPEN = 256
+    _open: OrderedDict[LogFile, None] = OrderedDict()  # process-wide, as the fd limit is
 
     def __init__(self, path: Path, max_bytes: int, backups: int) -> None:
         self.path = path
         self.max_bytes = max_bytes
         self.backups = backups
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
-        self._size = os.fstat(self._fd).st_size
+        self._fd = -1
+        self._size = 0
         self.followers: set[asyncio.Queue[str]] = set()
 
     def write(self, data: bytes) -> None:
@@ -36,10 +44,23 @@ class LogFile:
                 queue.put_nowait(data.decode("utf-8", "replace"))
             except asyncio.QueueFull:
                 self.followers.discard(queue)
+        self._opened()
         if self._size + len(data) > self.max_bytes and self._size > 0:
             self._rotate()
         os.write(self._fd, data)
         self._size += len(data)
+
+    def _opened(self) -> None:
+        """Open it (append) if it is not, and mark it the most recently written."""
+        if self._fd >= 0:
+            LogFile._open.move_to_end(self)
+            return
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        self._size = os.fstat(self._fd).st_size
+        LogFile._open[self] = None
+        while len(LogFile._open) > self.MAX_OPEN:
+            oldest = next(iter(LogFile._open))
+            oldest.close()
 
     def _rotate(self) -> None:
         os.close(self._fd)
@@ -60,6 +81,7 @@ class LogFile:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+            LogFile._open.pop(self, None)
 
 
 def tail(path: Path, lines: int) -> list[str]:

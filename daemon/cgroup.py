@@ -386,7 +386,7 @@ class Group:
         """v1: an eventfd the kernel signals on OOM (cgroup.event_control); v2 needs none.
 
         On v2 memory.oom.group kills the whole group, the agent with it, so its
-        pidfd fires and memory.events says why; v1 kills one process, maybe a child.
+        exit is seen (SIGCHLD) and memory.events says why; v1 kills one process, maybe a child.
         """
         if "memory" not in self.dirs or self.on_v2("memory"):
             return None
@@ -544,14 +544,23 @@ class Subtree:
             for c, base in sorted(self.bases.items())
         }
 
-    def plan(self, name: str, incarnation: int, pids: int = 0, cpu_percent: int = 0) -> Group:
+    def plan(
+        self, name: str, incarnation: int, memory_mb: int = 0, pids: int = 0, cpu_percent: int = 0
+    ) -> Group:
         """The cgroup of one incarnation, `NAME.INCARNATION` in each hierarchy (no I/O).
 
-        It joins the memory hierarchy always (status reads its RSS there), pids and
-        cpu only when it has that limit, and on a v1-only host cpuacct (CPU time) and
-        freezer (pause). The suffix keeps names apart from v1's control files (`tasks`).
+        A v1 hierarchy is joined only when it is needed: each join is a task
+        migration, and the first in a while waits out an RCU grace period (~10 ms on
+        the agent's way to READY), while a cgroup2 directory costs nothing to be born
+        in (CLONE_INTO_CGROUP). So memory is joined on v2 always (status reads the
+        group's RSS there), on v1 only for a memory limit (status reads /proc
+        instead); pids and cpu only for their limits; on a v1-only host cpuacct (CPU
+        time) and freezer (pause). The suffix keeps names apart from v1's control
+        files (`tasks`).
         """
-        wanted = {"memory"}
+        wanted = set()
+        if memory_mb or not self.v2 or self.bases.get("memory") == self.main:
+            wanted.add("memory")
         if pids:
             wanted.add("pids")
         if cpu_percent:
@@ -567,7 +576,7 @@ class Subtree:
         self, name: str, incarnation: int, memory_mb: int = 0, pids: int = 0, cpu_percent: int = 0
     ) -> Group:
         """Make the cgroup of one incarnation, limits written; OSError if the kernel refuses."""
-        group = self.plan(name, incarnation, pids, cpu_percent)
+        group = self.plan(name, incarnation, memory_mb, pids, cpu_percent)
         made: list[str] = []
         try:
             for path in group.all_dirs():

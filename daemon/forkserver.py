@@ -18,8 +18,8 @@ traceback (`ForkError`), and the next start tries a fresh template.
 
 Reaping: a forked agent becomes the daemon's child when the template's
 intermediate child exits, which may be before its pid has come back over the
-socket. `pending` counts forks in flight; the runtime does not reap strays
-while it is non-zero, so no agent is ever reaped as an unknown orphan.
+socket. Each fork in flight holds the reaper (reaper.py), which leaves an
+unknown zombie alone meanwhile, so no agent is ever reaped as an orphan.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from agentd.agents.template import (
 from agentd.bus.log import get_logger
 
 from . import spawn
+from .reaper import reaper
 from .spec import AgentSpec, DaemonSpec
 
 TemplateKey = tuple[object, ...]
@@ -55,10 +56,15 @@ FORK_TIMEOUT = 5.0  # seconds for a warm template to answer a fork request
 HELLO_TIMEOUT = 10.0  # seconds, at least, for a template to import the module
 RESTART_DELAY = 1.0  # before a template that died on its own is started again
 RETIRE_GRACE = 5.0  # a retired template has this long to exit on EOF before SIGKILL
+IN_FLIGHT = 32  # fork requests one template may have at once (each answered on its own)
 
 
 class ForkError(Exception):
     """The fork did not happen; the message (a traceback, maybe) is the stderr tail."""
+
+
+class _Retired(ForkError):
+    """The template was retired (a reload, `ctl restart`) before it said hello."""
 
 
 class GroupGuard(Protocol):
@@ -77,18 +83,21 @@ def template_key(spec: AgentSpec) -> TemplateKey:
 class Template:
     """One template process and the daemon's end of its socket.
 
-    The socket is used (and closed) only under `lock`: one request at a time, and
-    no close under a pending read.
+    Requests are pipelined, up to IN_FLIGHT at once: the template only clones
+    (~1.5 ms) and reads the next, while each agent answers for itself once it has
+    its own session. A reader on the socket hands each answer to the request it
+    answers; EOF fails every request still waiting. A retired template is closed
+    once no request is waiting.
     """
 
     key: TemplateKey
     spec: AgentSpec  # the first agent spec that needed it (to start it again)
     popen: subprocess.Popen[bytes]
     sock: socket.socket
-    pidfd: int
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    hello: Hello | None = None
-    retired: bool = False  # no new user: it is closed (or being closed)
+    hello: asyncio.Future[Hello]
+    slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(IN_FLIGHT))
+    answers: dict[tuple[str, int], asyncio.Future[Forked]] = field(default_factory=dict)
+    retired: bool = False  # no new request: closed once none is waiting
     closed: bool = False
 
     @property
@@ -109,17 +118,12 @@ class ForkServer:
         self.guard = guard
         self.wanted = wanted  # an agent spec that still needs this key, if any
         self.templates: dict[TemplateKey, Template] = {}
-        self.pending = 0  # forks in flight (see the module docstring)
         self.log = get_logger("agentd.forkserver")
         self._closing = False
-        self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
         return asyncio.get_running_loop()
-
-    def pids(self) -> set[int]:
-        return {t.pid for t in self.templates.values()}
 
     async def fork(
         self,
@@ -128,12 +132,14 @@ class ForkServer:
         env: dict[str, str],
         stdout: int,
         stderr: int,
+        cgroup_dir: str = "",
         cgroup_procs: list[str] | None = None,
     ) -> int:
         """Fork `spec` from its template with these stdout/stderr; the agent's pid.
 
-        `cgroup_procs`: the agent's cgroup.procs files (SPEC §11), which it writes its
-        pid into before any agent code runs.
+        `cgroup_dir`: the agent's cgroup2 directory (SPEC §11), which it is born in;
+        `cgroup_procs`: the cgroup.procs files of its v1 hierarchies, which it writes
+        its pid into before any agent code runs.
         """
         request = ForkRequest(
             name=spec.name,
@@ -143,61 +149,105 @@ class ForkServer:
             env=env,
             nofile=spec.limits.nofile,
             cpu_seconds=spec.limits.cpu_seconds,
+            cgroup_dir=cgroup_dir,
             cgroup_procs=cgroup_procs or [],
         )
-        self.pending += 1
-        try:
-            for _ in range(3):  # a template closed while we queued: take the fresh one
+        with reaper.hold():  # the agent is our child before its pid is back
+            for _ in range(3):  # a template retired while we queued: take the fresh one
                 template = self._template(spec)
-                async with template.lock:
-                    if template.closed:
-                        continue
+                try:
                     await self._greeted(template, max(spec.heartbeat, HELLO_TIMEOUT))
+                except _Retired:
+                    continue
+                async with template.slots:
+                    if template.retired:
+                        continue
                     return await self._ask(template, request, stdout, stderr)
             raise ForkError("no template stayed up long enough to fork")
-        finally:
-            self.pending -= 1
 
     async def _greeted(self, template: Template, timeout: float) -> None:
-        """The template's hello (read once): it imported the module, or why not."""
-        if template.hello is None:
-            try:
-                data = await asyncio.wait_for(
-                    self.loop.sock_recv(template.sock, MAX_MESSAGE), timeout
-                )
-            except TimeoutError:
-                self.retire_template(template)
-                raise ForkError(
-                    f"the template did not import {template.spec.module} in {timeout}s"
-                ) from None
-            message = _decode(data)
-            if not isinstance(message, Hello):
-                self.retire_template(template)
-                raise ForkError(f"the template exited before it was ready ({message})")
-            template.hello = message
-        if template.hello.error is not None:
+        """The template's hello: it imported the module, or why not."""
+        try:
+            hello = await asyncio.wait_for(asyncio.shield(template.hello), timeout)
+        except TimeoutError:
+            self.retire_template(template)
+            raise ForkError(
+                f"the template did not import {template.spec.module} in {timeout}s"
+            ) from None
+        if hello.error is not None:
             self.retire_template(template)  # the next start tries a fresh import
-            raise ForkError(template.hello.error.rstrip())
+            raise ForkError(hello.error.rstrip())
 
     async def _ask(self, template: Template, request: ForkRequest, stdout: int, stderr: int) -> int:
-        """One request, one answer: the agent's pid."""
+        """One request; its answer (from the agent itself, or the template): the pid."""
+        key = (request.name, request.incarnation)
+        answer = template.answers[key] = self.loop.create_future()
         try:
-            socket.send_fds(template.sock, [encode(request)], [stdout, stderr])
-            data = await asyncio.wait_for(
-                self.loop.sock_recv(template.sock, MAX_MESSAGE), FORK_TIMEOUT
-            )
+            await self._send(template, encode(request), [stdout, stderr])
+            message = await asyncio.wait_for(answer, FORK_TIMEOUT)
         except TimeoutError:
             self.retire_template(template)
             raise ForkError(f"the template did not fork in {FORK_TIMEOUT}s") from None
         except OSError as exc:
             raise ForkError(f"the template exited ({exc})") from None
-        message = _decode(data)
-        if not isinstance(message, Forked) or message.name != request.name:
-            self.retire_template(template)
-            raise ForkError(f"the template exited during the fork ({message})")
+        finally:
+            if template.answers.get(key) is answer:
+                del template.answers[key]
+            if template.retired and not template.answers:
+                self._close(template)
         if message.error is not None:
             raise ForkError(f"fork failed: {message.error}")
         return message.pid
+
+    async def _send(self, template: Template, data: bytes, fds: list[int]) -> None:
+        """send_fds on the non-blocking socket, waiting for room when it is full."""
+        while True:
+            try:
+                socket.send_fds(template.sock, [data], fds)
+                return
+            except BlockingIOError:
+                room = self.loop.create_future()
+                self.loop.add_writer(template.sock, room.set_result, None)
+                try:
+                    await room
+                finally:
+                    self.loop.remove_writer(template.sock)
+
+    def _readable(self, template: Template) -> None:
+        """Every message waiting on the socket to its request; EOF or garbage fails them all."""
+        while True:
+            try:
+                data = template.sock.recv(MAX_MESSAGE)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""  # as EOF: it is gone
+            message = _decode(data)
+            if isinstance(message, Hello) and not template.hello.done():
+                template.hello.set_result(message)
+                continue
+            waiting = None
+            if isinstance(message, Forked):
+                waiting = template.answers.pop((message.name, message.incarnation), None)
+            if waiting is not None:
+                if not waiting.done():
+                    waiting.set_result(message)
+                continue
+            self._broken(template, f"the template exited during the fork ({message})")
+            return
+
+    def _broken(self, template: Template, why: str) -> None:
+        """EOF or a message no request waits for: fail every waiting request, close it."""
+        self.loop.remove_reader(template.sock)
+        error = ForkError(why)
+        _fail(template.hello, ForkError(f"the template exited before it was ready ({why})"))
+        for waiting in template.answers.values():
+            if not waiting.done():
+                waiting.set_exception(error)
+        template.answers.clear()
+        if self.templates.get(template.key) is template:
+            del self.templates[template.key]  # the next fork starts a fresh one
+        self._close(template)  # not retired: its exit is its own (_exited restarts it)
 
     # --- templates -----------------------------------------------------------------------
 
@@ -234,30 +284,22 @@ class ForkServer:
         ours.setblocking(False)
         if self.guard is not None:
             self.guard.add(popen.pid)
-        pidfd = os.pidfd_open(popen.pid)
-        template = Template(key, spec, popen, ours, pidfd)
-        self.loop.add_reader(pidfd, self._exited, template)
+        template = Template(key, spec, popen, ours, self.loop.create_future())
+        self.loop.add_reader(ours, self._readable, template)
+        reaper.watch(popen.pid, lambda status: self._exited(template, status))
         self.log.info("template.started", pid=popen.pid, module=spec.module, agent=spec.name)
         return template
 
-    def _exited(self, template: Template) -> None:
-        """The template's pidfd is readable: reap it; start it again if it died on its own."""
-        self.loop.remove_reader(template.pidfd)
-        os.close(template.pidfd)
-        try:
-            _, status = os.waitpid(template.pid, 0)
-            template.popen.returncode = os.waitstatus_to_exitcode(status)
-        except ChildProcessError:
-            template.popen.returncode = -1
+    def _exited(self, template: Template, status: int) -> None:
+        """The template exited (the reaper reaps it): start it again if it died on its own."""
+        template.popen.returncode = os.waitstatus_to_exitcode(status)
         if self.guard is not None:
             self.guard.remove(template.pid)
         on_its_own = not template.retired and not self._closing
-        was_current = self.templates.get(template.key) is template
         self.retire_template(template)
-        if on_its_own:
+        if on_its_own:  # started again, warm for the next start (unless one already is)
             self.log.warning("template.exited", pid=template.pid, code=template.popen.returncode)
-            if was_current:
-                self.loop.call_later(RESTART_DELAY, self._restart, template.key)
+            self.loop.call_later(RESTART_DELAY, self._restart, template.key)
 
     def _restart(self, key: TemplateKey) -> None:
         spec = self.wanted(key)
@@ -282,20 +324,22 @@ class ForkServer:
                 self.retire_template(template)
 
     def retire_template(self, template: Template) -> None:
-        """No new fork from it; it exits on EOF once the fork it may be doing has answered."""
+        """No new fork from it; it exits on EOF, once the forks it is doing have answered."""
         if self.templates.get(template.key) is template:
             del self.templates[template.key]
         if template.retired:
             return
         template.retired = True
-        task = self.loop.create_task(self._close(template))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        if not template.answers:
+            self._close(template)
 
-    async def _close(self, template: Template) -> None:
-        async with template.lock:
-            template.closed = True
-            template.sock.close()
+    def _close(self, template: Template) -> None:
+        if template.closed:
+            return
+        template.closed = True
+        self.loop.remove_reader(template.sock)
+        template.sock.close()
+        _fail(template.hello, _Retired("the template was retired before it was ready"))
         if template.popen.returncode is None:
             self.loop.call_later(RETIRE_GRACE, self._kill, template)
 
@@ -313,6 +357,13 @@ class ForkServer:
             del self.templates[template.key]
             template.retired = True
             self._kill(template)
+
+
+def _fail(future: asyncio.Future[Hello], error: ForkError) -> None:
+    """Settle a hello nobody may ever await, without an 'exception never retrieved'."""
+    if not future.done():
+        future.set_exception(error)
+        future.exception()
 
 
 def _decode(data: bytes) -> object:

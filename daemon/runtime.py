@@ -1,15 +1,15 @@
 """The process runtime: carries out Start/Stop for agents and reports what happened.
 
-It owns the OS side of each agent — the Popen, a pidfd watched by the event
-loop (no polling), the stdout/stderr pipes, the stop escalation timers, the
-agent's cgroup (cgroup.py) or, without one, its process group and the memory
+It owns the OS side of each agent — the Popen, its pid watched by the daemon's
+reaper (SIGCHLD: no polling, no fd), the stdout/stderr pipes, the stop
+escalation timers, the agent's cgroup (cgroup.py) or, without one, its process group and the memory
 sampler — and reports back through two callbacks: `on_started` (ready: READY
 on the bus or `start_seconds` up) and `on_exited` (with an `ExitInfo` naming
 the reason). It makes no supervision decisions.
 
 With a cgroup, the kernel keeps the limits: the OOM killer ends a group past
-its memory limit, and the reason `memory` is known the moment the agent's
-pidfd fires (memory.events, or v1's OOM eventfd for a child the kernel killed
+its memory limit, and the reason `memory` is known the moment the agent
+exits (memory.events, or v1's OOM eventfd for a child the kernel killed
 alone); a stop ends with cgroup.kill, so nothing the agent started survives it,
 setsid() and double forks included.
 """
@@ -29,11 +29,14 @@ from pathlib import Path
 
 import msgspec
 
+from agentd.bus.log import get_logger
+
 from . import cgroup, spawn
 from .capture import TAIL_LINES, LogFile, StreamReader
 from .events import EventLog
 from .forkserver import ForkError, ForkServer, TemplateKey, template_key
 from .proctable import ProcTable
+from .reaper import reaper
 from .spec import AgentSpec, DaemonSpec, Limits
 
 
@@ -61,7 +64,6 @@ class Proc:
     spec: AgentSpec
     popen: subprocess.Popen[bytes] | None
     pid: int
-    pidfd: int = -1
     started_at: float = field(default_factory=time.time)
     forking: bool = False  # start = "fork": asked a template, no pid yet
     exited: bool = False  # reaped
@@ -103,6 +105,13 @@ class Guard:
         )
         assert self.popen.stdin is not None
         self._fd = self.popen.stdin.fileno()
+        self._closing = False
+        reaper.watch(self.popen.pid, self._exited)
+
+    def _exited(self, status: int) -> None:
+        self.popen.returncode = os.waitstatus_to_exitcode(status)
+        if not self._closing:  # agents now outlive a kill -9 of the daemon: say so
+            get_logger("agentd.guard").error("guard.exited", code=self.popen.returncode)
 
     def add(self, pgid: int) -> None:
         self._write(f"+{pgid}\n")
@@ -128,6 +137,7 @@ class Guard:
 
     def close(self) -> None:
         """Normal exit: EOF lets the guard go (every group is already gone)."""
+        self._closing = True
         if self.popen.stdin is not None:
             self.popen.stdin.close()
         try:
@@ -135,6 +145,15 @@ class Guard:
         except subprocess.TimeoutExpired:
             self.popen.kill()
             self.popen.wait()
+
+
+def _fork_placement(group: cgroup.Group | None) -> tuple[str, list[str]]:
+    """A forked agent's cgroup2 directory to be born in, and v1 cgroup.procs to join."""
+    if group is None:
+        return "", []
+    if group.v2:
+        return group.main, [os.path.join(d, "cgroup.procs") for d in group.all_dirs()[1:]]
+    return "", group.procs_files()
 
 
 def _described(exc: BaseException) -> str:
@@ -247,9 +266,9 @@ class ProcessRuntime:
             self.daemon.state_dir,
         )
         try:
-            joins = proc.group.procs_files() if proc.group is not None else []
+            born_in, joins = _fork_placement(proc.group)
             pid = await self.forkserver.fork(
-                proc.spec, proc.incarnation, env, stdout, stderr, cgroup_procs=joins
+                proc.spec, proc.incarnation, env, stdout, stderr, born_in, joins
             )
         except (ForkError, OSError, KeyError, subprocess.SubprocessError) as exc:
             proc.forking = False
@@ -261,12 +280,7 @@ class ProcessRuntime:
             os.close(stderr)
         proc.forking = False
         proc.pid = pid
-        try:
-            self._watch(proc)
-        except OSError as exc:  # pidfd_open: cannot happen to a child we have not reaped
-            proc.start_error = f"the forked agent {pid} is not there: {_described(exc)}"
-            self._finish(proc, None)
-            return
+        self._watch(proc)
         if proc.stop_hard:
             spawn.kill_group(pid, signal.SIGKILL)
         elif proc.stopping:
@@ -283,12 +297,11 @@ class ProcessRuntime:
         ]
 
     def _watch(self, proc: Proc) -> None:
-        """A running agent, exec'd or forked alike: guard, pidfd, start timers, memory."""
+        """A running agent, exec'd or forked alike: guard, reaper, start timers, memory."""
         spec = proc.spec
         if self.guard is not None and proc.group is None:  # a cgroup is guarded as a whole
             self.guard.add(proc.pid)
-        proc.pidfd = os.pidfd_open(proc.pid)
-        self.loop.add_reader(proc.pidfd, self._reap, proc)
+        reaper.watch(proc.pid, lambda status: self._reap(proc, status))
         if spec.bus_agent:
             # A bus agent is started by READY; silence until then counts as hung.
             proc.timers.append(self.loop.call_later(spec.heartbeat, self._start_timeout, proc))
@@ -484,9 +497,8 @@ class ProcessRuntime:
             self.events.emit("agent.hung", proc.name, pid=proc.pid, detail="no READY in time")
             self.kill(proc.name, "hung")
 
-    def _reap(self, proc: Proc) -> None:
-        """The pidfd is readable: the process has exited."""
-        self.loop.remove_reader(proc.pidfd)
+    def _reap(self, proc: Proc, status: int) -> None:
+        """The process has exited: a zombie until this returns (the reaper reaps it)."""
         group = proc.group
         if group is None:
             # Whatever it forked dies with it; the zombie keeps the pgid from reuse.
@@ -498,15 +510,9 @@ class ProcessRuntime:
                 self._memory_exceeded(proc)
             if group.populated():  # whatever it started (setsid, double forks) dies with it
                 self._kill_all_of(proc)
-        try:
-            _, status = os.waitpid(proc.pid, 0)
-        except ChildProcessError:
-            status = 0
         proc.exited = True
         if proc.popen is not None:
             proc.popen.returncode = os.waitstatus_to_exitcode(status)
-        os.close(proc.pidfd)
-        proc.pidfd = -1
         self._finish(proc, status)
 
     def _finish(self, proc: Proc, status: int | None) -> None:
@@ -684,31 +690,6 @@ class ProcessRuntime:
         if previous is None or taken <= previous[0]:
             return 0.0
         return round(100.0 * (seconds - previous[1]) / (taken - previous[0]), 1)
-
-    def reap_strays(self, known: set[int]) -> None:
-        """Reap orphaned descendants reparented to us (we are a subreaper).
-
-        waitid(WNOWAIT) peeks at the next waitable child without reaping it, so
-        this costs a syscall per orphan instead of a scan of /proc. It stops at
-        an agent (or `known` process): that one is reaped through its pidfd, and
-        a later call sees what is behind it.
-        """
-        if self._forkserver is not None:
-            if self._forkserver.pending:
-                return  # a forked agent may be our child before its pid is known: later
-            known = known | self._forkserver.pids()
-        known = known | {p.pid for p in self.procs.values()}
-        while True:
-            try:
-                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-            except ChildProcessError:
-                return  # no children at all
-            if info is None or info.si_pid in known:
-                return
-            try:
-                os.waitpid(info.si_pid, os.WNOHANG)
-            except ChildProcessError:
-                return
 
     def close_logs(self) -> None:
         for log in self.logs.values():

@@ -30,6 +30,7 @@ from .dynamic import Dynamic, SpawnError
 from .events import EventLog
 from .metrics import AgentSample, MetricsEndpoint, Snapshot
 from .proctable import ProcTable
+from .reaper import reaper
 from .runtime import Guard, ProcessRuntime
 from .spec import Spec
 from .views import AgentNow
@@ -346,12 +347,8 @@ class Daemon:
                 self.notifier.ready(status=f"{count} agents running")
 
     def _on_chld(self) -> None:
-        """SIGCHLD: reap orphans (a waitid peek; agents are reaped through their pidfds)."""
-        assert self.process_runtime is not None and self.guard is not None
-        known = {self.guard.popen.pid}
-        if self.broker_child is not None and self.broker_child.proc() is not None:
-            known.add(self.broker_child.proc().pid)
-        self.process_runtime.reap_strays(known)
+        """SIGCHLD: every exited child to its owner, orphans reaped (reaper.py)."""
+        reaper.reap()
 
     # --- outcomes of the driver ---------------------------------------------------------
 
@@ -367,8 +364,7 @@ class Daemon:
         self._finish(0)
 
     def agent_exited(self, name: str, incarnation: int) -> None:
-        """Before the tree hears of it: reap orphans, tell the broker."""
-        self._on_chld()  # an orphan's zombie may have been waiting behind this agent's
+        """Before the tree hears of it: tell the broker."""
         if self.broker_child is not None:
             self.broker_child.agent_exited(name, incarnation)
 
@@ -486,7 +482,7 @@ class Daemon:
 
 
 def _raise_nofile_limit() -> None:
-    """Hundreds of agents need pipes and pidfds: lift the soft fd limit to the hard one."""
+    """Thousands of agents need two pipes each: lift the soft fd limit to the hard one."""
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

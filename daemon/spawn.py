@@ -268,8 +268,8 @@ def _take_over(popen: subprocess.Popen[bytes], pid_fd: int) -> None:
 
     Nothing said: the helper failed before the clone (its stderr says why) and is
     what the runtime watches exit. The helper's own PID: no clone3 here, it is the
-    agent. Else the helper exits once the agent has exec'd, a stray the daemon's
-    SIGCHLD handler reaps (ProcessRuntime.reap_strays).
+    agent. Else the helper exits once the agent has exec'd, an orphan the daemon's
+    reaper reaps (reaper.py).
     """
     text = b""
     while b"\n" not in text:
@@ -277,7 +277,7 @@ def _take_over(popen: subprocess.Popen[bytes], pid_fd: int) -> None:
         if not chunk:
             return
         text += chunk
-    popen.pid = int(text)  # a child of ours too (CLONE_PARENT): reaped through its pidfd
+    popen.pid = int(text)  # a child of ours too (CLONE_PARENT), as the runtime watches it
 
 
 def find_program(program: str, path: str | None, cwd: str | None) -> str:

@@ -144,12 +144,13 @@ def test_limits_on_a_fake_hybrid_tree(tmp_path: Path) -> None:
     tree = cgroup.open_subtree(layout, "agentd-t", is_delegated=lambda path: False)
     assert tree.controllers == {"cpu": "v1", "memory": "v1", "pids": "v1"}
     assert len(tree.created) == 4  # the cgroup2 base and one per v1 hierarchy
-    small = tree.plan("a", 0)  # no limits: the memory hierarchy only, for its RSS
-    assert small.procs_files() == [
-        f"{v2}/agentd-t/a.0/cgroup.procs",
-        f"{tmp_path}/memory/agentd-t/a.0/cgroup.procs",
+    small = tree.plan("a", 0)  # no limits: cgroup2 only (a v1 join costs a grace period)
+    assert small.procs_files() == [f"{v2}/agentd-t/a.0/cgroup.procs"]
+    assert tree.plan("m", 0, memory_mb=64).procs_files() == [
+        f"{v2}/agentd-t/m.0/cgroup.procs",
+        f"{tmp_path}/memory/agentd-t/m.0/cgroup.procs",
     ]
-    group = tree.plan("b", 0, pids=10, cpu_percent=150)
+    group = tree.plan("b", 0, memory_mb=64, pids=10, cpu_percent=150)
     assert len(group.procs_files()) == 4
     mem, pids, cpu = (f"{tmp_path}/{c}/agentd-t/b.0" for c in ("memory", "pids", "cpu"))
     limit = str(64 * 1024 * 1024)

@@ -221,7 +221,8 @@ def test_a_fork_request_writes_the_cgroup_files_first_or_says_why_not(tmp_path) 
         def fork(cgroup_procs: list[str]) -> Forked:
             out, err = os.pipe(), os.pipe()
             env = {"AGENTD_BUS": "ipc:///nonexistent", "PATH": os.environ["PATH"]}
-            request = ForkRequest("x", 0, os.getpid(), env, cgroup_procs=cgroup_procs)
+            # A daemon pid that is not its parent: it must exit before any agent code.
+            request = ForkRequest("x", 0, 1, env, cgroup_procs=cgroup_procs)
             socket.send_fds(ours, [encode(request)], [out[1], err[1]])
             for fd in (*out, *err):
                 os.close(fd)
@@ -232,8 +233,10 @@ def test_a_fork_request_writes_the_cgroup_files_first_or_says_why_not(tmp_path) 
         procs = tmp_path / "cgroup.procs"
         forked = fork([str(procs)])
         assert forked.error is None and procs.read_text() == str(forked.pid)
-        # Its parent is not the "daemon" (we are no subreaper): it exits before any agent code.
-        wait_for(lambda: not alive(forked.pid), 10, "the orphaned fork to exit")
+        # Born our child (CLONE_PARENT: the template's parent), not the "daemon" it was
+        # told of: it exits before any agent code.
+        _, status = os.waitpid(forked.pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 1
     finally:
         ours.close()  # EOF: the template exits
         template.wait(10)
@@ -255,3 +258,19 @@ def test_start_fork_for_a_command_agent_is_a_config_error(tmp_path) -> None:
     assert load(str(path)).agents["c"].start == "exec"
     path.write_text(path.read_text().replace('start = "exec"\n', ""))
     assert load(str(path)).agents["c"].start == "fork"  # the default for a module agent
+
+
+def test_a_second_sigterm_ends_a_daemon_of_many_forked_agents(daemon_factory, tmp_path) -> None:
+    """kill_all with 150 agents: every exit is seen (one reaper loop, not one per exit)."""
+    write_module(tmp_path, "v1")
+    d = daemon_factory(
+        f'[agents.many]\nmodule = "who:Who"\ncwd = "{tmp_path}"\nreplicas = 150\n'
+    ).start()
+    pids = [d.pid(f"many@{i}") for i in range(150)]
+    d.signal(signal.SIGTERM)
+    d.wait_event("daemon.stopping")
+    d.signal(signal.SIGTERM)
+    d.wait(30)
+    assert d.events("daemon.kill_all")
+    wait_for(lambda: not any(alive(p) for p in pids), 10, "every agent to be gone")
+    assert not [e for e in d.events() if e.get("event") == "reaper.callback_failed"]
