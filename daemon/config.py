@@ -949,11 +949,6 @@ def _expand(templates: dict[str, _Template]) -> tuple[dict[str, AgentSpec], dict
     return specs, instances
 
 
-def member_spec(template: AgentSpec, pool: str, index: int) -> AgentSpec:
-    """A new pool member shaped like an existing one (used by `scale`)."""
-    return msgspec.structs.replace(template, name=pool_member(pool, index), pool=pool)
-
-
 def _user_exists(user: str) -> bool:
     try:
         pwd.getpwnam(user) if not user.isdigit() else pwd.getpwuid(int(user))

@@ -2,8 +2,12 @@
 
 Each request is handled in its own task so a slow command (a stop with a
 long grace, a reload) or a `-f` stream never blocks the others. Commands
-that change state return once the change is done, by waiting on the
-daemon's state with `Daemon.wait_until`.
+that change state return once the change is done: the driver's commands
+wait on the tree's state (`Driver.wait_until`).
+
+The commands see the daemon only through `Controlled`: the driver, the
+dynamic children, the event log, and the few things only the daemon does
+(status from one /proc pass, logs, reload from the file, shutdown).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import grp
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 import zmq
@@ -29,9 +33,30 @@ from .locate import ConfigError
 from .protocol import Ack, Item, Reply, Request, decoder, encoder
 
 if TYPE_CHECKING:
-    from .service import Daemon
+    from .driver import Driver
+    from .dynamic import Dynamic
+    from .events import EventLog
+    from .metrics import MetricsEndpoint
 
 Send = Callable[[Any], Awaitable[bool]]
+
+
+class Controlled(Protocol):
+    """What the ctl commands need of the daemon (service.Daemon is one)."""
+
+    driver: Driver
+    dynamic: Dynamic
+    events: EventLog
+    metrics: MetricsEndpoint | None
+
+    async def status_rows(self) -> list[dict[str, Any]]: ...
+    def isolation_status(self) -> dict[str, Any]: ...
+    def tree_view(self) -> dict[str, Any]: ...
+    def log_tail(self, name: str, lines: int) -> list[str]: ...
+    def follow_log(self, name: str) -> asyncio.Queue[str]: ...
+    def unfollow_log(self, name: str, queue: asyncio.Queue[str]) -> None: ...
+    async def reload_from_file(self) -> dict[str, Any]: ...
+    async def shutdown_and_wait(self) -> None: ...
 
 
 class Refused(Exception):
@@ -41,9 +66,10 @@ class Refused(Exception):
 class ControlServer:
     """Binds `daemon.control` and dispatches requests to the daemon."""
 
-    def __init__(self, daemon: Daemon, endpoint: str) -> None:
+    def __init__(self, daemon: Controlled, endpoint: str, keys_dir: str | None = None) -> None:
         self.daemon = daemon
         self.endpoint = parse_endpoint(endpoint)
+        self.keys_dir = keys_dir
         self.log = get_logger("agentd.control")
         self.ctx = zmq.asyncio.Context()
         self.sock: zmq.asyncio.Socket | None = None
@@ -63,7 +89,7 @@ class ControlServer:
         if self.endpoint.needs_keys:
             from agentd.bus.keys import server_auth
 
-            keys = self.daemon.spec.daemon.keys_dir
+            keys = self.keys_dir
             assert keys is not None  # config validation requires it for tcp
             self._auth = server_auth(self.ctx, sock, Path(keys))
         sock.bind(self.endpoint.url)
@@ -159,22 +185,22 @@ def _answers(endpoint: str) -> bool:
 # --- commands ---------------------------------------------------------------------
 
 
-def _names(daemon: Daemon, args: dict[str, Any]) -> list[str]:
+def _names(daemon: Controlled, args: dict[str, Any]) -> list[str]:
     """Expand names: a pool's name means all its members."""
     names: list[str] = []
     for name in args.get("names", []):
-        found = daemon.expand(name)
+        found = daemon.driver.expand(name)
         if not found:
             raise Refused(f"unknown agent `{name}`")
         names.extend(found)
     return names
 
 
-async def cmd_ping(daemon: Daemon, args: dict[str, Any], send: Send) -> Any:
+async def cmd_ping(daemon: Controlled, args: dict[str, Any], send: Send) -> Any:
     return {"pid": os.getpid()}
 
 
-async def cmd_status(daemon: Daemon, args: dict[str, Any], send: Send) -> Any:
+async def cmd_status(daemon: Controlled, args: dict[str, Any], send: Send) -> Any:
     wanted = set(_names(daemon, args)) if args.get("names") else None
     rows = await daemon.status_rows()
     if wanted is not None:
@@ -182,81 +208,81 @@ async def cmd_status(daemon: Daemon, args: dict[str, Any], send: Send) -> Any:
     return {"agents": rows, "isolation": daemon.isolation_status()}
 
 
-async def cmd_metrics(daemon: Daemon, args: dict[str, Any], send: Send) -> Any:
+async def cmd_metrics(daemon: Controlled, args: dict[str, Any], send: Send) -> Any:
     """The Prometheus text exposition (what `daemon.metrics` serves over HTTP)."""
     assert daemon.metrics is not None
     return await daemon.metrics.exposition(process=not args.get("textfile"))
 
 
-async def cmd_tree(daemon: Daemon, args: dict[str, Any], send: Send) -> Any:
+async def cmd_tree(daemon: Controlled, args: dict[str, Any], send: Send) -> Any:
     return daemon.tree_view()
 
 
-async def cmd_stop(daemon: Daemon, args: dict[str, Any], send: Send) -> Any:
+async def cmd_stop(daemon: Controlled, args: dict[str, Any], send: Send) -> Any:
     names = _names(daemon, args)
-    await daemon.stop_agents(names)
+    await daemon.driver.stop_agents(names)
     return {"stopped": names}
 
 
-async def cmd_pause(daemon: Daemon, args: dict[str, Any], send: Send) -> Any:
+async def cmd_pause(daemon: Controlled, args: dict[str, Any], send: Send) -> Any:
     names = _agents_only(daemon, _names(daemon, args), "pause")
-    refused = await daemon.pause_agents(names)
+    refused = await daemon.driver.pause_agents(names)
     if refused:
         raise Refused(f"not running, so not paused: {', '.join(refused)}")
     return {"paused": names}
 
 
-async def cmd_resume(daemon: Daemon, args: dict[str, Any], send: Send) -> Any:
+async def cmd_resume(daemon: Controlled, args: dict[str, Any], send: Send) -> Any:
     names = _agents_only(daemon, _names(daemon, args), "resume")
-    refused = await daemon.resume_agents(names)
+    refused = await daemon.driver.resume_agents(names)
     if refused:
         raise Refused(f"not paused: {', '.join(refused)}")
     return {"resumed": names}
 
 
-def _agents_only(daemon: Daemon, names: list[str], verb: str) -> list[str]:
-    supervisors = [n for n in names if daemon.tree.children[n].is_supervisor]
+def _agents_only(daemon: Controlled, names: list[str], verb: str) -> list[str]:
+    supervisors = [n for n in names if daemon.driver.view.child(n).is_supervisor]
     if supervisors:
         raise Refused(f"{verb} takes agents and pools, not supervisors: {', '.join(supervisors)}")
     return names
 
 
-async def cmd_start(daemon: Daemon, args: dict[str, Any], send: Send) -> Any:
+async def cmd_start(daemon: Controlled, args: dict[str, Any], send: Send) -> Any:
     names = _names(daemon, args)
-    paused = [n for n in names if daemon.tree.state(n) == "paused"]
+    paused = [n for n in names if daemon.driver.view.state(n) == "paused"]
     if paused:
         raise Refused(f"paused (ctl resume them): {', '.join(paused)}")
-    failed = await daemon.start_agents(names)
+    failed = await daemon.driver.start_agents(names)
     if failed:
         raise Refused(f"did not start: {', '.join(failed)}")
     return {"started": names}
 
 
-async def cmd_restart(daemon: Daemon, args: dict[str, Any], send: Send) -> Any:
+async def cmd_restart(daemon: Controlled, args: dict[str, Any], send: Send) -> Any:
     names = _names(daemon, args)
-    failed = await daemon.restart_agents(names)
+    failed = await daemon.driver.restart_agents(names)
     if failed:
         raise Refused(f"did not start: {', '.join(failed)}")
     return {"restarted": names}
 
 
-async def cmd_reload(daemon: Daemon, args: dict[str, Any], send: Send) -> Any:
+async def cmd_reload(daemon: Controlled, args: dict[str, Any], send: Send) -> Any:
     try:
         return await daemon.reload_from_file()
     except ConfigError as exc:
         raise Refused("config does not validate; nothing changed\n" + str(exc)) from None
 
 
-async def cmd_scale(daemon: Daemon, args: dict[str, Any], send: Send) -> Any:
+async def cmd_scale(daemon: Controlled, args: dict[str, Any], send: Send) -> Any:
     name, count = args.get("name", ""), args.get("count")
     if not isinstance(count, int) or count < 0:
         raise Refused("N must be a whole number >= 0")
-    if name not in daemon.spec.pools:
+    if name not in daemon.driver.spec.pools:
         raise Refused(f"`{name}` is not a pool (give it `replicas` in the config)")
-    return await daemon.scale(name, count)
+    return await daemon.driver.scale(name, count)
 
 
-async def cmd_spawn(daemon: Daemon, args: dict[str, Any], send: Send) -> Any:
+async def cmd_spawn(daemon: Controlled, args: dict[str, Any], send: Send) -> Any:
     """A child of a dynamic supervisor, from its template; answered once it runs."""
     try:
         supervisor, name = args.get("supervisor"), args.get("name")
@@ -265,7 +291,7 @@ async def cmd_spawn(daemon: Daemon, args: dict[str, Any], send: Send) -> Any:
         raise Refused(str(exc)) from None
 
 
-async def cmd_terminate(daemon: Daemon, args: dict[str, Any], send: Send) -> Any:
+async def cmd_terminate(daemon: Controlled, args: dict[str, Any], send: Send) -> Any:
     """A dynamic child stopped for good (out of the record); answered once it is gone."""
     try:
         return await daemon.dynamic.terminate(args.get("name"))
@@ -273,9 +299,9 @@ async def cmd_terminate(daemon: Daemon, args: dict[str, Any], send: Send) -> Any
         raise Refused(str(exc)) from None
 
 
-async def cmd_logs(daemon: Daemon, args: dict[str, Any], send: Send) -> Any:
+async def cmd_logs(daemon: Controlled, args: dict[str, Any], send: Send) -> Any:
     name = args.get("name", "")
-    if name not in daemon.spec.agents and name != "bus":
+    if name not in daemon.driver.spec.agents and name != "bus":
         raise Refused(f"unknown agent `{name}`")
     lines = int(args.get("lines", 10))
     queue = daemon.follow_log(name) if args.get("follow") else None  # before history: no gap
@@ -292,7 +318,7 @@ async def cmd_logs(daemon: Daemon, args: dict[str, Any], send: Send) -> Any:
     return None
 
 
-async def cmd_events(daemon: Daemon, args: dict[str, Any], send: Send) -> Any:
+async def cmd_events(daemon: Controlled, args: dict[str, Any], send: Send) -> Any:
     """History (the last RECENT, or all held after `since`), then with `follow` the rest.
 
     Everything is read from the ring by seq, live events too, so the stream has
@@ -330,12 +356,12 @@ async def cmd_events(daemon: Daemon, args: dict[str, Any], send: Send) -> Any:
         await events.wait_beyond(seq)
 
 
-async def cmd_shutdown(daemon: Daemon, args: dict[str, Any], send: Send) -> Any:
+async def cmd_shutdown(daemon: Controlled, args: dict[str, Any], send: Send) -> Any:
     await daemon.shutdown_and_wait()
     return {"stopped": True}
 
 
-COMMANDS: dict[str, Callable[[Daemon, dict[str, Any], Send], Awaitable[Any]]] = {
+COMMANDS: dict[str, Callable[[Controlled, dict[str, Any], Send], Awaitable[Any]]] = {
     "ping": cmd_ping,
     "status": cmd_status,
     "tree": cmd_tree,

@@ -33,10 +33,9 @@ from agentd.bus.atomic import replace_durably
 from agentd.bus.log import get_logger
 
 from .spec import RESERVED_NAMES, ROOT, AgentSpec, Spec
-from .tree import Policy
 
 if TYPE_CHECKING:
-    from .service import Daemon
+    from .driver import Driver
 
 RECORD = "dynamic.json"  # in state_dir
 ARGS_MAX = 64 * 1024  # bytes of JSON args per child
@@ -164,9 +163,9 @@ class Record:
 class Dynamic:
     """The daemon's dynamic children: spawn, terminate, forget, record."""
 
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
-        self.record = Record(daemon.spec.daemon.state_dir)
+    def __init__(self, driver: Driver) -> None:
+        self.driver = driver
+        self.record = Record(driver.spec.daemon.state_dir)
         self.children: dict[str, Child] = {}  # every live dynamic child, temporary ones too
         self.log = get_logger("agentd.dynamic")
 
@@ -201,7 +200,7 @@ class Dynamic:
             try:
                 await self._settle(name, {name: 0}, timeout=_DAY)
             except SpawnError as exc:
-                self.daemon.events.emit("agent.spawn_failed", name, reason=str(exc))
+                self.driver.events.emit("agent.spawn_failed", name, reason=str(exc))
 
         await asyncio.gather(*(one(n) for n in names))
 
@@ -218,7 +217,7 @@ class Dynamic:
 
     def save(self) -> None:
         """Record the permanent and transient children (temporary ones never come back)."""
-        spec = self.daemon.spec
+        spec = self.driver.spec
         self.record.save(
             c
             for c in self.children.values()
@@ -227,17 +226,17 @@ class Dynamic:
 
     async def spawn(self, supervisor: Any, name: Any, args: Any = None) -> dict[str, Any]:
         """Start child `name` of dynamic `supervisor`; returns once it runs (SpawnError if not)."""
-        d = self.daemon
+        d = self.driver
         exits = {name: d.exits.get(name, 0)} if isinstance(name, str) else {}
         self._begin(supervisor, name, encode_args(args))
-        await self._settle(name, exits, timeout=d._start_timeout([name]))
+        await self._settle(name, exits, timeout=d.start_timeout([name]))
         d.events.emit("agent.spawned", name, supervisor=supervisor)
-        proc = d.process_runtime.procs.get(name) if d.process_runtime else None
+        proc = d.runtime.procs.get(name) if d.runtime else None
         return {"spawned": name, "supervisor": supervisor, "pid": proc.pid if proc else None}
 
     def _begin(self, supervisor: Any, name: Any, args: str | None, restoring: bool = False) -> None:
         """Checked, recorded (before any answer: a spawn's OK is a promise), in the tree."""
-        d = self.daemon
+        d = self.driver
         agent = self._check(supervisor, name, args, restoring)
         self.children[name] = Child(name, supervisor, args)
         self._put(supervisor, agent)
@@ -248,14 +247,14 @@ class Dynamic:
                 self.children.pop(name)
                 self._unput(name)
                 raise
-        d._apply(d.tree.add_child(supervisor, name, d.now(), agents={name: Policy.of(agent)}))
+        d.add(supervisor, name, agent)
 
     async def _settle(self, name: str, exits: dict[str, int], timeout: float) -> None:
         """Wait until `name` runs; if it ends or times out first, remove it (SpawnError)."""
-        failed = await self.daemon._await_running([name], exits, timeout=timeout)
+        failed = await self.driver.await_running([name], exits, timeout=timeout)
         if not failed:
             return
-        if self.daemon.stopping:  # stopped by the shutdown: still recorded, back next start
+        if self.driver.stopping:  # stopped by the shutdown: still recorded, back next start
             raise SpawnError("agentd is stopping")
         why = self._why(name)
         if name in self.children:
@@ -265,13 +264,13 @@ class Dynamic:
     async def terminate(self, name: Any) -> dict[str, Any]:
         """Stop dynamic child `name` for good; returns once it is gone."""
         if not isinstance(name, str) or name not in self.children:
-            if isinstance(name, str) and name in self.daemon.tree.children:
+            if isinstance(name, str) and name in self.driver.view:
                 raise SpawnError(
                     f"`{name}` is not a dynamic child (`ctl stop` stops a configured agent)"
                 )
             raise SpawnError(f"unknown agent `{name}`")
         await self._remove(name)
-        self.daemon.events.emit("agent.terminated", name)
+        self.driver.events.emit("agent.terminated", name)
         return {"terminated": name}
 
     def sweep(self, name: str) -> None:
@@ -286,12 +285,11 @@ class Dynamic:
         """
         if name not in self.children:
             return
-        tree = self.daemon.tree
-        child = tree.children.get(name)
-        if child is not None:
-            if not (child.ended and not child.want and child.state in ("stopped", "failed")):
+        view = self.driver.view
+        if name in view:
+            if not view.finished(name):
                 return
-            self.daemon._apply(tree.remove_child(name, self.daemon.now()))
+            self.driver.remove(name)
         self.children.pop(name, None)
         self._unput(name)
         self.save_quietly()
@@ -306,7 +304,7 @@ class Dynamic:
         A restored child is not refused for max_children (lowered since): as on a
         reload, the children there are keep running and new spawns wait for room.
         """
-        d = self.daemon
+        d = self.driver
         spec = d.spec
         sup = spec.supervisors.get(supervisor) if isinstance(supervisor, str) else None
         if sup is None:
@@ -316,7 +314,7 @@ class Dynamic:
                 f'`{supervisor}` is not a dynamic supervisor (strategy = "{sup.strategy}")'
             )
         problem = name_problem(spec, name)
-        if problem is None and name in d.tree.children:
+        if problem is None and name in d.view:
             problem = f"the name `{name}` is taken"
         if problem:
             raise SpawnError(problem)
@@ -327,7 +325,7 @@ class Dynamic:
             )
         if d.stopping:
             raise SpawnError("agentd is stopping")
-        phase = d.tree.sups[supervisor].phase
+        phase = d.view.supervisor(supervisor).phase
         # Idle before the tree is up: its turn to start has not come yet (the child
         # starts with it). Idle after: stopped (ctl stop), and so is anything else.
         if phase not in ("starting", "running") and (phase != "idle" or d.ready):
@@ -336,19 +334,18 @@ class Dynamic:
 
     def _put(self, supervisor: str, agent: AgentSpec) -> None:
         """Into the running spec, the runtime's and the broker's tables (not yet the tree)."""
-        d = self.daemon
+        d = self.driver
         sup = d.spec.supervisors[supervisor]
         agents = {**d.spec.agents, agent.name: agent}
         supervisors = {
             **d.spec.supervisors,
             supervisor: msgspec.structs.replace(sup, children=(*sup.children, agent.name)),
         }
-        d.spec = msgspec.structs.replace(d.spec, agents=agents, supervisors=supervisors)
-        self._tables_changed()
+        d.set_spec(msgspec.structs.replace(d.spec, agents=agents, supervisors=supervisors))
 
     def _unput(self, name: str) -> None:
         """Out of the running spec and the tables; its log file closed."""
-        d = self.daemon
+        d = self.driver
         agents = dict(d.spec.agents)
         if agents.pop(name, None) is None:
             return
@@ -358,29 +355,22 @@ class Dynamic:
             else s
             for k, s in d.spec.supervisors.items()
         }
-        d.spec = msgspec.structs.replace(d.spec, agents=agents, supervisors=supervisors)
-        self._tables_changed()
-        runtime = d.process_runtime
+        d.set_spec(msgspec.structs.replace(d.spec, agents=agents, supervisors=supervisors))
+        runtime = d.runtime
         if runtime is not None and name not in runtime.procs:
             runtime.last_exit.pop(name, None)  # a new child of this name starts afresh
             log = runtime.logs.pop(name, None)
             if log is not None:
                 log.close()
 
-    def _tables_changed(self) -> None:
-        d = self.daemon
-        if d.process_runtime is not None:
-            d.process_runtime.agents = dict(d.spec.agents)
-        d._bus_table_changed()
-
     async def _remove(self, name: str) -> None:
         """Out of the record first (a crash now must not bring it back), then stopped."""
-        d = self.daemon
+        d = self.driver
         self.children.pop(name, None)
         self.save_quietly()
-        if name in d.tree.children:
-            d._apply(d.tree.remove_child(name, d.now()))
-            await d.wait_until(lambda: name not in d.tree.children, d._stop_timeout([name]))
+        if name in d.view:
+            d.remove(name)
+            await d.wait_until(lambda: name not in d.view, d.stop_timeout([name]))
         self._unput(name)
 
     def save_quietly(self) -> None:
@@ -390,7 +380,7 @@ class Dynamic:
             self.log.error("dynamic.record_failed", error=str(exc))
 
     def _why(self, name: str) -> str:
-        runtime = self.daemon.process_runtime
+        runtime = self.driver.runtime
         last = runtime.last_exit.get(name) if runtime is not None else None
         if last is None:
             return ""

@@ -1,15 +1,18 @@
 """What a reload changes: a pure diff between the running spec and the new one.
 
-The daemon applies the result to the tree in a fixed order — removals,
+The driver applies the result to the tree in a fixed order — removals,
 supervisor updates, additions, agent restarts — so that unchanged agents
-keep their PIDs and everything else converges to the new config.
+keep their PIDs and everything else converges to the new config. `ctl scale`
+is a reload too: of the running spec with one pool's size changed (`scaled`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .spec import Spec
+import msgspec
+
+from .spec import AgentSpec, PoolSpec, Spec, member_spec
 from .tree import Policy
 
 
@@ -115,3 +118,36 @@ def subtree(spec: Spec, name: str) -> tuple[dict[str, Policy], dict]:
     agents = {n: Policy.of(spec.agents[n]) for n in nodes if n in spec.agents}
     supervisors = {n: spec.supervisors[n] for n in nodes if n in spec.supervisors}
     return agents, supervisors
+
+
+def members(spec: Spec, pool: str) -> list[str]:
+    """A pool's member instances, by index."""
+    names = [n for n, a in spec.agents.items() if a.pool == pool]
+    return sorted(names, key=lambda n: int(n.rpartition("@")[2]))
+
+
+def scaled(spec: Spec, pool: str, count: int, template: AgentSpec) -> Spec:
+    """`spec` with `count` members in `pool`: new ones shaped like `template`, placed
+    after the last member; the highest-numbered go when it shrinks."""
+    now = members(spec, pool)
+    agents = dict(spec.agents)
+    added = [member_spec(template, pool, index) for index in range(len(now), count)]
+    removed = now[count:]
+    for agent in added:
+        agents[agent.name] = agent
+    for name in removed:
+        del agents[name]
+    supervisor = spec.pools[pool].supervisor
+    sup = spec.supervisors[supervisor]
+    children = list(sup.children)
+    anchor = children.index(now[-1]) + 1 if now else len(children)
+    if removed:
+        children = [c for c in children if c not in removed]
+        anchor = min(anchor, len(children))
+    children[anchor:anchor] = [a.name for a in added]
+    supervisors = {
+        **spec.supervisors,
+        supervisor: msgspec.structs.replace(sup, children=tuple(children)),
+    }
+    pools = {**spec.pools, pool: PoolSpec(pool, count, supervisor)}
+    return msgspec.structs.replace(spec, agents=agents, supervisors=supervisors, pools=pools)

@@ -150,3 +150,8 @@ ROOT = "root"
 def pool_member(pool: str, index: int) -> str:
     """Instance name of a pool member: NAME@INDEX, as in the contract."""
     return f"{pool}@{index}"
+
+
+def member_spec(template: AgentSpec, pool: str, index: int) -> AgentSpec:
+    """Pool member `index`, shaped like `template` (a member, or the pool's agent)."""
+    return msgspec.structs.replace(template, name=pool_member(pool, index), pool=pool)

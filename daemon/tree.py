@@ -15,11 +15,21 @@ order, that should be up and is not. That single rule yields one_for_one
 (restart just the failed child), one_for_all (stop the others in reverse,
 then start all in order) and rest_for_one (the same for the failed child and
 those after it), and lets ctl commands and concurrent failures compose.
+
+Each child has one `state` (down, up, or busy on the way: starting, stopping,
+backoff) and one `goal` (what its supervisor wants of it: running, stopped by
+ctl, ended, dropped, removed). The steps are named as in OTP's supervisor.erl:
+`_init_children`, `_start_children`, `_do_start_child`, `_child_exited` (the
+EXIT), `_do_restart` (by restart type, `should_restart`), `_restart` (intensity,
+`_add_restart`, then the strategy's group), `_terminate_children`,
+`_do_terminate`, `_stop_finished`, `_del_child`, `_do_auto_shutdown`. Other
+modules read the tree through `TreeView` (`Tree.view`), never its dicts.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
@@ -41,7 +51,17 @@ class Policy(NamedTuple):
         return cls(agent.restart, agent.restart_delay, agent.significant, agent.pool)
 
 
+#: Where a child is: down (stopped, failed), up (running, paused), or busy on the way
+#: (starting, stopping, backoff: waiting out restart_delay). One state at a time.
 ChildState = Literal["stopped", "starting", "running", "paused", "stopping", "backoff", "failed"]
+#: What its supervisor wants of it. running: keep it up (restart it as its type says);
+#: stopped: ctl stop, down until ctl start; ended: it ended by itself and is not restarted
+#: (auto_shutdown counts these); dropped: a temporary child a group restart stopped (OTP
+#: deletes it); removed: reload or terminate, forgotten once down.
+Goal = Literal["running", "stopped", "ended", "dropped", "removed"]
+#: How its next start counts: fresh (the first, ctl start), restart (after a failure:
+#: restart_delay first), waited (a restart whose delay is over).
+NextStart = Literal["fresh", "restart", "waited"]
 Phase = Literal["idle", "starting", "running", "stopping", "failing", "failed"]
 
 _UP = frozenset({"starting", "running", "paused", "backoff"})
@@ -130,14 +150,10 @@ class Child:
     significant: bool = False
     group: str | None = None
     state: ChildState = "stopped"
-    want: bool = True  # should be up; false once a temporary child ends, etc.
-    held: bool = False  # stopped by ctl: stays down until ctl start
-    removing: bool = False  # reload removed it: forget it once stopped
+    goal: Goal = "running"
+    next_start: NextStart = "fresh"
     incarnation: int = -1  # bumped on every start; 0 is the first run
-    restarting: bool = False  # the next start is a restart after a failure
-    delayed: bool = False  # restart_delay already waited for this restart
     timer_gen: int = 0
-    ended: bool = False  # ended by itself and was not restarted (for auto_shutdown)
     # Restarts so far, by the reason of the exit each one followed (`exit_reason` at the
     # time): `ctl status` shows the sum, the metrics the breakdown (SPEC §13).
     restarts_by_reason: dict[str, int] = field(default_factory=dict)
@@ -146,6 +162,15 @@ class Child:
     @property
     def restarts(self) -> int:
         return sum(self.restarts_by_reason.values())
+
+    @property
+    def down(self) -> bool:
+        return self.state in ("stopped", "failed")
+
+    def want(self, goal: Goal) -> None:
+        """A new goal; a removed child stays removed (it is forgotten once down)."""
+        if self.goal != "removed":
+            self.goal = goal
 
 
 @dataclass
@@ -173,6 +198,93 @@ class TreeError(Exception):
     """A command that does not fit the tree (unknown name, bad state)."""
 
 
+class ChildView(NamedTuple):
+    """One child as the other modules see it: a snapshot, nothing to change."""
+
+    name: str
+    parent: str
+    is_supervisor: bool
+    state: ChildState
+    restart: RestartType
+    incarnation: int
+    restarts_by_reason: Mapping[str, int]  # the tree's own count: read, never written
+    goal: Goal
+
+    @property
+    def restarts(self) -> int:
+        return sum(self.restarts_by_reason.values())
+
+
+class SupervisorView(NamedTuple):
+    """One supervisor as the other modules see it."""
+
+    name: str
+    strategy: Strategy
+    max_restarts: int
+    max_seconds: float
+    phase: Phase
+    children: tuple[str, ...]
+
+
+class TreeView:
+    """The tree, read-only: what status, ctl, dynamic and the metrics may ask of it.
+
+    Only the driver changes the tree (through its inputs); everyone else reads it
+    here, so the tree's bookkeeping can change without them.
+    """
+
+    def __init__(self, tree: Tree) -> None:
+        self._tree = tree
+
+    @property
+    def root(self) -> str:
+        return self._tree.root
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tree.children
+
+    def state(self, name: str) -> ChildState:
+        return self._tree.state(name)
+
+    def agents(self) -> list[str]:
+        """Agent instance names in start order (depth first)."""
+        return self._tree.agents()
+
+    def supervisor_of(self, name: str) -> str:
+        return self._tree.supervisor_of(name)
+
+    def finished(self, name: str) -> bool:
+        """Has `name` ended by itself for good (not to be restarted), and is it down?
+
+        (OTP deletes such a child of a simple_one_for_one supervisor.)
+        """
+        c = self._tree._child(name)
+        return c.goal == "ended" and c.down
+
+    def child(self, name: str) -> ChildView:
+        c = self._tree._child(name)
+        return ChildView(
+            c.name,
+            c.parent,
+            c.is_supervisor,
+            c.state,
+            c.restart,
+            c.incarnation,
+            c.restarts_by_reason,
+            c.goal,
+        )
+
+    def supervisor(self, name: str) -> SupervisorView:
+        try:
+            sup = self._tree.sups[name]
+        except KeyError:
+            raise TreeError(f"unknown supervisor `{name}`") from None
+        spec = sup.spec
+        return SupervisorView(
+            name, spec.strategy, spec.max_restarts, spec.max_seconds, sup.phase, spec.children
+        )
+
+
 class Tree:
     """The supervision state machine for one root supervisor and its subtree."""
 
@@ -190,6 +302,7 @@ class Tree:
         self._shutting_down = False
         self._root_done = False
         self._now = 0.0
+        self.view = TreeView(self)
         for spec in supervisors.values():
             self.sups[spec.name] = Supervisor(spec)
         for spec in supervisors.values():
@@ -254,7 +367,7 @@ class Tree:
     def start(self, now: float) -> list[Action]:
         """Start the whole tree, children in order."""
         self._tick(now)
-        self._start_supervisor(self.sups[self.root])
+        self._init_children(self.sups[self.root])
         return self._flush()
 
     def started(self, name: str, now: float, incarnation: int | None = None) -> list[Action]:
@@ -265,7 +378,7 @@ class Tree:
             return self._flush()
         if incarnation is not None and incarnation != child.incarnation:
             return self._flush()
-        self._on_started(child)
+        self._child_started(child)
         return self._flush()
 
     def exited(
@@ -284,7 +397,7 @@ class Tree:
             return self._flush()
         if incarnation is not None and incarnation != child.incarnation:
             return self._flush()
-        self._on_exited(child, abnormal, reason)
+        self._child_exited(child, abnormal, reason)
         return self._flush()
 
     def timer(self, key: str, now: float) -> list[Action]:
@@ -294,7 +407,8 @@ class Tree:
         child = self.children.get(name)
         if child is not None and child.state == "backoff" and str(child.timer_gen) == gen:
             child.state = "stopped"
-            child.delayed = True
+            if child.next_start == "restart":
+                child.next_start = "waited"
             sup = self.sups[child.parent]
             if sup.inflight == ("delay", name):
                 sup.inflight = None
@@ -305,9 +419,8 @@ class Tree:
         """ctl stop: stop `name` and keep it down until start_child."""
         self._tick(now)
         child = self._child(name)
-        child.held = True
-        child.want = False
-        self._queue_stops(self.sups[child.parent], [name])
+        child.want("stopped")
+        self._terminate_children(self.sups[child.parent], [name])
         self._advance(self.sups[child.parent])
         return self._flush()
 
@@ -315,9 +428,8 @@ class Tree:
         """ctl start: let `name` run again (also revives a finished temporary child)."""
         self._tick(now)
         child = self._child(name)
-        child.held = False
-        child.want = True
-        child.restarting = False
+        child.want("running")
+        child.next_start = "fresh"
         self._advance(self.sups[child.parent])
         return self._flush()
 
@@ -325,9 +437,8 @@ class Tree:
         """ctl restart / reload change: stop then start, not counted as a failure."""
         self._tick(now)
         child = self._child(name)
-        child.held = False
-        child.want = True
-        self._queue_stops(self.sups[child.parent], [name])
+        child.want("running")
+        self._terminate_children(self.sups[child.parent], [name])
         self._advance(self.sups[child.parent])
         return self._flush()
 
@@ -364,7 +475,7 @@ class Tree:
             return self._flush()
         if root.phase != "failing":
             root.phase = "stopping"
-        self._queue_stops(root, [c for c in reversed(root.children) if self._is_up(c)])
+        self._terminate_children(root, [c for c in reversed(root.children) if self._is_up(c)])
         self._advance(root)
         return self._flush()
 
@@ -405,10 +516,9 @@ class Tree:
         """Reload/scale: stop `name` (and its subtree) and forget it."""
         self._tick(now)
         child = self._child(name)
-        child.removing = True
-        child.want = False
+        child.goal = "removed"
         sup = self.sups[child.parent]
-        self._queue_stops(sup, [name])
+        self._terminate_children(sup, [name])
         self._advance(sup)
         return self._flush()
 
@@ -441,7 +551,7 @@ class Tree:
     def _is_up(self, name: str) -> bool:
         return self.children[name].state in _UP or self.children[name].state == "stopping"
 
-    def _queue_stops(self, sup: Supervisor, names: list[str]) -> None:
+    def _terminate_children(self, sup: Supervisor, names: list[str]) -> None:
         """Queue stops, keeping the queue in reverse start order."""
         if not names:
             return
@@ -458,7 +568,8 @@ class Tree:
         """One operation at a time, as OTP's supervisor: a pool's start counts as one."""
         return sup.inflight is not None or bool(sup.group_starting)
 
-    def _start_supervisor(self, sup: Supervisor) -> None:
+    def _init_children(self, sup: Supervisor) -> None:
+        """(Re)start `sup`: a fresh history; its children start in order as they should."""
         sup.phase = "starting"
         sup.history.clear()
         sup.pending_stops = []
@@ -467,13 +578,11 @@ class Tree:
         sup.failure = ""
         for name in sup.children:
             child = self.children[name]
-            child.ended = False
             ran = child.incarnation >= 0
             if sup.spec.strategy == "dynamic" and child.restart == "temporary" and ran:
-                child.want, child.ended = False, True  # a temporary child never runs again
-                continue
-            if not child.held:
-                child.want = True
+                child.want("ended")  # a temporary child never runs again
+            elif child.goal != "stopped":  # what ctl stopped stays down
+                child.want("running")
         self._advance(sup)
 
     def _advance(self, sup: Supervisor) -> None:
@@ -481,11 +590,11 @@ class Tree:
         while not self._busy(sup):
             if sup.pending_stops:
                 name = sup.pending_stops.pop(0)
-                self._begin_stop(sup, self.children[name])
+                self._do_terminate(sup, self.children[name])
                 continue
             if sup.phase in ("stopping", "failing"):
                 if not any(self._is_up(c) for c in sup.children):
-                    self._finish_stopping(sup)
+                    self._shutdown_finished(sup)
                 return
             if sup.phase not in ("starting", "running"):
                 return
@@ -493,7 +602,7 @@ class Tree:
                 (
                     self.children[c]
                     for c in sup.children
-                    if self.children[c].want and self.children[c].state in ("stopped", "failed")
+                    if self.children[c].goal == "running" and self.children[c].down
                 ),
                 None,
             )
@@ -503,38 +612,39 @@ class Tree:
                     self._supervisor_started(sup)
                 return
             if nxt.group is not None and not self._needs_delay(nxt):
-                self._begin_group_start(sup, nxt.group)
+                self._start_children(sup, nxt.group)
             else:
-                self._begin_start(sup, nxt)
+                self._start_child(sup, nxt)
 
-    def _begin_stop(self, sup: Supervisor, child: Child) -> None:
+    def _do_terminate(self, sup: Supervisor, child: Child) -> None:
+        """Stop one child (a nested supervisor: its children first, in reverse)."""
         if child.state == "backoff":
             child.state = "stopped"
             child.exit_reason = "stopped"  # its next start follows this stop, not the crash
             child.timer_gen += 1
             if sup.inflight == ("delay", child.name):
                 sup.inflight = None
-            self._after_stopped(sup, child)
+            self._stop_finished(sup, child)
             return
         if child.state not in ("starting", "running", "paused"):
             if child.state != "stopping":
-                self._after_stopped(sup, child)
+                self._stop_finished(sup, child)
             return
         child.state = "stopping"
         sup.inflight = ("stop", child.name)
         if child.is_supervisor:
             inner = self.sups[child.name]
             inner.phase = "stopping"
-            self._queue_stops(inner, [c for c in reversed(inner.children) if self._is_up(c)])
+            self._terminate_children(inner, [c for c in reversed(inner.children) if self._is_up(c)])
             self._advance(inner)
         else:
             self._out.append(Stop(child.name))
 
     @staticmethod
     def _needs_delay(child: Child) -> bool:
-        return child.restarting and child.restart_delay > 0 and not child.delayed
+        return child.next_start == "restart" and child.restart_delay > 0
 
-    def _begin_group_start(self, sup: Supervisor, group: str) -> None:
+    def _start_children(self, sup: Supervisor, group: str) -> None:
         """Start every member of pool `group` that should be up, all at once.
 
         Pool members are interchangeable, so waiting for each in turn only
@@ -545,15 +655,16 @@ class Tree:
             self.children[c]
             for c in sup.children
             if self.children[c].group == group
-            and self.children[c].want
-            and self.children[c].state in ("stopped", "failed")
+            and self.children[c].goal == "running"
+            and self.children[c].down
             and not self._needs_delay(self.children[c])
         ]
         sup.group_starting = {m.name for m in members}
         for member in members:
-            self._launch(member)
+            self._do_start_child(member)
 
-    def _begin_start(self, sup: Supervisor, child: Child) -> None:
+    def _start_child(self, sup: Supervisor, child: Child) -> None:
+        """The next ordered start: after restart_delay (backoff) for a restart with one."""
         if self._needs_delay(child):
             child.state = "backoff"
             child.timer_gen += 1
@@ -561,26 +672,24 @@ class Tree:
             self._out.append(SetTimer(f"{child.name}#{child.timer_gen}", child.restart_delay))
             return
         sup.inflight = ("start", child.name)
-        self._launch(child)
+        self._do_start_child(child)
 
-    def _launch(self, child: Child) -> None:
+    def _do_start_child(self, child: Child) -> None:
         """Hand one child to the runtime (or start a nested supervisor)."""
         if child.incarnation >= 0:
             by = child.restarts_by_reason
             by[child.exit_reason] = by.get(child.exit_reason, 0) + 1
         child.incarnation += 1
-        child.delayed = False
-        child.ended = False
         child.state = "starting"
-        if child.restarting:
+        if child.next_start != "fresh":
             self._out.append(Note("agent.restarting", child.name, {"restarts": child.restarts}))
-        child.restarting = False
+        child.next_start = "fresh"
         if child.is_supervisor:
-            self._start_supervisor(self.sups[child.name])
+            self._init_children(self.sups[child.name])
         else:
             self._out.append(Start(child.name, child.incarnation))
 
-    def _on_started(self, child: Child) -> None:
+    def _child_started(self, child: Child) -> None:
         child.state = "running"
         sup = self.sups[child.parent]
         if sup.inflight == ("start", child.name):
@@ -591,22 +700,23 @@ class Tree:
                 return  # the pool is not up yet
         self._advance(sup)
 
-    def _after_stopped(self, sup: Supervisor, child: Child) -> None:
+    def _stop_finished(self, sup: Supervisor, child: Child) -> None:
         """A child we stopped is down: forget it if it was removed."""
-        if child.removing:
+        if child.goal == "removed":
             sup.spec = msgspec.structs.replace(
                 sup.spec, children=tuple(c for c in sup.children if c != child.name)
             )
-            self._forget(child.name)
+            self._del_child(child.name)
 
-    def _forget(self, name: str) -> None:
+    def _del_child(self, name: str) -> None:
+        """Forget `name` and, for a supervisor, its subtree."""
         child = self.children.pop(name)
         if child.is_supervisor:
             for inner in self.sups.pop(name).children:
-                self._forget(inner)
+                self._del_child(inner)
 
-    def _on_exited(self, child: Child, abnormal: bool, reason: str) -> None:
-        """Handle an agent's (or nested supervisor's) end."""
+    def _child_exited(self, child: Child, abnormal: bool, reason: str) -> None:
+        """An agent's (or nested supervisor's) end: OTP's handling of a child's EXIT."""
         sup = self.sups[child.parent]
         was = child.state
         child.state = "failed" if abnormal else "stopped"
@@ -615,13 +725,13 @@ class Tree:
             child.state = "stopped"
             if sup.inflight == ("stop", child.name):
                 sup.inflight = None
-            self._after_stopped(sup, child)
+            self._stop_finished(sup, child)
             self._advance(sup)
             return
         if child.name in sup.pending_stops:
             # It died while queued to be stopped: the stop is done, not a new failure.
             sup.pending_stops.remove(child.name)
-            self._after_stopped(sup, child)
+            self._stop_finished(sup, child)
             self._advance(sup)
             return
         if sup.inflight in (("start", child.name), ("stop", child.name)):
@@ -630,34 +740,43 @@ class Tree:
         if was == "starting" and sup.phase == "starting" and sup.spec.strategy != "dynamic":
             # As in OTP's init: a child that cannot start fails its supervisor's start.
             # (A dynamic supervisor's children are not its init: the spawn fails instead.)
-            self._give_up(sup, f"child {child.name} failed to start ({reason})")
+            self._terminate_supervisor(sup, f"child {child.name} failed to start ({reason})")
             return
         if sup.phase not in ("starting", "running"):
             self._advance(sup)
             return
-        if not should_restart(child.restart, abnormal):
-            child.want = False
-            child.ended = True
-            if child.significant and self._auto_shutdown_due(sup):
-                self._auto_shutdown(sup, child.name)
-                return
-            self._advance(sup)
+        self._do_restart(sup, child, abnormal, reason)
+
+    def _do_restart(self, sup: Supervisor, child: Child, abnormal: bool, reason: str) -> None:
+        """OTP's do_restart: by its restart type and how it ended, restart it or let it end."""
+        if should_restart(child.restart, abnormal):
+            self._restart(sup, child, reason)
             return
-        if self._intensity_exceeded(sup):
-            self._give_up(sup, f"reached max restart intensity ({child.name}: {reason})")
+        child.want("ended")
+        if child.significant and self._auto_shutdown_due(sup):
+            self._do_auto_shutdown(sup, child.name)
             return
-        child.restarting = True
-        affected = self._affected(sup, child.name)
+        self._advance(sup)
+
+    def _restart(self, sup: Supervisor, child: Child, reason: str) -> None:
+        """OTP's restart: count it (too many and `sup` terminates), then restart by strategy."""
+        if self._add_restart(sup):
+            why = f"reached max restart intensity ({child.name}: {reason})"
+            self._terminate_supervisor(sup, why)
+            return
+        child.next_start = "restart"
+        affected = self._restart_group(sup, child.name)
         for name in affected:
             sibling = self.children[name]
             if sibling.restart == "temporary":
-                sibling.want = False
-            elif not sibling.held and not sibling.removing:
+                if sibling.goal == "running":
+                    sibling.goal = "dropped"
+            elif sibling.goal not in ("stopped", "removed"):
                 # OTP's restart_multiple_children: every kept child starts again, a
                 # transient one that had already ended normally included.
-                sibling.restarting = True
-                sibling.want = True
-        self._queue_stops(sup, [n for n in affected if self._is_up(n)])
+                sibling.next_start = "restart"
+                sibling.goal = "running"
+        self._terminate_children(sup, [n for n in affected if self._is_up(n)])
         self._advance(sup)
 
     def _auto_shutdown_due(self, sup: Supervisor) -> bool:
@@ -666,10 +785,11 @@ class Tree:
         if mode == "any_significant":
             return True
         if mode == "all_significant":
-            return all(self.children[c].ended for c in sup.children if self.children[c].significant)
+            significant = [self.children[c] for c in sup.children if self.children[c].significant]
+            return all(c.goal == "ended" for c in significant)
         return False
 
-    def _auto_shutdown(self, sup: Supervisor, last: str) -> None:
+    def _do_auto_shutdown(self, sup: Supervisor, last: str) -> None:
         """Stop the other children in reverse order; then `sup` ends normally."""
         sup.phase = "stopping"
         self._out.append(
@@ -677,10 +797,10 @@ class Tree:
                 "supervisor.auto_shutdown", sup.name, {"mode": sup.spec.auto_shutdown, "last": last}
             )
         )
-        self._queue_stops(sup, [c for c in reversed(sup.children) if self._is_up(c)])
+        self._terminate_children(sup, [c for c in reversed(sup.children) if self._is_up(c)])
         self._advance(sup)
 
-    def _affected(self, sup: Supervisor, failed: str) -> list[str]:
+    def _restart_group(self, sup: Supervisor, failed: str) -> list[str]:
         """Siblings the strategy stops along with the failed child."""
         strategy: Strategy = sup.spec.strategy
         if strategy in ("one_for_one", "dynamic"):  # dynamic: OTP's simple_one_for_one
@@ -690,7 +810,7 @@ class Tree:
             return [c for c in children if c != failed]
         return children[children.index(failed) + 1 :]
 
-    def _intensity_exceeded(self, sup: Supervisor) -> bool:
+    def _add_restart(self, sup: Supervisor) -> bool:
         """Record a restart; true if it makes more than max_restarts in max_seconds."""
         now = self._now
         sup.history.append(now)
@@ -698,14 +818,15 @@ class Tree:
             sup.history.popleft()
         return len(sup.history) > sup.spec.max_restarts
 
-    def _give_up(self, sup: Supervisor, reason: str) -> None:
+    def _terminate_supervisor(self, sup: Supervisor, reason: str) -> None:
+        """Give up: stop every child in reverse order; then `sup` ends as failed."""
         sup.phase = "failing"
         sup.failure = reason
         self._out.append(Note("supervisor.gave_up", sup.name, {"reason": reason}))
-        self._queue_stops(sup, [c for c in reversed(sup.children) if self._is_up(c)])
+        self._terminate_children(sup, [c for c in reversed(sup.children) if self._is_up(c)])
         self._advance(sup)
 
-    def _finish_stopping(self, sup: Supervisor) -> None:
+    def _shutdown_finished(self, sup: Supervisor) -> None:
         """`sup` has no child up: tell its parent (or the runtime, for the root)."""
         failing = sup.phase == "failing"
         sup.phase = "failed" if failing else "idle"
@@ -720,12 +841,12 @@ class Tree:
             return
         me = self.children[sup.name]
         if failing:
-            self._on_exited(me, True, "gave_up")
+            self._child_exited(me, True, "gave_up")
         else:
-            self._on_exited(me, False, "stopped")
+            self._child_exited(me, False, "stopped")
 
     def _supervisor_started(self, sup: Supervisor) -> None:
         if sup.name == self.root:
             self._out.append(TreeReady())
             return
-        self._on_started(self.children[sup.name])
+        self._child_started(self.children[sup.name])

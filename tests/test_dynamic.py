@@ -30,8 +30,8 @@ from agentd.daemon.dynamic import (
 from agentd.daemon.spawn import agent_env
 from agentd.daemon.tree import Policy
 from tests.conftest import alive, wait_for
+from tests.fake_runtime import Sim, sup
 from tests.test_router import Net
-from tests.treesim import Sim, sup
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -364,7 +364,7 @@ def test_tree_dynamic_children_one_for_one_and_a_restarted_supervisor() -> None:
     sim.crash("b")  # the second restart within the window: dyn gives up, root restarts it
     assert "supervisor.gave_up" in [n.event for n in sim.notes]
     assert sorted(sim.ops("start")) == ["a", "b"]  # not t
-    assert sim.tree.children["t"].ended and sim.tree.state("dyn") == "running"
+    assert sim.view.child("t").goal == "ended" and sim.tree.state("dyn") == "running"
 
 
 def test_args_are_compact_json_and_bounded() -> None:

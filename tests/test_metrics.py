@@ -38,8 +38,8 @@ from agentd.daemon.metrics import (
     parse_address,
 )
 from tests.conftest import DaemonProc, wait_for
+from tests.fake_runtime import Sim, sup
 from tests.test_router import Net, acked
-from tests.treesim import Sim, sup
 
 REPO = Path(__file__).resolve().parent.parent
 RULES = REPO / "etc" / "prometheus" / "agentd-rules.yml"
@@ -469,15 +469,15 @@ def test_the_tree_counts_restarts_by_the_reason_of_the_exit_before_each() -> Non
     for reason in ("signal", "signal", "hung", "memory"):
         sim.now += 2
         sim.crash("a", reason=reason)
-    assert tree.children["a"].restarts_by_reason == {"signal": 2, "hung": 1, "memory": 1}
-    assert tree.children["b"].restarts_by_reason == {"stopped": 4}  # one_for_all stopped it
-    assert tree.children["a"].restarts == 4  # what `status` shows: the sum
+    assert sim.view.child("a").restarts_by_reason == {"signal": 2, "hung": 1, "memory": 1}
+    assert sim.view.child("b").restarts_by_reason == {"stopped": 4}  # one_for_all stopped it
+    assert sim.view.child("a").restarts == 4  # what `status` shows: the sum
     sim.apply(tree.restart_child("a", sim.now))  # ctl restart
-    assert tree.children["a"].restarts_by_reason["stopped"] == 1
+    assert sim.view.child("a").restarts_by_reason["stopped"] == 1
     sim.crash("c", reason="signal")
     sim.advance(6)  # its restart_delay
-    assert tree.children["c"].restarts_by_reason == {"signal": 1}
+    assert sim.view.child("c").restarts_by_reason == {"signal": 1}
     sim.crash("c", reason="signal")  # backing off again ...
     sim.apply(tree.stop_child("c", sim.now))  # ... ctl stops it meanwhile, then starts it
     sim.apply(tree.start_child("c", sim.now))
-    assert tree.children["c"].restarts_by_reason == {"signal": 1, "stopped": 1}
+    assert sim.view.child("c").restarts_by_reason == {"signal": 1, "stopped": 1}
