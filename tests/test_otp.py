@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+from datetime import datetime
 
-from tests.conftest import wait_for
+from tests.conftest import rec, wait_for
 
 # Runs until stopped; exits 0 by itself on its first incarnation only.
 ONCE = json.dumps(
@@ -136,3 +137,38 @@ shutdown = 0.3
     hasty = d.events("agent.exited", "hasty")[-1]
     assert (patient["code"], patient["signal"]) == (0, None)
     assert hasty["signal"] == "SIGKILL"
+
+
+def test_a_pools_members_stop_together_and_the_next_child_waits_for_all(
+    daemon_factory, tmp_path
+) -> None:
+    """As they start: a stop of the tree stops a pool's members at once, not in turn,
+    and the child configured before the pool stops only once every member is down."""
+    d = daemon_factory(
+        f"""
+[supervisor]
+children = ["first", "pool"]
+[agents.first]
+command = {rec(tmp_path / "rec")}
+start_seconds = 0.1
+[agents.pool]
+command = {rec(tmp_path / "rec", "--ignore-term")}
+start_seconds = 0.1
+shutdown = 1.0
+replicas = 4
+"""
+    ).start()
+    assert d.stop() == 0
+    exits = {e["agent"]: e for e in d.events("agent.exited")}
+    pool = [exits[f"pool@{i}"] for i in range(4)]
+    assert all(e["reason"] == "stopped" and e["signal"] == "SIGKILL" for e in pool)
+    # Each ignores SIGTERM for its 1 s grace: in turn, their ends would be a second
+    # apart or more; together, all four graces run at once.
+    stamps = sorted(_at(e) for e in pool)
+    assert stamps[-1] - stamps[0] < 1.0
+    order = [e["agent"] for e in d.events("agent.exited") if e["agent"] != "bus"]
+    assert order[-1] == "first"  # after the whole pool
+
+
+def _at(record: dict) -> float:
+    return datetime.fromisoformat(record["timestamp"].replace("Z", "+00:00")).timestamp()
