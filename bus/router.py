@@ -788,8 +788,42 @@ class Router:
         self.tick_interval = max(0.02, min(1.0, min(beats) / 4)) if beats else 1.0
         old = self.table
         self.table = {a.name: a for a in table.agents}
+        # Only what changed is worked on: a spawn sends the whole table, and redoing
+        # every entry's pool, subscriptions and checks made spawning N children N².
+        changed = [e for e in table.agents if old.get(e.name) != e]
+        removed = [entry for name, entry in old.items() if name not in self.table]
+        if any(e.pool for e in changed) or any(e.pool for e in removed):
+            self._place_pools(table.agents)
+        for entry in changed:
+            peer = self.peers.get(entry.name)
+            if peer is not None and not peer.hung_reported:
+                self._check_later(peer, now)  # its heartbeat may have changed
+        for entry in removed:  # gone for good: drop what we kept for it
+            name = entry.name
+            self.held.pop(name, None)
+            if name not in self.peers:
+                self.trie.remove_subscriber(name)
+            for pattern in entry.subscribe:
+                self.trie.remove(pattern, name)
+        if removed:
+            for pool in list(self.held):
+                if pool not in self.table and pool not in self.pools and pool not in self.peers:
+                    del self.held[pool]
+        for entry in changed:
+            before = old.get(entry.name)
+            if before is not None:
+                for pattern in set(before.subscribe) - set(entry.subscribe):
+                    self.trie.remove(pattern, entry.name)
+            for pattern in entry.subscribe:
+                if valid(pattern):
+                    self.trie.add(pattern, entry.name)
+        self._place_boxes(now)
+        self._route_early(now)
+
+    def _place_pools(self, agents: list[AgentEntry]) -> None:
+        """Pools, their members' order and their ready members, from the table."""
         pools: dict[str, list[str]] = {}
-        for entry in table.agents:
+        for entry in agents:
             if entry.pool:
                 pools.setdefault(entry.pool, []).append(entry.name)
         self.pools = pools
@@ -802,30 +836,6 @@ class Router:
         for pool, live in self.live.items():
             if live and pool in self.boxes:
                 self._dirty.add(pool)
-        self._checks = []  # heartbeats may have changed: every peer checked afresh
-        for peer in self.peers.values():
-            if not peer.hung_reported:
-                self._check_later(peer, now)
-        for name, entry in old.items():
-            if name not in self.table:  # gone for good: drop what we kept for it
-                self.held.pop(name, None)
-                if name not in self.peers:
-                    self.trie.remove_subscriber(name)
-                for pattern in entry.subscribe:
-                    self.trie.remove(pattern, name)
-        for pool in list(self.held):
-            if pool not in self.table and pool not in self.pools and pool not in self.peers:
-                del self.held[pool]
-        for entry in table.agents:
-            before = old.get(entry.name)
-            if before is not None:
-                for pattern in set(before.subscribe) - set(entry.subscribe):
-                    self.trie.remove(pattern, entry.name)
-            for pattern in entry.subscribe:
-                if valid(pattern):
-                    self.trie.add(pattern, entry.name)
-        self._place_boxes(now)
-        self._route_early(now)
 
     def _settings(self, box: str) -> AgentEntry | None:
         """The ack settings of a mailbox: its agent's, or for a pool its first member's."""
