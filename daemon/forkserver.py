@@ -16,10 +16,10 @@ each has its own session); `retire` replaces it so new code runs (reload,
 `ctl restart`). A module that fails to import fails the start with its
 traceback (`ForkError`), and the next start tries a fresh template.
 
-Reaping: a forked agent becomes the daemon's child when the template's
-intermediate child exits, which may be before its pid has come back over the
-socket. Each fork in flight holds the reaper (reaper.py), which leaves an
-unknown zombie alone meanwhile, so no agent is ever reaped as an orphan.
+Reaping: a forked agent is born the daemon's child (clone3 with CLONE_PARENT),
+before its pid has come back over the socket. Each fork in flight holds the
+reaper (reaper.py), which leaves an unknown zombie alone meanwhile, so no
+agent is ever reaped as an orphan.
 """
 
 from __future__ import annotations

@@ -2,10 +2,10 @@
 
 It owns the OS side of each agent — the Popen, its pid watched by the daemon's
 reaper (SIGCHLD: no polling, no fd), the stdout/stderr pipes, the stop
-escalation timers, the agent's cgroup (cgroup.py) or, without one, its process group and the memory
-sampler — and reports back through two callbacks: `on_started` (ready: READY
-on the bus or `start_seconds` up) and `on_exited` (with an `ExitInfo` naming
-the reason). It makes no supervision decisions.
+escalation timers, the agent's cgroup (cgroup.py) or, without one, its process
+group and the memory sampler — and reports back through two callbacks:
+`on_started` (ready: READY on the bus or `start_seconds` up) and `on_exited`
+(with an `ExitInfo` naming the reason). It makes no supervision decisions.
 
 With a cgroup, the kernel keeps the limits: the OOM killer ends a group past
 its memory limit, and the reason `memory` is known the moment the agent
@@ -237,6 +237,8 @@ class ProcessRuntime:
 
     def _unqueue(self, proc: Proc) -> None:
         """Stopped before it started: it ends now, as stopped (it never ran)."""
+        if proc.stopping:
+            return  # already on its way out (a stop, then kill_everything)
         with contextlib.suppress(ValueError):
             self._waiting[proc.spec.start].remove(proc)
         proc.stopping = True
