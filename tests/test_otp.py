@@ -158,6 +158,8 @@ shutdown = 1.0
 replicas = 4
 """
     ).start()
+    started = tmp_path / "rec" / "started"  # written once its SIGTERM handler is in place
+    wait_for(lambda: started.exists() and len(started.read_text().split("\n")) > 5, 10)
     assert d.stop() == 0
     exits = {e["agent"]: e for e in d.events("agent.exited")}
     pool = [exits[f"pool@{i}"] for i in range(4)]
