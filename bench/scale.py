@@ -589,15 +589,7 @@ def run_agentd(
     finally:
         if spy:
             spy.stop()
-        t0 = time.perf_counter()
-        cleanup.stop(daemon.proc, timeout=max(30.0, 0.02 * n))
-        run.stop_s = time.perf_counter() - t0
-        left = leftovers()
-        if left:
-            run.notes.append(f"{len(left)} process(es) of ours left after the stop: killed")
-            for p in left:
-                with contextlib.suppress(psutil.Error):
-                    p.kill()
+        stop_and_sweep(cleanup, daemon.proc, run, timeout=max(30.0, 0.02 * n))
 
 
 def measure_idle(
@@ -757,6 +749,19 @@ autorestart = true
 """
 
 
+def stop_and_sweep(cleanup: Cleanup, proc: subprocess.Popen, run: Run, timeout: float) -> None:
+    """Stop a supervisor, time it, and kill (and say) whatever of ours it left."""
+    t0 = time.perf_counter()
+    cleanup.stop(proc, timeout=timeout)
+    run.stop_s = time.perf_counter() - t0
+    left = leftovers()
+    if left:
+        run.notes.append(f"{len(left)} process(es) of ours left after the stop: killed")
+        for p in left:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+
+
 def run_supervisord(cleanup: Cleanup, n: int, args: argparse.Namespace) -> Run:
     run = Run("supervisord", n)
     pre = preflight("exec", n, 12.0)
@@ -821,15 +826,7 @@ def run_supervisord(cleanup: Cleanup, n: int, args: argparse.Namespace) -> Run:
         )
         return run
     finally:
-        t0 = time.perf_counter()
-        cleanup.stop(proc, timeout=60)
-        run.stop_s = time.perf_counter() - t0
-        left = leftovers()
-        if left:
-            run.notes.append(f"{len(left)} process(es) of ours left after the stop: killed")
-            for p in left:
-                with contextlib.suppress(psutil.Error):
-                    p.kill()
+        stop_and_sweep(cleanup, proc, run, timeout=60)
 
 
 # --- report ---------------------------------------------------------------------------
