@@ -304,10 +304,31 @@ class AgentRunner:
         self._done.set()
 
     async def _heartbeats(self) -> None:
+        """A heartbeat every heartbeat/3 s, from a loop timer: it stops when the loop does.
+
+        It is what an idle agent costs, so it is the cheapest send there is: one
+        pre-encoded frame, written on the socket itself (a non-owning shadow of it)
+        rather than through pyzmq's asyncio send, whose futures and event
+        rescheduling doubled an idle agent's CPU (bench/scale.py). A full queue
+        (SNDHWM) skips a beat: the broker is not reading anyway.
+        """
         interval = max(0.05, self.heartbeat / 3)
-        while True:
-            await asyncio.sleep(interval)
-            self.send(Heartbeat())
+        loop = asyncio.get_running_loop()
+        raw = zmq.Socket.shadow(self.sock.underlying)
+        frame = self.enc.encode(Heartbeat())
+        noblock = int(zmq.NOBLOCK)
+
+        def beat() -> None:
+            nonlocal handle
+            with contextlib.suppress(zmq.Again):
+                raw.send(frame, noblock)
+            handle = loop.call_later(interval, beat)
+
+        handle = loop.call_later(interval, beat)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            handle.cancel()
 
     # --- sending -------------------------------------------------------------------------
 
