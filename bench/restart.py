@@ -513,12 +513,15 @@ def supervisor_rpc(tmp: Path) -> xmlrpc.client.ServerProxy:
     )
 
 
-def start_supervisord(cleanup: Cleanup, bin_dir: Path, names: list[str]) -> tuple:
+def start_supervisord(
+    cleanup: Cleanup, bin_dir: Path, names: list[str], command: str = " ".join(SLEEP_ARGV)
+) -> tuple:
+    """supervisord with one program per name, all running `command`: (proc, tmp, launched)."""
     tmp = cleanup.tmpdir()
     (tmp / "childlogs").mkdir()
     conf = SUPERVISORD_CONF.format(tmp=tmp)
     for name in names:
-        conf += SUPERVISORD_PROGRAM.format(name=name, command=" ".join(SLEEP_ARGV))
+        conf += SUPERVISORD_PROGRAM.format(name=name, command=command)
     path = tmp / "supervisord.conf"
     path.write_text(conf)
     t_launch = time.perf_counter()

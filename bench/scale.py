@@ -97,7 +97,7 @@ from _common import (
     median,
     time_command,
 )
-from restart import SUPERVISORD_CONF, supervisor_rpc
+from restart import start_supervisord, supervisor_rpc
 
 MIB = 1024 * 1024
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -742,13 +742,6 @@ class PySpy:
 # --- supervisord ----------------------------------------------------------------------
 
 
-SUPERVISORD_PROGRAM = """
-[program:{name}]
-command = {command}
-autorestart = true
-"""
-
-
 def stop_and_sweep(cleanup: Cleanup, proc: subprocess.Popen, run: Run, timeout: float) -> None:
     """Stop a supervisor, time it, and kill (and say) whatever of ours it left."""
     t0 = time.perf_counter()
@@ -769,23 +762,10 @@ def run_supervisord(cleanup: Cleanup, n: int, args: argparse.Namespace) -> Run:
         run.stop = pre
         return run
     bin_dir = bench_venv()
-    tmp = cleanup.tmpdir("supervisord-scale-")
-    (tmp / "childlogs").mkdir()
-    conf = SUPERVISORD_CONF.format(tmp=tmp)
     command = " ".join(SLEEPER[:2]) + ' "' + SLEEPER[2] + '"'
-    for i in range(n):
-        conf += SUPERVISORD_PROGRAM.format(name=f"p{i:05d}", command=command)
-    path = tmp / "supervisord.conf"
-    path.write_text(conf)
     avail0 = meminfo()["MemAvailable"]
-    t_launch = time.perf_counter()
-    proc = cleanup.popen(
-        [str(bin_dir / "supervisord"), "-c", str(path)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        cwd=tmp,
-    )
+    names = [f"p{i:05d}" for i in range(n)]
+    proc, tmp, t_launch = start_supervisord(cleanup, bin_dir, names, command)
     try:
         rpc = supervisor_rpc(tmp)
         deadline = time.perf_counter() + 120 + 0.05 * n
@@ -819,7 +799,7 @@ def run_supervisord(cleanup: Cleanup, n: int, args: argparse.Namespace) -> Run:
         run.cpu = idle_cpu({"daemon": [proc.pid], "agents": pids}, args.idle_seconds)
         run.load = os.getloadavg()[0]
         run.status_ms = time_command(
-            [str(bin_dir / "supervisorctl"), "-c", str(path), "status"],
+            [str(bin_dir / "supervisorctl"), "-c", str(tmp / "supervisord.conf"), "status"],
             runs=args.status_runs,
             warmup=1,
             ok_codes=(0, 3),
