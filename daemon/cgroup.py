@@ -263,6 +263,12 @@ class Group:
         """main first, each directory once."""
         return list(dict.fromkeys([self.main, *self.dirs.values()]))
 
+    def v1_dirs(self) -> list[str]:
+        """The directories a new process must be moved into (a migration each): all but a
+        cgroup2 main, which it can be born in (CLONE_INTO_CGROUP)."""
+        dirs = self.all_dirs()
+        return dirs[1:] if self.v2 else dirs
+
     def procs_files(self) -> list[str]:
         """What the trampoline writes its PID into, before the agent runs."""
         return [os.path.join(d, "cgroup.procs") for d in self.all_dirs()]

@@ -53,9 +53,6 @@ class Reaper:
         if self._holds == 0:
             self._soon()  # it may have exited before we knew its pid
 
-    def unwatch(self, pid: int) -> None:
-        self._watched.pop(pid, None)
-
     @contextlib.contextmanager
     def hold(self) -> Iterator[None]:
         """While a fork is in flight: an unknown zombie may be its agent, so keep it."""

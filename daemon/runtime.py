@@ -155,9 +155,9 @@ def _fork_placement(group: cgroup.Group | None) -> tuple[str, list[str]]:
     """A forked agent's cgroup2 directory to be born in, and v1 cgroup.procs to join."""
     if group is None:
         return "", []
-    if group.v2:
-        return group.main, [os.path.join(d, "cgroup.procs") for d in group.all_dirs()[1:]]
-    return "", group.procs_files()
+    return group.main if group.v2 else "", [
+        os.path.join(d, "cgroup.procs") for d in group.v1_dirs()
+    ]
 
 
 def _described(exc: BaseException) -> str:

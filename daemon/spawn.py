@@ -75,8 +75,7 @@ def exec_prefix(
     if _HAVE_HELPER:
         prefix = [str(_HELPER), str(os.getpid()) if death_signal else "0"]
         if group is not None:
-            v1 = group.all_dirs()[1:] if group.v2 else group.all_dirs()
-            prefix += [f"--cgroup={os.path.join(d, 'tasks')}" for d in v1]
+            prefix += [f"--cgroup={os.path.join(d, 'tasks')}" for d in group.v1_dirs()]
             if group.v2:
                 prefix += [f"--clone-into={group.main}", f"--pid-fd={pid_fd}"]
         if creds.groups is not None:
