@@ -240,6 +240,9 @@ class AgentRunner:
         self.sock.setsockopt(zmq.IDENTITY, name.encode())
         self.sock.setsockopt(zmq.LINGER, 2000)
         self.sock.setsockopt(zmq.SNDHWM, 100_000)
+        self._raw = zmq.Socket.shadow(self.sock.underlying)  # for heartbeats (_beat)
+        self._heartbeat_frame = self.enc.encode(Heartbeat())
+        self._beat_timer: asyncio.TimerHandle | None = None
         self._done = asyncio.Event()
         from agentd.bus.log import get_logger
 
@@ -259,7 +262,7 @@ class AgentRunner:
         self.agent.args = _spawn_args()
         self.agent.ctx = Context(self)
         self.send(self._hello())
-        beat = loop.create_task(self._heartbeats())
+        self._beat()
         result = self.agent.setup()
         if inspect.isawaitable(result):
             await result
@@ -276,7 +279,7 @@ class AgentRunner:
         result = self.agent.teardown()
         if inspect.isawaitable(result):
             await result
-        beat.cancel()
+        self._beat_timer.cancel()
         self._flush_acks()
         self.send(Bye())
         self.sock.close(linger=2000)
@@ -303,32 +306,20 @@ class AgentRunner:
         self.stopping = True
         self._done.set()
 
-    async def _heartbeats(self) -> None:
-        """A heartbeat every heartbeat/3 s, from a loop timer: it stops when the loop does.
+    def _beat(self) -> None:
+        """A heartbeat, and the next in heartbeat/3 s: a loop timer, so a stuck loop stops it.
 
         It is what an idle agent costs, so it is the cheapest send there is: one
-        pre-encoded frame, written on the socket itself (a non-owning shadow of it)
-        rather than through pyzmq's asyncio send, whose futures and event
-        rescheduling doubled an idle agent's CPU (bench/scale.py). A full queue
-        (SNDHWM) skips a beat: the broker is not reading anyway.
+        pre-encoded frame, written on a non-owning shadow of the socket rather than
+        through pyzmq's asyncio send, whose futures and event rescheduling doubled an
+        idle agent's CPU (bench/scale.py). A full queue (SNDHWM) skips a beat: the
+        broker is not reading anyway.
         """
-        interval = max(0.05, self.heartbeat / 3)
-        loop = asyncio.get_running_loop()
-        raw = zmq.Socket.shadow(self.sock.underlying)
-        frame = self.enc.encode(Heartbeat())
-        noblock = int(zmq.NOBLOCK)
-
-        def beat() -> None:
-            nonlocal handle
-            with contextlib.suppress(zmq.Again):
-                raw.send(frame, noblock)
-            handle = loop.call_later(interval, beat)
-
-        handle = loop.call_later(interval, beat)
-        try:
-            await asyncio.Event().wait()
-        finally:
-            handle.cancel()
+        with contextlib.suppress(zmq.Again):
+            self._raw.send(self._heartbeat_frame, zmq.NOBLOCK)
+        self._beat_timer = asyncio.get_running_loop().call_later(
+            max(0.05, self.heartbeat / 3), self._beat
+        )
 
     # --- sending -------------------------------------------------------------------------
 
