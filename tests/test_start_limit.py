@@ -9,6 +9,16 @@ from agentd.daemon.runtime import ProcessRuntime
 from tests.conftest import rec
 
 
+def pool(tmp_path, n: int, start_seconds: float) -> str:
+    """A config: pool `w` of `n` exec agents, each ready `start_seconds` after its start."""
+    return f"""
+[agents.w]
+command = {rec(tmp_path / "rec")}
+start_seconds = {start_seconds}
+replicas = {n}
+"""
+
+
 def _at(record: dict) -> float:
     return datetime.fromisoformat(record["timestamp"].replace("Z", "+00:00")).timestamp()
 
@@ -16,14 +26,7 @@ def _at(record: dict) -> float:
 def test_a_large_exec_pool_starts_a_few_at_a_time_and_all_come_up(daemon_factory, tmp_path):
     limit = ProcessRuntime.STARTING["exec"]
     n = 3 * limit
-    d = daemon_factory(
-        f"""
-[agents.w]
-command = {rec(tmp_path / "rec")}
-start_seconds = 0.3
-replicas = {n}
-"""
-    ).start()
+    d = daemon_factory(pool(tmp_path, n, start_seconds=0.3)).start()
     names = [f"w@{i}" for i in range(n)]
     spans = []
     for name in names:
@@ -41,14 +44,7 @@ replicas = {n}
 def test_agents_waiting_in_line_at_a_shutdown_end_stopped_without_running(daemon_factory, tmp_path):
     limit = ProcessRuntime.STARTING["exec"]
     n = limit + 2
-    d = daemon_factory(
-        f"""
-[agents.w]
-command = {rec(tmp_path / "rec")}
-start_seconds = 30
-replicas = {n}
-"""
-    ).start(wait_ready=False)
+    d = daemon_factory(pool(tmp_path, n, start_seconds=30)).start(wait_ready=False)
     d.wait_event("agent.starting", f"w@{limit - 1}")  # the room is full for 30 s
     d.signal(signal.SIGTERM)
     assert d.wait(20) == 0
