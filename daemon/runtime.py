@@ -223,7 +223,7 @@ class ProcessRuntime:
             return
         self._launch(name, incarnation)
 
-    def _started(self, proc: Proc) -> None:
+    def _leave_start_line(self, proc: Proc) -> None:
         """Ready or gone: its room goes to the next in line."""
         starting = self._starting[proc.spec.start]
         if proc not in starting:
@@ -245,7 +245,12 @@ class ProcessRuntime:
         self.loop.call_soon(self._finish, proc, None)
 
     def _launch(self, name: str, incarnation: int) -> None:
+        """Start it now, holding a place in the start line until READY or its end."""
         spec = self.agents[name]
+        self._spawn(name, incarnation, spec)
+        self._starting[spec.start].add(self.procs[name])
+
+    def _spawn(self, name: str, incarnation: int, spec: AgentSpec) -> None:
         self.events.emit("agent.starting", name, incarnation=incarnation)
         if spec.start == "fork":
             self._start_forked(spec, incarnation)
@@ -272,7 +277,6 @@ class ProcessRuntime:
             return
         proc = Proc(name, incarnation, spec, popen, popen.pid, group=group)
         self.procs[name] = proc
-        self._starting[spec.start].add(proc)
         self._spare_later(proc)
         assert popen.stdout is not None and popen.stderr is not None
         self._capture(proc, os.dup(popen.stdout.fileno()), os.dup(popen.stderr.fileno()))
@@ -297,7 +301,6 @@ class ProcessRuntime:
                 return
         proc = Proc(spec.name, incarnation, spec, None, pid=0, forking=True, group=group)
         self.procs[spec.name] = proc
-        self._starting[spec.start].add(proc)
         self._spare_later(proc)
         out, out_w = os.pipe()
         err, err_w = os.pipe()
@@ -545,7 +548,7 @@ class ProcessRuntime:
         proc.cancel_timers()
         self.events.emit("agent.ready", proc.name, pid=proc.pid, incarnation=proc.incarnation)
         self.on_started(proc.name, proc.incarnation)
-        self._started(proc)
+        self._leave_start_line(proc)
 
     def _start_timeout(self, proc: Proc) -> None:
         if not proc.ready and self.procs.get(proc.name) is proc:
@@ -615,7 +618,7 @@ class ProcessRuntime:
             stderr_tail=tail,
         )
         self.on_exited(proc.name, proc.incarnation, info)
-        self._started(proc)
+        self._leave_start_line(proc)
 
     def _spare_later(self, proc: Proc) -> None:
         """A restarted agent's next cgroup, made off the restart path (not for every first
