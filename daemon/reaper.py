@@ -48,10 +48,14 @@ class Reaper:
         self._reaping = False  # a callback that ends in reap(): the running loop goes on
 
     def watch(self, pid: int, on_exit: ExitCallback) -> None:
-        """Call `on_exit(status)` when `pid` exits (once); it is reaped right after."""
+        """Call `on_exit(status)` when `pid` exits (once); it is reaped right after.
+
+        Nothing is reaped here: a child that has already exited is found by the next
+        SIGCHLD's reap (or the one a hold's end schedules), after what the caller
+        schedules now — an agent ready at once (`start_seconds = 0`) that exits at
+        once is a normal end, not a failed start.
+        """
         self._watched[pid] = on_exit
-        if self._holds == 0:
-            self._soon()  # it may have exited before we knew its pid
 
     @contextlib.contextmanager
     def hold(self) -> Iterator[None]:
