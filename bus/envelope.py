@@ -258,10 +258,30 @@ class AgentEntry(msgspec.Struct, frozen=True, omit_defaults=True):
 
 
 class Table(_Frame, tag="table"):
-    """The daemon's full agent table; agents absent from it are gone for good."""
+    """The daemon's full agent table; agents absent from it are gone for good.
+
+    A table too large for one frame (`max_frame`) comes in parts of the same
+    version: every part but the last has `more`, and the broker takes the table
+    only once the last has come.
+    """
 
     version: int
     agents: list[AgentEntry]
+    more: bool = False
+
+
+class TablePatch(_Frame, tag="table_patch"):
+    """A change to the table the broker has (version `base`): what a spawn, a
+    terminate or a reload changed, instead of the whole table again.
+
+    A broker whose table is not `base` (it restarted, or missed a frame) answers
+    `reconnect`, and gets the whole table.
+    """
+
+    version: int
+    base: int
+    agents: list[AgentEntry] = []  # new or changed entries
+    removed: list[str] = []  # names gone for good
 
 
 class TableOk(_Frame, tag="table_ok"):
@@ -318,6 +338,7 @@ Frame = (
     | Terminate
     | SpawnReply
     | Table
+    | TablePatch
     | TableOk
     | Down
     | AgentEvent
@@ -345,6 +366,7 @@ BrokerFrame = (
     | Terminate
     | SpawnReply
     | Table
+    | TablePatch
     | TableOk
     | Down
     | AgentEvent

@@ -1,11 +1,15 @@
 """The daemon's side of the bus: its agent table out, agent events in.
 
 The daemon connects a DEALER with the reserved routing id `agentd`. It sends
-the full agent table (`table`, versioned) and re-sends it until the broker
-confirms that version — which also covers a broker that was just restarted
-and knows nothing. The broker answers with `event` frames: connected, ready,
-hung, disconnected; and with `notice` frames, things the operator should see
-(`bus.dead_lettered`, `bus.journal_unavailable`, ...), handed to `on_notice`.
+the full agent table (`table`, versioned, in parts if it would pass `max_frame`)
+and re-sends it until the broker confirms that version — which also covers a
+broker that was just restarted and knows nothing. Once the broker has a table,
+a change (a spawn, a terminate) goes as a `table_patch` of what changed: sending
+ten thousand entries for every spawn made spawning N children N².
+
+The broker answers with `event` frames: connected, ready, hung, disconnected;
+and with `notice` frames, things the operator should see (`bus.dead_lettered`,
+`bus.journal_unavailable`, ...), handed to `on_notice`.
 `stats()` asks for the broker's counters (for `ctl status` and the metrics).
 A peer's `spawn` and `terminate` frames (dynamic supervisors) come through the
 broker too: `on_request(frame, reply)` gets each, and `reply(ok, error)` sends
@@ -37,6 +41,7 @@ from .envelope import (
     Stats,
     Table,
     TableOk,
+    TablePatch,
     Terminate,
     encoder,
     peer_decoder,
@@ -79,6 +84,7 @@ class BrokerLink:
         on_notice: Callable[[Notice], None] | None = None,
         on_request: Callable[[Spawn | Terminate, Callable[[bool, str | None], None]], None]
         | None = None,
+        max_frame: int = 1024 * 1024,
     ) -> None:
         self.endpoint = endpoint
         self.on_request = on_request
@@ -89,9 +95,15 @@ class BrokerLink:
         self.sock: zmq.asyncio.Socket | None = None
         self.enc = encoder()
         self.dec = peer_decoder()
+        self.max_frame = max_frame  # the broker's: a larger table goes in parts
         self.version = 0
         self.confirmed = -1
-        self.entries: list[AgentEntry] = []
+        self.entries: dict[str, AgentEntry] = {}
+        # The version the broker has, or will once it reads what we sent (None: unknown,
+        # so the whole table goes next), and what changed since.
+        self.sent: int | None = None
+        self._upserts: dict[str, AgentEntry] = {}
+        self._removed: set[str] = set()
         self._tasks: list[asyncio.Task[Any]] = []
         self._changed = asyncio.Event()
         self._confirmed = asyncio.Event()
@@ -117,13 +129,28 @@ class BrokerLink:
 
     def set_agents(self, entries: list[AgentEntry]) -> None:
         """The full table; agents not in it are gone for good."""
-        self.entries = list(entries)
-        self.version += 1
-        self._changed.set()
+        new = {e.name: e for e in entries}
+        removed = [n for n in self.entries if n not in new]
+        self.update([e for e in entries if self.entries.get(e.name) != e], removed)
+
+    def update(self, entries: list[AgentEntry], removed: list[str]) -> None:
+        """New or changed entries, and names gone for good (a spawn, a terminate)."""
+        for name in removed:
+            if self.entries.pop(name, None) is not None:
+                self._upserts.pop(name, None)
+                self._removed.add(name)
+        for entry in entries:
+            self.entries[entry.name] = entry
+            self._upserts[entry.name] = entry
+            self._removed.discard(entry.name)
+        if self._upserts or self._removed or self.version == 0:
+            self.version += 1
+            self._changed.set()
 
     def broker_restarted(self) -> None:
         """A new broker knows nothing: send the table again (same content, new version)."""
         self.version += 1
+        self.sent = None
         self._changed.set()
 
     def agent_down(self, name: str, incarnation: int) -> None:
@@ -164,15 +191,21 @@ class BrokerLink:
         assert self.sock is not None
         loop = asyncio.get_running_loop()
         while True:
-            if self.confirmed != self.version:
-                frame: Any = Table(self.version, self.entries)
-                delay = RESEND
-            else:
+            if self.confirmed == self.version:
                 # Confirmed: a heartbeat now and then, so that a broker restarted behind our
                 # back (no broker_restarted() call) says RECONNECT and gets the table again.
-                frame, delay = Heartbeat(), PROBE
+                frames: list[Any] = [Heartbeat()]
+                delay = PROBE
+            elif self.sent is not None and self.sent != self.version:
+                frames, delay = [self._patch(self.sent)], RESEND
+            else:  # never sent, or sent and not confirmed in RESEND: the whole table
+                frames, delay = self._table(), RESEND
+            if self.confirmed != self.version:
+                self.sent = self.version
+                self._upserts, self._removed = {}, set()
             with contextlib.suppress(zmq.ZMQError):
-                await self.sock.send(self.enc.encode(frame), zmq.NOBLOCK)
+                for frame in frames:
+                    await self.sock.send(self.enc.encode(frame), zmq.NOBLOCK)
             # A timer rather than wait_for(): cancelling wait_for() can be lost on 3.11.
             timer = loop.call_later(delay, self._changed.set)
             try:
@@ -180,6 +213,25 @@ class BrokerLink:
             finally:
                 timer.cancel()
             self._changed.clear()
+
+    def _patch(self, base: int) -> TablePatch:
+        return TablePatch(self.version, base, list(self._upserts.values()), sorted(self._removed))
+
+    def _table(self) -> list[Table]:
+        """The whole table, in parts that each fit in half a frame."""
+        budget = self.max_frame // 2
+        parts: list[Table] = []
+        part: list[AgentEntry] = []
+        size = 0
+        for entry in self.entries.values():
+            cost = len(self.enc.encode(entry))
+            if part and size + cost > budget:
+                parts.append(Table(self.version, part, more=True))
+                part, size = [], 0
+            part.append(entry)
+            size += cost
+        parts.append(Table(self.version, part))
+        return parts
 
     async def _receive(self) -> None:
         assert self.sock is not None

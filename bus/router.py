@@ -65,6 +65,7 @@ from .envelope import (
     Subscribe,
     Table,
     TableOk,
+    TablePatch,
     Terminate,
     Trace,
     broker_decoder,
@@ -247,6 +248,8 @@ class Router:
         )
         self._last_malformed_log = -1e9
         self.tick_interval = 1.0
+        self._parts: tuple[int, list[AgentEntry]] | None = None  # a table coming in parts
+        self._lowest_beat: float | None = None  # of the table's agents
         # Output of the current turn.
         self._sends: list[Send] = []
         self._forwards: dict[str, list[tuple[str, str, Any]]] = {}
@@ -502,6 +505,8 @@ class Router:
         kind = type(frame)
         if kind is Table:
             return self._table(frame, now)
+        if kind is TablePatch:
+            return self._patch(frame, now)
         if self.table_version == -1:
             self._control("agentd", Reconnect())  # a new broker: the daemon must send its table
         if kind is Down:
@@ -776,24 +781,69 @@ class Router:
     # === the daemon's table ============================================================
 
     def _table(self, table: Table, now: float) -> None:
+        """The whole table, or one part of it (`more`: parts of the same version follow)."""
+        if table.more or self._parts is not None:
+            held = self._parts[1] if self._parts and self._parts[0] == table.version else []
+            held.extend(table.agents)
+            if table.more:
+                self._parts = (table.version, held)
+                return
+            self._parts = None
+            table = Table(table.version, held)
+        self._confirm(table.version)
+        if table.version == self.table_version:
+            return
+        old = self.table
+        self.table = {a.name: a for a in table.agents}
+        changed = [e for e in table.agents if old.get(e.name) != e]
+        removed = [entry for name, entry in old.items() if name not in self.table]
+        self._take_table(table.version, old, changed, removed, now, every_name=True)
+
+    def _patch(self, patch: TablePatch, now: float) -> None:
+        """What changed since the table the daemon knows we have; if we have another
+        (we restarted, or a frame was lost), ask for the whole table instead."""
+        if patch.version == self.table_version:
+            return self._confirm(patch.version)  # a patch sent again
+        if patch.base != self.table_version:
+            return self._control("agentd", Reconnect())
+        self._confirm(patch.version)
+        table = self.table
+        old = {e.name: table[e.name] for e in patch.agents if e.name in table}
+        old.update((n, table[n]) for n in patch.removed if n in table)
+        changed = [e for e in patch.agents if old.get(e.name) != e]
+        removed = [table.pop(n) for n in patch.removed if n in table]
+        table.update((e.name, e) for e in changed)
+        self._take_table(patch.version, old, changed, removed, now, every_name=False)
+
+    def _confirm(self, version: int) -> None:
+        """The daemon is here and its table (or patch) came: say so, and show it what
+        happened while no daemon was connected."""
         self.daemon_connected = True
-        self._control("agentd", TableOk(table.version))
+        self._control("agentd", TableOk(version))
         for event, info in self.pending_notices:
             self._notice(event, "bus", **info)
         self.pending_notices.clear()
-        if table.version == self.table_version:
-            return
-        self.table_version = table.version
-        beats = [a.heartbeat for a in table.agents]
-        self.tick_interval = max(0.02, min(1.0, min(beats) / 4)) if beats else 1.0
-        old = self.table
-        self.table = {a.name: a for a in table.agents}
-        # Only what changed is worked on: a spawn sends the whole table, and redoing
-        # every entry's pool, subscriptions and checks made spawning N children N².
-        changed = [e for e in table.agents if old.get(e.name) != e]
-        removed = [entry for name, entry in old.items() if name not in self.table]
+
+    def _take_table(
+        self,
+        version: int,
+        old: dict[str, AgentEntry],
+        changed: list[AgentEntry],
+        removed: list[AgentEntry],
+        now: float,
+        every_name: bool,
+    ) -> None:
+        """Work on what the new table (already `self.table`) changed, and only on that.
+
+        A spawn changes one entry: redoing every entry's pool, subscriptions, checks
+        and mailbox made spawning N children N². `old` has the previous entry of each
+        changed or removed name that had one; `every_name` (a whole table) also
+        reconsiders every mailbox, as the first table must.
+        """
+        self.table_version = version
+        self._set_tick(old, changed, removed)
         if any(e.pool for e in changed) or any(e.pool for e in removed):
-            self._place_pools(table.agents)
+            self._place_pools(self.table.values())
         for entry in changed:
             peer = self.peers.get(entry.name)
             if peer is not None and not peer.hung_reported:
@@ -806,9 +856,9 @@ class Router:
             for pattern in entry.subscribe:
                 self.trie.remove(pattern, name)
         if removed:
-            for pool in list(self.held):
+            for pool in {e.pool for e in removed if e.pool} | {e.name for e in removed}:
                 if pool not in self.table and pool not in self.pools and pool not in self.peers:
-                    del self.held[pool]
+                    self.held.pop(pool, None)
         for entry in changed:
             before = old.get(entry.name)
             if before is not None:
@@ -817,10 +867,29 @@ class Router:
             for pattern in entry.subscribe:
                 if valid(pattern):
                     self.trie.add(pattern, entry.name)
-        self._place_boxes(now)
+        if every_name:
+            self._place_boxes(now)
+        else:
+            touched = {e.name for e in changed} | {e.name for e in removed}
+            touched |= {e.pool for e in (*changed, *removed) if e.pool}
+            self._place_boxes(now, touched)
         self._route_early(now)
 
-    def _place_pools(self, agents: list[AgentEntry]) -> None:
+    def _set_tick(
+        self, old: dict[str, AgentEntry], changed: list[AgentEntry], removed: list[AgentEntry]
+    ) -> None:
+        """A tick often enough for the shortest heartbeat; the whole table is read only
+        when the entry that set it changed or went."""
+        lowest = self._lowest_beat
+        if lowest is None or any(e.heartbeat <= lowest for e in old.values()):
+            beats = [a.heartbeat for a in self.table.values()]
+            lowest = min(beats) if beats else None
+        elif changed:
+            lowest = min(lowest, *(e.heartbeat for e in changed))
+        self._lowest_beat = lowest
+        self.tick_interval = max(0.02, min(1.0, lowest / 4)) if lowest is not None else 1.0
+
+    def _place_pools(self, agents: Iterable[AgentEntry]) -> None:
         """Pools, their members' order and their ready members, from the table."""
         pools: dict[str, list[str]] = {}
         for entry in agents:
@@ -844,9 +913,14 @@ class Router:
             entry = self.table[self.pools[box][0]]
         return entry if entry is not None and entry.ack else None
 
-    def _place_boxes(self, now: float) -> None:
-        """Make a mailbox for every ack agent and pool; drop those no longer configured."""
-        wanted = {n for n in list(self.table) + list(self.pools) if self._settings(n)}
+    def _place_boxes(self, now: float, names: set[str] | None = None) -> None:
+        """Make a mailbox for every ack agent and pool; drop those no longer configured.
+
+        With `names`, only those are reconsidered (what a patch changed).
+        """
+        if names is None:
+            names = {*self.table, *self.pools, *self.boxes}
+        wanted = {n for n in names if self._settings(n)}
         for name in wanted - self.boxes.keys():
             self.boxes[name] = Mailbox(name)
             self._dirty.add(name)
@@ -865,7 +939,7 @@ class Router:
         if loaded:
             kept = len(loaded) - len(self._loaded)
             self.log("bus.journal_loaded", kept=kept, boxes=len(wanted))
-        gone = [n for n in self.boxes if n not in wanted]
+        gone = [n for n in names if n in self.boxes and n not in wanted]
         dropped: dict[str, int] = {}
         for k in self._loaded:
             dropped[k.box] = dropped.get(k.box, 0) + 1

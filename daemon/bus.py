@@ -18,7 +18,7 @@ import asyncio
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any
 
 from agentd.bus.endpoint import parse_endpoint
@@ -70,24 +70,26 @@ def broker_spec(daemon: DaemonSpec) -> AgentSpec:
     )
 
 
-def agent_table(spec: Spec) -> list[AgentEntry]:
-    """The broker's view of the configured agents: `AgentEntry` rows, one per instance."""
+def agent_entry(a: AgentSpec) -> AgentEntry:
+    """The broker's view of one configured agent instance."""
     from agentd.bus.link import AgentEntry
 
-    return [
-        AgentEntry(
-            name=a.name,
-            pool=a.pool,
-            subscribe=list(a.subscribe),
-            ack=a.ack,
-            heartbeat=a.heartbeat,
-            max_deliveries=a.max_deliveries,
-            retry_backoff=a.retry_backoff,
-            max_in_flight=a.max_in_flight,
-            max_pending=a.max_pending,
-        )
-        for a in spec.agents.values()
-    ]
+    return AgentEntry(
+        name=a.name,
+        pool=a.pool,
+        subscribe=list(a.subscribe),
+        ack=a.ack,
+        heartbeat=a.heartbeat,
+        max_deliveries=a.max_deliveries,
+        retry_backoff=a.retry_backoff,
+        max_in_flight=a.max_in_flight,
+        max_pending=a.max_pending,
+    )
+
+
+def agent_table(spec: Spec) -> list[AgentEntry]:
+    """The broker's view of the configured agents: `AgentEntry` rows, one per instance."""
+    return [agent_entry(a) for a in spec.agents.values()]
 
 
 def notice_event(events: EventLog, notice: Notice) -> Event:
@@ -147,6 +149,7 @@ class BrokerChild:
             keys_dir=self.daemon.keys_dir,
             on_notice=self._on_notice,
             on_request=self.on_request,
+            max_frame=self.daemon.max_frame,
         )
         await self.link.start()
         self.set_agents(spec)
@@ -160,10 +163,22 @@ class BrokerChild:
         elif not confirmed.result():
             self.events.emit("bus.slow_start", NAME, detail="no table confirmation in 10 s")
 
-    def set_agents(self, spec: Spec) -> None:
-        """Tell the broker which agents exist (for hold queues, pools, acks, heartbeats)."""
-        if self.link is not None:
+    def set_agents(self, spec: Spec, names: Collection[str] | None = None) -> None:
+        """Tell the broker which agents exist (for hold queues, pools, acks, heartbeats).
+
+        `names`: only these changed (a spawn, a terminate), so only they are looked at;
+        None: any may have (a reload).
+        """
+        if self.link is None:
+            return
+        if names is None:
             self.link.set_agents(agent_table(spec))
+            return
+        agents = spec.agents
+        self.link.update(
+            [agent_entry(agents[n]) for n in names if n in agents],
+            [n for n in names if n not in agents],
+        )
 
     @property
     def restarts(self) -> int:

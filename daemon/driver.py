@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator, Mapping, ValuesView
+from collections.abc import Callable, Collection, Iterator, Mapping, ValuesView
 from typing import Any, Protocol
 
 import msgspec
@@ -69,7 +69,7 @@ class Outcomes(Protocol):
     def tree_failed(self, reason: str) -> None: ...
     def tree_stopped(self) -> None: ...
     def agent_exited(self, name: str, incarnation: int) -> None: ...
-    def agents_changed(self, spec: Spec) -> None: ...
+    def agents_changed(self, spec: Spec, names: Collection[str] | None = None) -> None: ...
 
 
 class Children(Protocol):
@@ -240,11 +240,12 @@ class Driver:
 
     # --- the running spec ---------------------------------------------------------------
 
-    def set_spec(self, spec: Spec) -> None:
+    def set_spec(self, spec: Spec, names: Collection[str] | None = None) -> None:
         """The running spec changed (reload, scale, spawn): the runtime reads the new one
-        through `agents`; the broker, in its own process, is told."""
+        through `agents`; the broker, in its own process, is told. `names`: only these
+        agents changed (None: any may have)."""
         self.spec = spec
-        self.outcomes.agents_changed(spec)
+        self.outcomes.agents_changed(spec, names)
 
     def add(self, supervisor: str, name: str, agent: AgentSpec) -> None:
         """A new agent `name` under `supervisor` (a spawn): the tree starts it in its turn."""

@@ -341,7 +341,9 @@ class Dynamic:
             **d.spec.supervisors,
             supervisor: msgspec.structs.replace(sup, children=(*sup.children, agent.name)),
         }
-        d.set_spec(msgspec.structs.replace(d.spec, agents=agents, supervisors=supervisors))
+        d.set_spec(
+            msgspec.structs.replace(d.spec, agents=agents, supervisors=supervisors), [agent.name]
+        )
 
     def _unput(self, name: str) -> None:
         """Out of the running spec and the tables; its log file closed."""
@@ -355,7 +357,7 @@ class Dynamic:
             else s
             for k, s in d.spec.supervisors.items()
         }
-        d.set_spec(msgspec.structs.replace(d.spec, agents=agents, supervisors=supervisors))
+        d.set_spec(msgspec.structs.replace(d.spec, agents=agents, supervisors=supervisors), [name])
         runtime = d.runtime
         if runtime is not None and name not in runtime.procs:
             runtime.last_exit.pop(name, None)  # a new child of this name starts afresh

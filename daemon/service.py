@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -368,10 +368,10 @@ class Daemon:
         if self.broker_child is not None:
             self.broker_child.agent_exited(name, incarnation)
 
-    def agents_changed(self, spec: Spec) -> None:
-        """Tell the broker which agents exist now (reload, scale, spawn)."""
+    def agents_changed(self, spec: Spec, names: Collection[str] | None = None) -> None:
+        """Tell the broker which agents exist now (reload, scale, spawn: `names` changed)."""
         if self.broker_child is not None:
-            self.broker_child.set_agents(spec)
+            self.broker_child.set_agents(spec, names)
 
     def _crash_report(self, reason: str) -> None:
         assert self.process_runtime is not None

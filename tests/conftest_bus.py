@@ -58,7 +58,7 @@ def start_broker(directory: Path, *args: str, name: str = "bus.sock") -> subproc
 class LinkThread:
     """The daemon's `BrokerLink`, on an asyncio loop in a thread of the test process."""
 
-    def __init__(self, endpoint: str) -> None:
+    def __init__(self, endpoint: str, max_frame: int = 1024 * 1024) -> None:
         self.events: list[BrokerEvent] = []
         self._lock = threading.Lock()
         self.loop = asyncio.new_event_loop()
@@ -66,7 +66,7 @@ class LinkThread:
         self.thread.start()
 
         async def make() -> BrokerLink:
-            link = BrokerLink(endpoint, self._on_event)
+            link = BrokerLink(endpoint, self._on_event, max_frame=max_frame)
             await link.start()
             return link
 
@@ -88,6 +88,11 @@ class LinkThread:
     def set_agents(self, entries: list[AgentEntry]) -> None:
         """Set the table and wait until the broker confirmed it."""
         self._call(self.link.set_agents, entries)
+        self.wait_confirmed()
+
+    def update(self, entries: list[AgentEntry], removed: list[str]) -> None:
+        """Change part of the table (as a spawn does) and wait until the broker confirmed it."""
+        self._call(self.link.update, entries, removed)
         self.wait_confirmed()
 
     def broker_restarted(self) -> None:
@@ -123,15 +128,17 @@ class LinkThread:
 class Bus:
     """One broker, one link, and the agents and clients of one test."""
 
-    def __init__(self, tmp: Path, *broker_args: str) -> None:
+    def __init__(self, tmp: Path, *broker_args: str, max_frame: int | None = None) -> None:
         self.dir = tmp
+        if max_frame is not None:
+            broker_args += ("--max-frame", str(max_frame))
         self.broker_args = broker_args
         self.endpoint = f"ipc://{tmp}/bus.sock"
         self.procs: list[subprocess.Popen[bytes]] = []
         self.clients: list[Client] = []
         self.broker = start_broker(tmp, *broker_args)
         self.procs.append(self.broker)
-        self.link = LinkThread(self.endpoint)
+        self.link = LinkThread(self.endpoint, max_frame or 1024 * 1024)
 
     def restart_broker(self, sig: int = signal.SIGKILL) -> None:
         os.kill(self.broker.pid, sig)

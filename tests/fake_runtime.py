@@ -193,7 +193,7 @@ class Sim:
     def agent_exited(self, name: str, incarnation: int) -> None:
         pass
 
-    def agents_changed(self, spec: Spec) -> None:
+    def agents_changed(self, spec: Spec, names: object = None) -> None:
         pass
 
     # --- inputs -------------------------------------------------------------------------

@@ -223,3 +223,24 @@ def test_broker_restart_link_resends_table(bus) -> None:
     bus.link.wait_event("ready", "a", 0)
     # The new broker has the table again: a configured agent's traffic is held.
     tx.send("a", "still", 2)
+
+
+def test_a_table_larger_than_a_frame_goes_in_parts_and_a_change_as_a_patch(tmp_path) -> None:
+    b = Bus(tmp_path, max_frame=4096)
+    try:
+        b.table(*(entry(f"w{i:03d}") for i in range(300)))  # about 10 KiB of table
+        tx = b.client("tx")
+        tx.send("w299", "held", 1)  # the last part's entries are known (held, accepted)
+        b.link.update([entry("spawned")], ["w000"])
+        tx.send("spawned", "held", 2)
+        with pytest.raises(BusError, match="unknown recipient"):
+            tx.send("w000", "held", 3)
+        assert tx.stats()["held_now"] == 2
+        # A new broker gets the whole (patched) table again, in parts.
+        b.restart_broker()
+        tx.send("spawned", "held", 4)
+        tx.send("w299", "held", 5)
+        with pytest.raises(BusError, match="unknown recipient"):
+            tx.send("w000", "held", 6)
+    finally:
+        b.close()

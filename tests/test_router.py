@@ -33,6 +33,7 @@ from agentd.bus.envelope import (
     Stats,
     Table,
     TableOk,
+    TablePatch,
     encoder,
     peer_decoder,
 )
@@ -597,6 +598,43 @@ def test_a_reload_that_removes_an_ack_agent_drops_its_entries_and_says_how_many(
     notices = [f for f in net.take("agentd") if isinstance(f, Notice)]
     assert [(n.event, n.agent, n.info) for n in notices] == [("bus.dropped", "w", {"count": 3})]
     assert net.stored() == {}
+
+
+def test_a_patch_changes_only_what_it_names_and_a_wrong_base_asks_for_the_table() -> None:
+    net = Net(acked("w"), AgentEntry(name="x", subscribe=["a.*"]))
+    for _ in range(2):
+        net.post("c", "w")
+    net.send("agentd", TablePatch(2, 1, [AgentEntry(name="y")], ["w"]))
+    assert net._pick("agentd", lambda f: f == TableOk(2))
+    notices = [f for f in net.take("agentd") if isinstance(f, Notice)]
+    assert [(n.event, n.agent, n.info) for n in notices] == [("bus.dropped", "w", {"count": 2})]
+    assert set(net.router.table) == {"x", "y"} and net.router.table_version == 2
+    assert "unknown recipient" in (net.receipt("c", net.post("c", "w")).error or "")
+    net.agent("y")
+    assert net.receipt("c", net.post("c", "y")).ok  # the new entry routes
+    net.agent("x")
+    net.take("x")
+    net.post("c", None, type="a.b")
+    assert [s.type for s in net.signals("x")] == ["a.b"]  # x's subscription kept
+    # A patch on a table this broker does not have (it restarted; a frame was lost).
+    net.take("agentd")
+    net.send("agentd", TablePatch(4, 3, [AgentEntry(name="z")], []))
+    assert net.take("agentd") == [Reconnect()]
+    assert "z" not in net.router.table and net.router.table_version == 2
+
+
+def test_a_table_in_parts_is_taken_when_its_last_part_comes() -> None:
+    net = Net(AgentEntry(name="old"))
+    net.send("agentd", Table(2, [AgentEntry(name="a")], more=True))
+    net.send("agentd", Table(2, [AgentEntry(name="b")], more=True))
+    assert net.take("agentd") == [] and set(net.router.table) == {"old"}
+    net.send("agentd", Table(2, [AgentEntry(name="c")]))
+    assert net.take("agentd") == [TableOk(2)]
+    assert set(net.router.table) == {"a", "b", "c"}
+    # Parts of a version given up (the daemon sent a newer one) are not mixed in.
+    net.send("agentd", Table(3, [AgentEntry(name="d")], more=True))
+    net.send("agentd", Table(4, [AgentEntry(name="e")]))
+    assert set(net.router.table) == {"e"}
 
 
 def test_bye_releases_what_the_agent_held() -> None:
