@@ -210,6 +210,7 @@ install_agentd() {
     show ln -sf /opt/agentd/bin/agentd /usr/local/bin/agentd
     install -d -m 0755 "$MACHINE/etc/agentd"
     cp "$WORK/src/etc/agentd.toml" "$MACHINE/etc/agentd/agentd.toml"
+    cp "$WORK/src/etc/agentd.toml" "$MACHINE$CTL_CONFIG"
     cp "$WORK/src/systemd/agentd.service" "$MACHINE/etc/systemd/system/agentd.service"
     ct systemctl daemon-reload
     show agentd check --config /etc/agentd/agentd.toml || die "agentd check"
@@ -227,9 +228,12 @@ active() { [ "$(prop ActiveState)/$(prop SubState)" = active/running ]; }
 restarts_are() { [ "$(prop NRestarts)" = "$1" ]; }
 healthy() { ct curl -sf -o /dev/null 127.0.0.1:8080/healthz; }
 # Agents' pids from the daemon itself: a forked agent (start = "fork") has its
-# template's command line, so pgrep cannot tell the agents apart.
+# template's command line, so pgrep cannot tell the agents apart. ctl reads
+# $CTL_CONFIG, a copy of the bundled config, only to find the daemon: with the
+# invalid /etc/agentd/agentd.toml of check 1 it would exit 3 and print nothing.
+CTL_CONFIG=/root/agentd-ctl.toml
 status_pids() { # [NAME..]: the running agents' pids (the broker's left out), one a line
-    ct agentd ctl --config /etc/agentd/agentd.toml status --json "$@" 2>/dev/null | python3 -c '
+    ct agentd ctl --config "$CTL_CONFIG" status --json "$@" 2>/dev/null | python3 -c '
 import json, sys
 rows = json.load(sys.stdin)["agents"]
 print("\n".join(str(r["pid"]) for r in rows if r["pid"] and r["name"] != "bus"))'
@@ -297,7 +301,7 @@ check_unit_and_notify() {
     journal_since "$t" | grep -E 'Reload|daemon.reloaded' | sed 's/^/    /'
     journal_has "$t" 'Reloaded agentd.service'
     ok $? "systemd saw RELOADING=1 then READY=1 ('Reloaded agentd.service')"
-    [ "$(prop MainPID)" = "$main" ] && [ "$(agent_pids)" = "$before" ] && active
+    [ -n "$before" ] && [ "$(prop MainPID)" = "$main" ] && [ "$(agent_pids)" = "$before" ] && active
     ok $? "reload, same config: same MainPID, no agent restarted"
 
     orch=$(orchestrator_pid)
@@ -319,7 +323,8 @@ check_unit_and_notify() {
     show systemctl reload agentd
     wait_for 10 "daemon.reload_failed" journal_has "$t" daemon.reload_failed
     journal_since "$t" | grep -E 'reload_failed|Reload' | sed 's/^/    /'
-    [ "$(agent_pids)" = "$before" ] && [ "$(prop MainPID)" = "$main" ] && active
+    printf '    the agents, before: %s\n                after:  %s\n' "$before" "$(agent_pids)"
+    [ -n "$before" ] && [ "$(agent_pids)" = "$before" ] && [ "$(prop MainPID)" = "$main" ] && active
     ok $? "reload, invalid config: logged, nothing changed, still active"
     cp "$WORK/src/etc/agentd.toml" "$MACHINE/etc/agentd/agentd.toml"
     ct systemctl reload agentd
