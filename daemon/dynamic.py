@@ -351,12 +351,12 @@ class Dynamic:
         agents = dict(d.spec.agents)
         if agents.pop(name, None) is None:
             return
-        supervisors = {
-            k: msgspec.structs.replace(s, children=tuple(c for c in s.children if c != name))
-            if name in s.children
-            else s
-            for k, s in d.spec.supervisors.items()
-        }
+        supervisors = dict(d.spec.supervisors)
+        for key, s in d.spec.supervisors.items():
+            if name in s.children:
+                i = s.children.index(name)
+                kept = s.children[:i] + s.children[i + 1 :]
+                supervisors[key] = msgspec.structs.replace(s, children=kept)
         d.set_spec(msgspec.structs.replace(d.spec, agents=agents, supervisors=supervisors), [name])
         runtime = d.runtime
         if runtime is not None and name not in runtime.procs:

@@ -138,9 +138,14 @@ def should_restart(restart: RestartType, abnormal: bool) -> bool:
 # --- state -------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(eq=False)
 class Child:
-    """One child of a supervisor: an agent instance or a nested supervisor."""
+    """One child of a supervisor: an agent instance or a nested supervisor.
+
+    `state` and `goal` are properties: setting either keeps its supervisor's index
+    (`Supervisor.up`, `Supervisor.waiting`) current, so that no decision has to scan
+    a supervisor's children (ten thousand, for a large pool or a dynamic one).
+    """
 
     name: str
     parent: str
@@ -149,8 +154,6 @@ class Child:
     restart_delay: float = 0.0
     significant: bool = False
     group: str | None = None
-    state: ChildState = "stopped"
-    goal: Goal = "running"
     next_start: NextStart = "fresh"
     incarnation: int = -1  # bumped on every start; 0 is the first run
     timer_gen: int = 0
@@ -158,6 +161,29 @@ class Child:
     # time): `ctl status` shows the sum, the metrics the breakdown (SPEC §13).
     restarts_by_reason: dict[str, int] = field(default_factory=dict)
     exit_reason: str = "stopped"  # of the last exit (ExitInfo.reason; "gave_up" for a supervisor)
+    _state: ChildState = field(default="stopped", repr=False)
+    _goal: Goal = field(default="running", repr=False)
+    _index: Supervisor | None = field(default=None, repr=False)  # its parent, once in the tree
+
+    @property
+    def state(self) -> ChildState:
+        return self._state
+
+    @state.setter
+    def state(self, value: ChildState) -> None:
+        self._state = value
+        if self._index is not None:
+            self._index.track(self)
+
+    @property
+    def goal(self) -> Goal:
+        return self._goal
+
+    @goal.setter
+    def goal(self, value: Goal) -> None:
+        self._goal = value
+        if self._index is not None:
+            self._index.track(self)
 
     @property
     def restarts(self) -> int:
@@ -165,11 +191,11 @@ class Child:
 
     @property
     def down(self) -> bool:
-        return self.state in ("stopped", "failed")
+        return self._state in ("stopped", "failed")
 
     def want(self, goal: Goal) -> None:
         """A new goal; a removed child stays removed (it is forgotten once down)."""
-        if self.goal != "removed":
+        if self._goal != "removed":
             self.goal = goal
 
 
@@ -185,6 +211,14 @@ class Supervisor:
     group_starting: set[str] = field(default_factory=set)  # a pool's members, starting
     group_stopping: set[str] = field(default_factory=set)  # a pool's members, stopping
     failure: str = ""
+    # The index of its children (kept by Child.state/goal): those up (not stopped or
+    # failed), those down that should run, and each one's place in the start order.
+    up: set[str] = field(default_factory=set)
+    waiting: set[str] = field(default_factory=set)
+    position: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._number()
 
     @property
     def name(self) -> str:
@@ -193,6 +227,58 @@ class Supervisor:
     @property
     def children(self) -> tuple[str, ...]:
         return self.spec.children
+
+    def track(self, child: Child) -> None:
+        """`child`'s state or goal changed: its place in `up` and `waiting`."""
+        name = child.name
+        if child.down:
+            self.up.discard(name)
+            if child.goal == "running":
+                self.waiting.add(name)
+            else:
+                self.waiting.discard(name)
+        else:
+            self.up.add(name)
+            self.waiting.discard(name)
+
+    def untrack(self, name: str) -> None:
+        self.up.discard(name)
+        self.waiting.discard(name)
+
+    def first_waiting(self) -> str | None:
+        """The child that starts next in the start order (None: none should start)."""
+        if not self.waiting:
+            return None
+        return min(self.waiting, key=self.position.__getitem__)
+
+    def in_order(self, names: set[str]) -> list[str]:
+        return sorted(names, key=self.position.__getitem__)
+
+    def set_spec(self, spec: SupervisorSpec) -> None:
+        """New settings or a new child order (reload)."""
+        self.spec = spec
+        self._number()
+
+    def insert(self, name: str, index: int | None) -> None:
+        """A new child, last (a spawn: no renumbering) or at `index` (a reload)."""
+        children = self.spec.children
+        if index is None or index >= len(children):
+            self.position[name] = self.position[children[-1]] + 1 if children else 0
+            self.spec = msgspec.structs.replace(self.spec, children=(*children, name))
+            return
+        new = (*children[:index], name, *children[index:])
+        self.set_spec(msgspec.structs.replace(self.spec, children=new))
+
+    def drop(self, name: str) -> None:
+        """A child forgotten: the others keep their places (the order is unchanged)."""
+        children = self.spec.children
+        i = children.index(name)
+        self.spec = msgspec.structs.replace(self.spec, children=children[:i] + children[i + 1 :])
+        self.position.pop(name, None)
+        self.untrack(name)
+
+    def _number(self) -> None:
+        self.position = {c: i for i, c in enumerate(self.spec.children)}
 
 
 class TreeError(Exception):
@@ -319,13 +405,14 @@ class Tree:
     ) -> None:
         if name in supervisors:
             spec = supervisors[name]
-            self.children[name] = Child(
-                name, parent, True, restart=spec.restart, significant=spec.significant
-            )
+            child = Child(name, parent, True, restart=spec.restart, significant=spec.significant)
         else:
             policy = Policy(*agents[name])
-            self.children[name] = Child(name, parent, False, *policy)
-            self.children[name].group = self._group(parent, policy)
+            child = Child(name, parent, False, *policy)
+            child.group = self._group(parent, policy)
+        child._index = self.sups[parent]
+        child._index.track(child)
+        self.children[name] = child
 
     def _group(self, parent: str, policy: Policy) -> str | None:
         """A dynamic supervisor's children start together, as a pool's members do.
@@ -501,9 +588,7 @@ class Tree:
             raise TreeError(f"`{name}` already exists")
         supervisors = supervisors or {}
         sup = self.sups[parent]
-        children = list(sup.children)
-        children.insert(len(children) if index is None else index, name)
-        sup.spec = msgspec.structs.replace(sup.spec, children=tuple(children))
+        sup.insert(name, index)
         for spec in supervisors.values():
             self.sups[spec.name] = Supervisor(spec)
         self._make_child(parent, name, supervisors, agents)
@@ -529,7 +614,7 @@ class Tree:
         current = list(sup.spec.children)
         ordered = [c for c in spec.children if c in current]
         ordered += [c for c in current if c not in spec.children]
-        sup.spec = msgspec.structs.replace(spec, children=tuple(ordered))
+        sup.set_spec(msgspec.structs.replace(spec, children=tuple(ordered)))
         if spec.name in self.children:
             self.children[spec.name].restart = spec.restart
             self.children[spec.name].significant = spec.significant
@@ -556,7 +641,7 @@ class Tree:
         """Queue stops, keeping the queue in reverse start order."""
         if not names:
             return
-        order = {n: i for i, n in enumerate(sup.children)}
+        order = sup.position
         merged = set(sup.pending_stops) | set(names)
         sup.pending_stops = sorted(merged, key=lambda n: -order.get(n, -1))
         # Never wait for a start we are about to undo (it may never finish).
@@ -599,24 +684,18 @@ class Tree:
                 self._do_terminate(sup, self.children[name])
                 continue
             if sup.phase in ("stopping", "failing"):
-                if not any(self._is_up(c) for c in sup.children):
+                if not sup.up:
                     self._shutdown_finished(sup)
                 return
             if sup.phase not in ("starting", "running"):
                 return
-            nxt = next(
-                (
-                    self.children[c]
-                    for c in sup.children
-                    if self.children[c].goal == "running" and self.children[c].down
-                ),
-                None,
-            )
-            if nxt is None:
+            first = sup.first_waiting()
+            if first is None:
                 if sup.phase == "starting":
                     sup.phase = "running"
                     self._supervisor_started(sup)
                 return
+            nxt = self.children[first]
             if nxt.group is not None and not self._needs_delay(nxt):
                 self._start_children(sup, nxt.group)
             else:
@@ -673,14 +752,8 @@ class Tree:
         makes a large pool slow to start; the next configured child still
         waits until the whole pool is up.
         """
-        members = [
-            self.children[c]
-            for c in sup.children
-            if self.children[c].group == group
-            and self.children[c].goal == "running"
-            and self.children[c].down
-            and not self._needs_delay(self.children[c])
-        ]
+        waiting = (self.children[c] for c in sup.in_order(sup.waiting))
+        members = [m for m in waiting if m.group == group and not self._needs_delay(m)]
         sup.group_starting = {m.name for m in members}
         for member in members:
             self._do_start_child(member)
@@ -725,14 +798,13 @@ class Tree:
     def _stop_finished(self, sup: Supervisor, child: Child) -> None:
         """A child we stopped is down: forget it if it was removed."""
         if child.goal == "removed":
-            sup.spec = msgspec.structs.replace(
-                sup.spec, children=tuple(c for c in sup.children if c != child.name)
-            )
+            sup.drop(child.name)
             self._del_child(child.name)
 
     def _del_child(self, name: str) -> None:
         """Forget `name` and, for a supervisor, its subtree."""
         child = self.children.pop(name)
+        child._index = None
         if child.is_supervisor:
             for inner in self.sups.pop(name).children:
                 self._del_child(inner)

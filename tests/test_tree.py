@@ -428,6 +428,9 @@ def test_add_and_remove_children() -> None:
     assert sim.ops("stop") == ["s1", "a"]
     assert "a" not in sim.view and "s1" not in sim.view
     assert sim.tree.agents() == ["b", "c"]
+    sim.apply(sim.tree.add_child("root", "m", 3.0, agents={"m": ("permanent", 0.0)}, index=1))
+    assert sim.tree.agents() == ["b", "m", "c"]
+    assert_indexed(sim.tree)
 
 
 def test_set_timer_key_is_unique_per_backoff() -> None:
@@ -458,6 +461,16 @@ restarts = st.lists(
 )
 
 
+def assert_indexed(tree) -> None:
+    """Each supervisor's index (up, waiting, position) says what a scan would."""
+    for node in tree.sups.values():
+        kids = [tree.children[c] for c in node.children]
+        assert node.up == {c.name for c in kids if not c.down}
+        assert node.waiting == {c.name for c in kids if c.down and c.goal == "running"}
+        places = [node.position[c] for c in node.children]
+        assert places == sorted(set(places)) and set(node.position) == set(node.children)
+
+
 def _drive(strategy, types, max_restarts, script):
     names = [f"c{i}" for i in range(6)]
     # Every other child waits restart_delay before it comes back: the backoff state and
@@ -485,6 +498,7 @@ def _drive(strategy, types, max_restarts, script):
             sim.apply(sim.tree.start_child(name, sim.now))
         elif op == "restart":
             sim.apply(sim.tree.restart_child(name, sim.now))
+        assert_indexed(sim.tree)
     return sim, names, restart_times
 
 
