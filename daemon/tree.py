@@ -200,6 +200,15 @@ class Child:
 
 
 @dataclass
+class Operation:
+    """What a supervisor is busy with: starting or stopping `names` (one child, or a
+    pool's members together), or waiting out one child's restart_delay ("delay")."""
+
+    kind: Literal["start", "stop", "delay"]
+    names: set[str]
+
+
+@dataclass
 class Supervisor:
     """A supervisor's own state: its spec, restart history and work queue."""
 
@@ -207,9 +216,7 @@ class Supervisor:
     phase: Phase = "idle"
     history: deque[float] = field(default_factory=deque)
     pending_stops: list[str] = field(default_factory=list)
-    inflight: tuple[str, str] | None = None  # ("start"|"stop"|"delay", child)
-    group_starting: set[str] = field(default_factory=set)  # a pool's members, starting
-    group_stopping: set[str] = field(default_factory=set)  # a pool's members, stopping
+    busy: Operation | None = None  # one at a time, as OTP's supervisor
     failure: str = ""
     # The index of its children (kept by Child.state/goal): those up (not stopped or
     # failed), those down that should run, and each one's place in the start order.
@@ -498,8 +505,7 @@ class Tree:
             if child.next_start == "restart":
                 child.next_start = "waited"
             sup = self.sups[child.parent]
-            if sup.inflight == ("delay", name):
-                sup.inflight = None
+            self._finish(sup, "delay", name)
             self._advance(sup)
         return self._flush()
 
@@ -645,23 +651,37 @@ class Tree:
         merged = set(sup.pending_stops) | set(names)
         sup.pending_stops = sorted(merged, key=lambda n: -order.get(n, -1))
         # Never wait for a start we are about to undo (it may never finish).
-        if sup.inflight and sup.inflight[0] in ("start", "delay") and sup.inflight[1] in merged:
-            sup.inflight = None
-        sup.group_starting -= merged
+        op = sup.busy
+        if op is not None and op.kind in ("start", "delay"):
+            op.names -= merged
+            if not op.names:
+                sup.busy = None
 
     @staticmethod
-    def _busy(sup: Supervisor) -> bool:
-        """One operation at a time, as OTP's supervisor: a pool's start counts as one."""
-        return sup.inflight is not None or bool(sup.group_starting) or bool(sup.group_stopping)
+    def _begin(sup: Supervisor, kind: Literal["start", "stop", "delay"], names: set[str]) -> None:
+        """`sup` is busy with this now; a stop while stopping adds to it (a pool's members)."""
+        op = sup.busy
+        if op is not None and op.kind == kind == "stop":
+            op.names |= names
+        elif names:
+            sup.busy = Operation(kind, set(names))
+
+    @staticmethod
+    def _finish(sup: Supervisor, kind: str, name: str) -> None:
+        """`name`'s part of the operation is done (if it had one); once every part is,
+        `sup` is free for the next."""
+        op = sup.busy
+        if op is not None and op.kind == kind and name in op.names:
+            op.names.discard(name)
+            if not op.names:
+                sup.busy = None
 
     def _init_children(self, sup: Supervisor) -> None:
         """(Re)start `sup`: a fresh history; its children start in order as they should."""
         sup.phase = "starting"
         sup.history.clear()
         sup.pending_stops = []
-        sup.inflight = None
-        sup.group_starting = set()
-        sup.group_stopping = set()
+        sup.busy = None
         sup.failure = ""
         for name in sup.children:
             child = self.children[name]
@@ -674,7 +694,7 @@ class Tree:
 
     def _advance(self, sup: Supervisor) -> None:
         """Do the next operation of `sup`, if it is not busy."""
-        while not self._busy(sup):
+        while sup.busy is None:
             if sup.pending_stops:
                 group = self.children[sup.pending_stops[0]].group
                 if group is not None:
@@ -707,8 +727,7 @@ class Tree:
             child.state = "stopped"
             child.exit_reason = "stopped"  # its next start follows this stop, not the crash
             child.timer_gen += 1
-            if sup.inflight == ("delay", child.name):
-                sup.inflight = None
+            self._finish(sup, "delay", child.name)
             self._stop_finished(sup, child)
             return
         if child.state not in ("starting", "running", "paused"):
@@ -716,7 +735,7 @@ class Tree:
                 self._stop_finished(sup, child)
             return
         child.state = "stopping"
-        sup.inflight = ("stop", child.name)
+        self._begin(sup, "stop", {child.name})
         if child.is_supervisor:
             inner = self.sups[child.name]
             inner.phase = "stopping"
@@ -734,12 +753,8 @@ class Tree:
         members: list[str] = []
         while sup.pending_stops and self.children[sup.pending_stops[0]].group == group:
             members.append(sup.pending_stops.pop(0))
-        for name in members:
-            child = self.children[name]
-            self._do_terminate(sup, child)
-            if sup.inflight == ("stop", name):  # a stop under way: one of the group's
-                sup.inflight = None
-                sup.group_stopping.add(name)
+        for name in members:  # each stop under way joins the one operation
+            self._do_terminate(sup, self.children[name])
 
     @staticmethod
     def _needs_delay(child: Child) -> bool:
@@ -754,7 +769,7 @@ class Tree:
         """
         waiting = (self.children[c] for c in sup.in_order(sup.waiting))
         members = [m for m in waiting if m.group == group and not self._needs_delay(m)]
-        sup.group_starting = {m.name for m in members}
+        self._begin(sup, "start", {m.name for m in members})
         for member in members:
             self._do_start_child(member)
 
@@ -763,10 +778,10 @@ class Tree:
         if self._needs_delay(child):
             child.state = "backoff"
             child.timer_gen += 1
-            sup.inflight = ("delay", child.name)
+            self._begin(sup, "delay", {child.name})
             self._out.append(SetTimer(f"{child.name}#{child.timer_gen}", child.restart_delay))
             return
-        sup.inflight = ("start", child.name)
+        self._begin(sup, "start", {child.name})
         self._do_start_child(child)
 
     def _do_start_child(self, child: Child) -> None:
@@ -787,13 +802,8 @@ class Tree:
     def _child_started(self, child: Child) -> None:
         child.state = "running"
         sup = self.sups[child.parent]
-        if sup.inflight == ("start", child.name):
-            sup.inflight = None
-        elif child.name in sup.group_starting:
-            sup.group_starting.discard(child.name)
-            if sup.group_starting:
-                return  # the pool is not up yet
-        self._advance(sup)
+        self._finish(sup, "start", child.name)
+        self._advance(sup)  # (nothing while the rest of a pool is still starting)
 
     def _stop_finished(self, sup: Supervisor, child: Child) -> None:
         """A child we stopped is down: forget it if it was removed."""
@@ -817,9 +827,7 @@ class Tree:
         child.exit_reason = reason
         if was == "stopping":
             child.state = "stopped"
-            if sup.inflight == ("stop", child.name):
-                sup.inflight = None
-            sup.group_stopping.discard(child.name)
+            self._finish(sup, "stop", child.name)
             self._stop_finished(sup, child)
             self._advance(sup)
             return
@@ -829,10 +837,8 @@ class Tree:
             self._stop_finished(sup, child)
             self._advance(sup)
             return
-        if sup.inflight in (("start", child.name), ("stop", child.name)):
-            sup.inflight = None
-        sup.group_starting.discard(child.name)
-        sup.group_stopping.discard(child.name)
+        self._finish(sup, "start", child.name)
+        self._finish(sup, "stop", child.name)
         if was == "starting" and sup.phase == "starting" and sup.spec.strategy != "dynamic":
             # As in OTP's init: a child that cannot start fails its supervisor's start.
             # (A dynamic supervisor's children are not its init: the spawn fails instead.)

@@ -198,6 +198,15 @@ def test_pool_members_start_together_between_ordered_children() -> None:
     assert sim.tree.started("c", 0.0, 0) == [TreeReady()]
 
 
+@pytest.mark.parametrize("last", POOL)
+def test_a_pool_stops_together_and_the_next_child_waits_for_all_of_it(last: str) -> None:
+    sim = Sim.make([sup("root", ["a", *POOL])], POOL).start()
+    assert sim.tree.shutdown(1.0) == [Stop(n) for n in reversed(POOL)]
+    for name in [n for n in POOL if n != last]:
+        assert sim.tree.exited(name, 1.0, abnormal=False) == []  # `last` is still stopping
+    assert sim.tree.exited(last, 1.0, abnormal=False) == [Stop("a")]
+
+
 def test_a_pool_member_that_cannot_start_fails_the_start() -> None:
     sim = Sim.make([sup("root", ["a", *POOL])], POOL, auto_ready=False)
     sim.apply(sim.tree.start(0.0))
@@ -462,20 +471,29 @@ restarts = st.lists(
 
 
 def assert_indexed(tree) -> None:
-    """Each supervisor's index (up, waiting, position) says what a scan would."""
+    """Each supervisor's index (up, waiting, position) says what a scan would, and its
+    operation is under way."""
     for node in tree.sups.values():
         kids = [tree.children[c] for c in node.children]
         assert node.up == {c.name for c in kids if not c.down}
         assert node.waiting == {c.name for c in kids if c.down and c.goal == "running"}
         places = [node.position[c] for c in node.children]
         assert places == sorted(set(places)) and set(node.position) == set(node.children)
+        # What it is busy with is under way: each child of it in the matching state.
+        if node.busy is not None:
+            want = {"start": "starting", "stop": "stopping", "delay": "backoff"}[node.busy.kind]
+            assert node.busy.names and {tree.children[n].state for n in node.busy.names} == {want}
 
 
-def _drive(strategy, types, max_restarts, script):
+def _drive(strategy, types, max_restarts, script, pooled=False):
     names = [f"c{i}" for i in range(6)]
     # Every other child waits restart_delay before it comes back: the backoff state and
-    # its timers are in the runs too.
-    table = {n: (t, 0.5 * (i % 2)) for i, (n, t) in enumerate(zip(names, types, strict=True))}
+    # its timers are in the runs too. `pooled`: c2..c4 are one pool's members, which
+    # start and stop together.
+    table = {
+        n: (t, 0.5 * (i % 2), False, "p" if pooled and 2 <= i <= 4 else None)
+        for i, (n, t) in enumerate(zip(names, types, strict=True))
+    }
     sim = Sim.make(
         [sup("root", names, strategy, max_restarts=max_restarts, max_seconds=5)], table
     ).start()
@@ -503,9 +521,11 @@ def _drive(strategy, types, max_restarts, script):
 
 
 @settings(max_examples=300, deadline=None)
-@given(strategies, restarts, st.integers(0, 4), events)
-def test_never_exceeds_intensity_without_giving_up(strategy, types, max_restarts, script) -> None:
-    sim, _names, times = _drive(strategy, types, max_restarts, script)
+@given(strategies, restarts, st.integers(0, 4), events, st.booleans())
+def test_never_exceeds_intensity_without_giving_up(
+    strategy, types, max_restarts, script, pooled
+) -> None:
+    sim, _names, times = _drive(strategy, types, max_restarts, script, pooled)
     failed = any(isinstance(o, TreeFailed) for o in sim.outcome)
     # Every accepted restart leaves at most max_restarts in any max_seconds window (the
     # failure that would have made one more is not a restart: it is giving up).
@@ -517,9 +537,9 @@ def test_never_exceeds_intensity_without_giving_up(strategy, types, max_restarts
 
 
 @settings(max_examples=300, deadline=None)
-@given(strategies, restarts, st.integers(0, 4), events)
-def test_temporary_child_is_never_restarted(strategy, types, max_restarts, script) -> None:
-    sim, names, _ = _drive(strategy, types, max_restarts, script)
+@given(strategies, restarts, st.integers(0, 4), events, st.booleans())
+def test_temporary_child_is_never_restarted(strategy, types, max_restarts, script, pooled) -> None:
+    sim, names, _ = _drive(strategy, types, max_restarts, script, pooled)
     temporary = {n for n, t in zip(names, types, strict=True) if t == "temporary"}
     starts = sim.ops("start")
     # A temporary child starts once, plus once per explicit ctl start/restart.
