@@ -163,7 +163,7 @@ class Child:
     exit_reason: str = "stopped"  # of the last exit (ExitInfo.reason; "gave_up" for a supervisor)
     _state: ChildState = field(default="stopped", repr=False)
     _goal: Goal = field(default="running", repr=False)
-    _index: Supervisor | None = field(default=None, repr=False)  # its parent, once in the tree
+    _supervisor: Supervisor | None = field(default=None, repr=False)  # its parent, in the tree
 
     @property
     def state(self) -> ChildState:
@@ -172,8 +172,8 @@ class Child:
     @state.setter
     def state(self, value: ChildState) -> None:
         self._state = value
-        if self._index is not None:
-            self._index.track(self)
+        if self._supervisor is not None:
+            self._supervisor.track(self)
 
     @property
     def goal(self) -> Goal:
@@ -182,8 +182,8 @@ class Child:
     @goal.setter
     def goal(self, value: Goal) -> None:
         self._goal = value
-        if self._index is not None:
-            self._index.track(self)
+        if self._supervisor is not None:
+            self._supervisor.track(self)
 
     @property
     def restarts(self) -> int:
@@ -417,8 +417,8 @@ class Tree:
             policy = Policy(*agents[name])
             child = Child(name, parent, False, *policy)
             child.group = self._group(parent, policy)
-        child._index = self.sups[parent]
-        child._index.track(child)
+        child._supervisor = self.sups[parent]
+        child._supervisor.track(child)
         self.children[name] = child
 
     def _group(self, parent: str, policy: Policy) -> str | None:
@@ -814,7 +814,7 @@ class Tree:
     def _del_child(self, name: str) -> None:
         """Forget `name` and, for a supervisor, its subtree."""
         child = self.children.pop(name)
-        child._index = None
+        child._supervisor = None
         if child.is_supervisor:
             for inner in self.sups.pop(name).children:
                 self._del_child(inner)
