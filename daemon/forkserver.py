@@ -11,10 +11,15 @@ what an exec one would.
 The template is started lazily, by the first fork that needs it, and is an
 internal process: it is not in the user's tree nor in `status` (its stderr is
 the daemon's). It is supervised here: if it dies it is started again (its
-death kills no agent — after the double fork they are not its children, and
-each has its own session); `retire` replaces it so new code runs (reload,
-`ctl restart`). A module that fails to import fails the start with its
-traceback (`ForkError`), and the next start tries a fresh template.
+death kills no agent — they are born the daemon's children, each in its own
+session); `retire` replaces it so new code runs (reload, `ctl restart`). A
+module that fails to import fails the start with its traceback (`ForkError`),
+and the next start tries a fresh template.
+
+A template forks at most FORKS_PER_TEMPLATE agents. Its successor (same key) is
+started half way there, and takes over warm; the used-up one exits, and its
+agents live on. An agent's start, in the kernel, got dearer the more agents
+shared the template's pages.
 
 Reaping: a forked agent is born the daemon's child (clone3 with CLONE_PARENT),
 before its pid has come back over the socket. Each fork in flight holds the
@@ -57,6 +62,10 @@ HELLO_TIMEOUT = 10.0  # seconds, at least, for a template to import the module
 RESTART_DELAY = 1.0  # before a template that died on its own is started again
 RETIRE_GRACE = 5.0  # a retired template has this long to exit on EOF before SIGKILL
 IN_FLIGHT = 32  # fork requests one template may have at once (each answered on its own)
+# Agents one template forks before a fresh one takes over (warmed from half way). An
+# agent's start got dearer the more agents shared its template's pages: 5.5 ms of CPU
+# with 100 of them, 19 ms with 1,000, the same 1,300 page faults each (bench/scale.py).
+FORKS_PER_TEMPLATE = 256
 
 
 class ForkError(Exception):
@@ -99,6 +108,8 @@ class Template:
     answers: dict[tuple[str, int], asyncio.Future[Forked]] = field(default_factory=dict)
     retired: bool = False  # no new request: closed once none is waiting
     closed: bool = False
+    forks: int = 0  # requests sent to it
+    successor: Template | None = None  # started half way to FORKS_PER_TEMPLATE
 
     @property
     def pid(self) -> int:
@@ -162,6 +173,7 @@ class ForkServer:
                 async with template.slots:
                     if template.retired:
                         continue
+                    self._count(template, spec)
                     return await self._ask(template, request, stdout, stderr)
             raise ForkError("no template stayed up long enough to fork")
 
@@ -252,11 +264,28 @@ class ForkServer:
     # --- templates -----------------------------------------------------------------------
 
     def _template(self, spec: AgentSpec) -> Template:
+        """The template to fork `spec` from: its key's, or its successor once it is used up."""
         key = template_key(spec)
         template = self.templates.get(key)
+        if template is not None and template.forks >= FORKS_PER_TEMPLATE:
+            successor, template.successor = template.successor, None
+            if successor is None or successor.closed or successor.retired:
+                successor = self._start(key, spec)  # none warming (or it died): one now
+            self.retire_template(template)  # its agents live on; it exits
+            template = self.templates[key] = successor
         if template is None:
             template = self.templates[key] = self._start(key, spec)
         return template
+
+    def _count(self, template: Template, spec: AgentSpec) -> None:
+        """One more fork from `template`; half way through, its successor starts warming,
+        so that no start waits for an import when it takes over."""
+        template.forks += 1
+        if template.forks == FORKS_PER_TEMPLATE // 2 and template.successor is None:
+            try:
+                template.successor = self._start(template.key, spec)
+            except OSError as exc:  # _template tries again when it is needed
+                self.log.error("template.start_failed", module=spec.module, error=str(exc))
 
     def _start(self, key: TemplateKey, spec: AgentSpec) -> Template:
         """Start a template process for `key` (raises OSError); it says hello once warm."""
@@ -324,9 +353,15 @@ class ForkServer:
                 self.retire_template(template)
 
     def retire_template(self, template: Template) -> None:
-        """No new fork from it; it exits on EOF, once the forks it is doing have answered."""
+        """No new fork from it; it exits on EOF, once the forks it is doing have answered.
+
+        Its successor, if one is warming, goes too: it has imported the same code.
+        """
         if self.templates.get(template.key) is template:
             del self.templates[template.key]
+        successor, template.successor = template.successor, None
+        if successor is not None:
+            self.retire_template(successor)
         if template.retired:
             return
         template.retired = True
@@ -355,8 +390,10 @@ class ForkServer:
         self._closing = True
         for template in list(self.templates.values()):
             del self.templates[template.key]
-            template.retired = True
-            self._kill(template)
+            for one in (template, template.successor):
+                if one is not None:
+                    one.retired = True
+                    self._kill(one)
 
 
 def _fail(future: asyncio.Future[Hello], error: ForkError) -> None:

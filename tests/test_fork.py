@@ -274,3 +274,25 @@ def test_a_second_sigterm_ends_a_daemon_of_many_forked_agents(daemon_factory, tm
     assert d.events("daemon.kill_all")
     wait_for(lambda: not any(alive(p) for p in pids), 10, "every agent to be gone")
     assert not [e for e in d.events() if e.get("event") == "reaper.callback_failed"]
+
+
+def test_a_template_forks_a_bounded_number_then_its_warm_successor_takes_over(
+    daemon_factory, tmp_path
+) -> None:
+    """Past FORKS_PER_TEMPLATE forks a fresh template takes over; the old one exits and
+    every agent it forked lives on (an agent's start was dearer the more shared one)."""
+    from agentd.daemon.forkserver import FORKS_PER_TEMPLATE
+
+    write_module(tmp_path, "v1")
+    n = FORKS_PER_TEMPLATE + 20
+    d = daemon_factory(
+        f'[agents.many]\nmodule = "who:Who"\ncwd = "{tmp_path}"\nreplicas = {n}\n'
+    ).start()
+    started = [e["pid"] for e in d.events("template.started")]
+    assert len(started) == 2  # the successor, started half way, took over
+    wait_for(lambda: not alive(started[0]), 10, "the used-up template to exit")
+    assert templates(d) == [started[1]]
+    pids = {d.pid(f"many@{i}") for i in range(n)}
+    assert len(pids) == n and all(alive(p) for p in pids)
+    assert whoami(d, "many@0")["ppid"] == whoami(d, f"many@{n - 1}")["ppid"] == d.popen.pid
+    assert not d.events("agent.exited")
