@@ -102,6 +102,10 @@ class LinkThread:
     def agent_down(self, name: str, incarnation: int) -> None:
         self._call(self.link.agent_down, name, incarnation)
 
+    def sync(self) -> None:
+        """A stats round trip on the link's socket: the broker has read all sent before."""
+        assert self._run(self.link.stats(5.0)) is not None, "no stats answer from the broker"
+
     def wait_confirmed(self, timeout: float = 10.0) -> None:
         wait_for(lambda: self.link.confirmed == self.link.version, timeout, "the table")
 
@@ -186,10 +190,13 @@ class Bus:
         return proc
 
     def kill(self, proc: subprocess.Popen[bytes], name: str, incarnation: int) -> None:
-        """kill -9, reaped, and the broker told, as the daemon does on SIGCHLD."""
+        """kill -9, reaped, and the broker told, as the daemon does on SIGCHLD; returns once
+        the broker has read the `down`. A client's signal on another socket could otherwise
+        reach the broker before it, and go to the dead agent's pipe instead of being held."""
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
         self.link.agent_down(name, incarnation)
+        self.link.sync()
 
     def client(self, name: str) -> Client:
         c = Client(self.endpoint, name=name)
