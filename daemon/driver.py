@@ -200,6 +200,11 @@ class Driver:
         self.stopping = True
         self.apply(self.tree.shutdown(self.now()))
 
+    def abandon(self) -> None:
+        """kill_all: the runtime kills every agent; the tree starts nothing more."""
+        self.stopping = True
+        self.apply(self.tree.abandon(self.now()))
+
     def timer(self, key: str) -> None:
         self.apply(self.tree.timer(key, self.now()))
 

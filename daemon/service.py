@@ -290,6 +290,7 @@ class Daemon:
     def _shutdown_timed_out(self) -> None:
         self.log.warning("daemon.shutdown_timeout", timeout=self.spec.daemon.shutdown_timeout)
         assert self.process_runtime is not None
+        self.driver.abandon()
         self.process_runtime.kill_everything()
 
     async def shutdown_and_wait(self) -> None:
@@ -312,6 +313,7 @@ class Daemon:
             # A second SIGTERM/SIGINT during shutdown: no more grace for anyone.
             self.log.warning("daemon.kill_all", reason="second stop signal")
             assert self.process_runtime is not None
+            self.driver.abandon()
             self.process_runtime.kill_everything()
             return
         self.shutdown()

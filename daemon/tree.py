@@ -573,6 +573,25 @@ class Tree:
         self._advance(root)
         return self._flush()
 
+    def abandon(self, now: float) -> list[Action]:
+        """kill_all (a second stop signal, the shutdown timeout): every agent is being
+        killed at once, so no supervisor restarts or starts anything any more.
+
+        An orderly shutdown leaves a nested supervisor running until its turn, and it
+        restarts a child that dies meanwhile, as OTP's does; under kill_all that would
+        start an agent only to kill it. Each supervisor is stopping from now on, and ends
+        once its children are down.
+        """
+        self._tick(now)
+        self._shutting_down = True
+        for sup in self.sups.values():
+            if sup.phase in ("starting", "running"):
+                sup.phase = "stopping"
+        for sup in list(self.sups.values()):
+            if sup.name in self.sups:
+                self._advance(sup)
+        return self._flush()
+
     def add_child(
         self,
         parent: str,

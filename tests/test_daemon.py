@@ -298,20 +298,31 @@ command = ["{ghost}"]
 
 
 def test_second_sigterm_escalates(daemon_factory, tmp_path) -> None:
+    """And restarts nothing: `inner`, whose turn to stop had not come, does not start
+    again the child that kill_all killed (an orderly shutdown would let it)."""
     d = daemon_factory(
         f"""
+[supervisor]
+children = ["inner", "stubborn"]
+[supervisors.inner]
+children = ["quiet"]
+[agents.quiet]
+command = {rec(tmp_path / "rec")}
+start_seconds = 0
 [agents.stubborn]
 command = {rec(tmp_path / "rec", "--ignore-term")}
 start_seconds = 0
 shutdown = 60
 """
     ).start()
-    wait_for(lambda: d.started(), 5, "the agent to install its SIGTERM handler")
+    wait_for(lambda: len(d.started()) == 2, 5, "both agents, stubborn with its SIGTERM handler")
     d.signal(signal.SIGTERM)
     wait_for(lambda: d.term_order() == ["stubborn"], 5, "SIGTERM to reach the agent")
     d.signal(signal.SIGTERM)
     assert d.wait(5) == 0
     assert d.events("agent.exited", "stubborn")[0]["signal"] == "SIGKILL"
+    assert [e["signal"] for e in d.events("agent.exited", "quiet")] == ["SIGKILL"]
+    assert not d.events("agent.restarting") and len(d.events("agent.starting", "quiet")) == 1
 
 
 def test_log_rotates_by_size(daemon_factory, tmp_path) -> None:

@@ -331,6 +331,19 @@ def test_shutdown_is_sequential() -> None:
     assert sim.tree.exited("a", 1.0, abnormal=False) == [TreeStopped()]
 
 
+def test_after_abandon_nothing_is_restarted_and_the_tree_ends_when_all_are_down() -> None:
+    """kill_all during a shutdown: a nested supervisor whose turn has not come would
+    otherwise restart a killed child (an orderly shutdown lets it, as OTP's does)."""
+    sim = Sim.make([sup("root", ["a", "s", "d"]), sup("s", ["b", "c"])]).start()
+    assert sim.tree.shutdown(1.0) == [Stop("d")]
+    sim.clear()
+    sim.apply(sim.tree.abandon(1.0))
+    for name in ("b", "c", "a"):  # killed by the runtime, not stopped by the tree
+        sim.apply(sim.tree.exited(name, 1.0, abnormal=True, reason="stopped"))
+    assert sim.ops("start") == []
+    assert sim.tree.exited("d", 1.0, abnormal=True, reason="stopped") == [TreeStopped()]
+
+
 def test_shutdown_aborts_a_start_that_never_finishes() -> None:
     sim = Sim.make([sup("root", ["a", "b"])], auto_ready=False)
     sim.apply(sim.tree.start(0.0))
