@@ -128,30 +128,42 @@ class BrokerLink:
         self._tasks = [loop.create_task(self._receive()), loop.create_task(self._sync())]
 
     def set_agents(self, entries: list[AgentEntry]) -> None:
-        """The full table; agents not in it are gone for good."""
+        """The full table; agents not in it are gone for good. Always a new version:
+        the first table must go even when it is empty."""
         new = {e.name: e for e in entries}
         removed = [n for n in self.entries if n not in new]
-        self.update([e for e in entries if self.entries.get(e.name) != e], removed)
+        self._apply([e for e in entries if self.entries.get(e.name) != e], removed)
+        self._new_version()
 
     def update(self, entries: list[AgentEntry], removed: list[str]) -> None:
         """New or changed entries, and names gone for good (a spawn, a terminate)."""
+        if self._apply(entries, removed):
+            self._new_version()
+
+    def _apply(self, entries: list[AgentEntry], removed: list[str]) -> bool:
+        """Into `entries`, and into what the next patch carries; true if anything changed."""
+        changed = False
         for name in removed:
             if self.entries.pop(name, None) is not None:
                 self._upserts.pop(name, None)
                 self._removed.add(name)
+                changed = True
         for entry in entries:
-            self.entries[entry.name] = entry
-            self._upserts[entry.name] = entry
-            self._removed.discard(entry.name)
-        if self._upserts or self._removed or self.version == 0:
-            self.version += 1
-            self._changed.set()
+            if self.entries.get(entry.name) != entry:
+                self.entries[entry.name] = entry
+                self._upserts[entry.name] = entry
+                self._removed.discard(entry.name)
+                changed = True
+        return changed
+
+    def _new_version(self) -> None:
+        self.version += 1
+        self._changed.set()
 
     def broker_restarted(self) -> None:
         """A new broker knows nothing: send the table again (same content, new version)."""
-        self.version += 1
         self.sent = None
-        self._changed.set()
+        self._new_version()
 
     def agent_down(self, name: str, incarnation: int) -> None:
         """This incarnation exited: hold its traffic now rather than when ZeroMQ notices."""

@@ -797,7 +797,7 @@ class Router:
         self.table = {a.name: a for a in table.agents}
         changed = [e for e in table.agents if old.get(e.name) != e]
         removed = [entry for name, entry in old.items() if name not in self.table]
-        self._take_table(table.version, old, changed, removed, now, every_name=True)
+        self._take_table(table.version, old, changed, removed, now, boxes=None)
 
     def _patch(self, patch: TablePatch, now: float) -> None:
         """What changed since the table the daemon knows we have; if we have another
@@ -813,7 +813,9 @@ class Router:
         changed = [e for e in patch.agents if old.get(e.name) != e]
         removed = [table.pop(n) for n in patch.removed if n in table]
         table.update((e.name, e) for e in changed)
-        self._take_table(patch.version, old, changed, removed, now, every_name=False)
+        touched = (*changed, *removed)
+        boxes = {e.name for e in touched} | {e.pool for e in touched if e.pool}
+        self._take_table(patch.version, old, changed, removed, now, boxes=boxes)
 
     def _confirm(self, version: int) -> None:
         """The daemon is here and its table (or patch) came: say so, and show it what
@@ -831,14 +833,14 @@ class Router:
         changed: list[AgentEntry],
         removed: list[AgentEntry],
         now: float,
-        every_name: bool,
+        boxes: set[str] | None,
     ) -> None:
         """Work on what the new table (already `self.table`) changed, and only on that.
 
         A spawn changes one entry: redoing every entry's pool, subscriptions, checks
         and mailbox made spawning N children N². `old` has the previous entry of each
-        changed or removed name that had one; `every_name` (a whole table) also
-        reconsiders every mailbox, as the first table must.
+        changed or removed name that had one; `boxes`: the mailboxes to reconsider
+        (None: every one, as a whole table, the first above all, must).
         """
         self.table_version = version
         self._set_tick(old, changed, removed)
@@ -867,12 +869,7 @@ class Router:
             for pattern in entry.subscribe:
                 if valid(pattern):
                     self.trie.add(pattern, entry.name)
-        if every_name:
-            self._place_boxes(now)
-        else:
-            touched = {e.name for e in changed} | {e.name for e in removed}
-            touched |= {e.pool for e in (*changed, *removed) if e.pool}
-            self._place_boxes(now, touched)
+        self._place_boxes(now, boxes)
         self._route_early(now)
 
     def _set_tick(
