@@ -52,6 +52,7 @@ from typing import NoReturn
 import msgspec
 
 PR_SET_PDEATHSIG = 1
+PR_SET_MEMORY_MERGE = 67  # Linux 6.4
 MAX_MESSAGE = 1 << 20  # a request carries the agent's whole environment
 SYS_CLONE3 = 435  # the same number on every architecture
 CLONE_PARENT = 0x8000
@@ -74,6 +75,7 @@ class ForkRequest(msgspec.Struct, frozen=True, tag="fork"):
     daemon_pid: int  # the subreaper the agent must end up a child of
     env: dict[str, str]  # the agent's whole environment, as an exec agent gets it
     death_signal: bool = True  # PR_SET_PDEATHSIG=SIGKILL once it is (daemon.death_signal)
+    memory_ksm: bool = False  # PR_SET_MEMORY_MERGE: KSM may merge its pages (memory_ksm)
     nofile: int = 0  # RLIMIT_NOFILE (0: unchanged)
     cpu_seconds: int = 0  # RLIMIT_CPU (0: unchanged)
     # The agent's cgroup2 directory: it is born there (CLONE_INTO_CGROUP). "": none.
@@ -295,6 +297,8 @@ def _agent(sock: socket.socket, request: ForkRequest, fds: list[int], cls: type)
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
+    if request.memory_ksm:
+        _merge_memory()
     _reset_signals()
     os.environ.clear()
     os.environ.update(request.env)
@@ -323,6 +327,22 @@ def _arm_death_signal(daemon_pid: int, death_signal: bool) -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != daemon_pid:  # the daemon died before prctl: no signal will come
         os._exit(1)
+
+
+def _merge_memory() -> None:
+    """Let KSM merge this agent's pages with identical ones (once ksmd is running).
+
+    After a fork most of an agent's private memory is copy-on-write copies of the
+    template's pages, written only to bump refcounts: the same bytes in every agent.
+    A kernel without it (before 6.4) is not a reason to refuse the agent: it says so
+    on stderr, and runs unmerged.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_MEMORY_MERGE, 1, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        print(
+            f"agentd: memory_ksm: prctl(PR_SET_MEMORY_MERGE): {os.strerror(err)}", file=sys.stderr
+        )
 
 
 def _reset_signals() -> None:

@@ -133,6 +133,7 @@ class AgentConfig(_Strict):
     ack: bool = _AGENT["ack"]
     restart_delay: float = _AGENT["restart_delay"]
     significant: bool = _AGENT["significant"]
+    memory_ksm: bool = _AGENT["memory_ksm"]
     limits: Limits = _AGENT["limits"]
     max_deliveries: int = _AGENT["max_deliveries"]
     retry_backoff: float = _AGENT["retry_backoff"]
@@ -809,6 +810,7 @@ def _agent_template(
         ack=cfg.ack,
         restart_delay=cfg.restart_delay,
         significant=cfg.significant,
+        memory_ksm=cfg.memory_ksm,
         limits=cfg.limits,
         max_deliveries=cfg.max_deliveries,
         retry_backoff=cfg.retry_backoff,
@@ -826,12 +828,25 @@ def _shutdown(value: float | str) -> float | None:
 
 
 def _start_ok(v: _Validator, src: _Source, path: tuple[str, ...], name: str, cfg: Any) -> bool:
-    """Only a module agent can be forked from a warm template: a command is exec'd."""
+    """Only a module agent can be forked from a warm template: a command is exec'd.
+
+    memory_ksm is set in a forked agent just after the clone (exec would need the
+    kernel to keep it across exec, which only 6.7 and later do).
+    """
     if cfg.start == "fork" and cfg.command is not None:
         v.issue(
             src,
             (*path, "start"),
             f'agents.{name}.start: "fork" needs a module agent; a command is always "exec"',
+        )
+        return False
+    forked = cfg.start == "fork" or (cfg.start is None and cfg.module is not None)
+    if cfg.memory_ksm and not forked:
+        v.issue(
+            src,
+            (*path, "memory_ksm"),
+            f'agents.{name}.memory_ksm: only a forked agent (start = "fork") sets it; '
+            "an exec agent's pages are not a template's copies",
         )
         return False
     return True

@@ -158,6 +158,7 @@ class ForkServer:
             daemon_pid=os.getpid(),
             death_signal=self.daemon.death_signal,
             env=env,
+            memory_ksm=spec.memory_ksm,
             nofile=spec.limits.nofile,
             cpu_seconds=spec.limits.cpu_seconds,
             cgroup_dir=cgroup_dir,

@@ -64,6 +64,10 @@ class AgentSpec(msgspec.Struct, frozen=True):
     ack: bool = False
     restart_delay: float = 0.0
     significant: bool = False  # its own end may end its supervisor (auto_shutdown, SPEC §4)
+    # Its memory may be merged with identical pages of other processes by the kernel's
+    # KSM (PR_SET_MEMORY_MERGE, systemd's MemoryKSM=): forked agents' copy-on-write
+    # copies of their template's pages are mostly alike. Fork mode only.
+    memory_ksm: bool = False
     limits: Limits = Limits()
     # Durable delivery (SPEC §10), passed to the broker in the agent table; they only
     # change anything for an ack = true agent.

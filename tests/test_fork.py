@@ -296,3 +296,40 @@ def test_a_template_forks_a_bounded_number_then_its_warm_successor_takes_over(
     assert len(pids) == n and all(alive(p) for p in pids)
     assert whoami(d, "many@0")["ppid"] == whoami(d, f"many@{n - 1}")["ppid"] == d.popen.pid
     assert not d.events("agent.exited")
+
+
+def ksm_merge_any(pid: int) -> bool | None:
+    """/proc/PID/ksm_stat's `ksm_merge_any` (None: this kernel does not show it)."""
+    try:
+        lines = Path(f"/proc/{pid}/ksm_stat").read_text().splitlines()
+    except FileNotFoundError:
+        return None
+    values = {k.rstrip(":"): v for k, v in (line.split(None, 1) for line in lines if " " in line)}
+    return None if "ksm_merge_any" not in values else values["ksm_merge_any"] == "yes"
+
+
+@pytest.mark.skipif(ksm_merge_any(os.getpid()) is None, reason="kernel without ksm_merge_any")
+def test_memory_ksm_makes_a_forked_agents_memory_mergeable_and_only_its(
+    daemon_factory, tmp_path
+) -> None:
+    write_module(tmp_path, "v1")
+    d = daemon_factory(config(tmp_path, "memory_ksm = true")).start()  # b's key
+    assert ksm_merge_any(d.pid("b@0")) is ksm_merge_any(d.pid("b@1")) is True
+    assert ksm_merge_any(d.pid("a")) is False
+    assert not any(ksm_merge_any(t) for t in templates(d))  # agents only: set after the clone
+    log = d.runtime_dir / "log" / "b@0.log"
+    assert "memory_ksm" not in (log.read_text() if log.exists() else "")  # the kernel took it
+
+
+def test_memory_ksm_for_an_exec_agent_is_a_config_error(tmp_path) -> None:
+    path = tmp_path / "agentd.toml"
+    path.write_text(
+        f'[daemon]\nruntime_dir = "{tmp_path}/run"\nstate_dir = "{tmp_path}/state"\n'
+        '[agents.c]\nmodule = "m:C"\nstart = "exec"\nmemory_ksm = true\n'
+    )
+    with pytest.raises(ConfigError) as error:
+        load(str(path))
+    assert f"{path}:7:" in str(error.value.issues[0])
+    assert "memory_ksm: only a forked agent" in str(error.value.issues[0])
+    path.write_text(path.read_text().replace('start = "exec"\n', ""))
+    assert load(str(path)).agents["c"].memory_ksm  # a module agent forks by default
