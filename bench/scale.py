@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Scale: N idle SDK agents under agentd, fork against exec, supervisord as the anchor.
 
-    python bench/scale.py [--sizes 100,1000,5000,10000] [--modes fork,exec]
+    python bench/scale.py [--sizes 100,1000,5000,10000] [--modes fork,ksm,exec]
                           [--quick] [--no-supervisord] [--idle-seconds 10]
                           [--kills 20] [--spawns 20] [--cgroup auto] [--py-spy DIR]
                           [--mem-fraction 0.6] [--no-fit] [--heartbeat S]
@@ -34,6 +34,16 @@ empty dynamic supervisor whose template is the same agent. Measured:
   daemon, the broker and the template, over N (what one start costs the host).
 - where one agent's memory goes (/proc/PID/smaps grouped by mapping), printed
   for each mode at the largest N it reached.
+
+Mode `ksm` is fork with `memory_ksm = true`: the kernel's KSM merges the agents'
+copy-on-write copies of their template's pages, which are mostly alike. The
+bench turns ksmd on (`run`, and `pages_to_scan` = --ksm-scan, 5000) for that
+size and puts both back after. KSM merges an agent only a while after it
+started, so the pool is started in steps (--ksm-step, 1000, by `ctl scale`),
+each once the memory floor leaves room for a step of unmerged agents; memory
+is measured once merging has levelled off, and the idle window runs ksmd at
+--ksm-idle-scan (100, the kernel's default), its CPU counted with ours. Its
+"ready s" is launch -> the last step's READY, the waits for KSM included.
 
 Before each size the bench checks what the host has: MemAvailable (the size's
 estimated memory must fit in 60 % of it; the estimate is the last size's
@@ -106,7 +116,9 @@ THREADS_PER_AGENT = 3  # main + libzmq's IO thread and reaper thread
 MEM_FRACTION = 0.60  # a size's estimate must fit in this share of MemAvailable
 MEM_FLOOR = 0.10  # stop a size if MemAvailable falls below this share of RAM
 # Default per-agent cost (MiB of host memory) until a size has been measured.
-DEFAULT_COST_MIB = {"fork": 6.0, "exec": 20.0}
+DEFAULT_COST_MIB = {"fork": 6.0, "exec": 20.0, "ksm": 2.0}  # ksm: once merged
+KSM = Path("/sys/kernel/mm/ksm")
+UNMERGED_KIB = 6.0 * 1024  # what a forked agent costs before KSM has merged its pages
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(1e9)"]
 FAIL_WORDS = ("Too many open files", "EMFILE")  # in the daemon's output: this size stops
 
@@ -335,6 +347,7 @@ class Run:
     spawn_ms: list[float] = field(default_factory=list)
     spawn_return_ms: list[float] = field(default_factory=list)
     stop_s: float = float("nan")
+    ksm_settle_s: float = float("nan")  # all READY -> KSM's merging levelled off
     progress: list[tuple[float, int]] = field(default_factory=list)
     start_cpu_ms: dict[str, float] = field(default_factory=dict)  # CPU so far / N, per process
     load: float = math.nan  # 1-minute load average after the idle window
@@ -419,6 +432,8 @@ def write_config(
 ) -> Path:
     path = tmp / "agentd.toml"
     beat = "" if heartbeat is None else f"heartbeat = {heartbeat:g}\n"
+    if mode == "ksm":  # forked agents whose pages KSM may merge
+        mode, beat = "fork", beat + "memory_ksm = true\n"
     path.write_text(
         f"""\
 [daemon]
@@ -454,6 +469,8 @@ restart = "temporary"
 
 def preflight(mode: str, n: int, cost_mib: float) -> str:
     """Why this size cannot run on this host now ("" if it can)."""
+    if mode == "ksm" and not (KSM / "run").exists():
+        return "this kernel has no KSM (/sys/kernel/mm/ksm)"
     mem = meminfo()
     need = cost_mib * n * 1024
     if need > MEM_FRACTION * mem["MemAvailable"]:
@@ -512,8 +529,14 @@ class Starter:
         elif event == "template.started":
             self.template = rec.get("pid", 0)
 
-    def run(self) -> tuple[float | None, str]:
-        """(perf_counter of daemon.ready, "") or (None, why not)."""
+    def members_ready(self) -> int:
+        return sum(1 for a in self.pids if a.startswith("idle@"))
+
+    def run(self, members: int | None = None) -> tuple[float | None, str]:
+        """(perf_counter of daemon.ready, "") or (None, why not).
+
+        With `members`: until that many pool members are READY (a `ctl scale` step).
+        """
         floor = MEM_FLOOR * meminfo()["MemTotal"]
         deadline = time.monotonic() + self.deadline_s
         last_print = time.monotonic()
@@ -525,7 +548,9 @@ class Starter:
                 self.note(rec)
                 if rec.get("event") == "raw" and len(self.raw) < 200:
                     self.raw.append(rec.get("line", ""))
-                if rec.get("event") == "daemon.ready":
+                if members is None and rec.get("event") == "daemon.ready":
+                    return t, ""
+                if members is not None and self.members_ready() >= members:
                     return t, ""
             now = time.monotonic()
             if now > deadline:
@@ -533,10 +558,104 @@ class Starter:
             if meminfo()["MemAvailable"] < floor:
                 return None, f"memory: MemAvailable fell below {MEM_FLOOR:.0%} of RAM"
             if now - last_print > 5:
-                ready = sum(1 for a in self.pids if a.startswith("idle@"))
+                ready = self.members_ready()
                 log(f"    {ready}/{self.n} READY, daemon fds {fd_count(self.daemon.pid)}")
                 self.progress.append((time.perf_counter() - self.daemon.t_launch, ready))
                 last_print = now
+
+
+class Ksmd:
+    """The kernel's KSM for one size: on, scanning fast while agents start and merge.
+
+    What it was (run, pages_to_scan) is put back on exit: the host's KSM is the
+    operator's, and the bench only borrows it.
+    """
+
+    KNOBS = ("run", "pages_to_scan")
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.saved = {k: (KSM / k).read_text().strip() for k in self.KNOBS}
+        self.pid = next(
+            (p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "ksmd"), 0
+        )
+
+    def start(self) -> Ksmd:
+        self.set(pages_to_scan=self.args.ksm_scan, run=1)
+        return self
+
+    def restore(self) -> None:
+        self.set(**self.saved)
+
+    def set(self, **knobs: object) -> None:
+        for knob, value in knobs.items():
+            (KSM / knob).write_text(f"{value}\n")
+
+    @staticmethod
+    def sharing() -> int:
+        """Pages that KSM maps in place of a duplicate (what it saves)."""
+        return int((KSM / "pages_sharing").read_text())
+
+    def settle(self, timeout: float) -> float:
+        """Wait until merging levels off (< 0.5 % more in 10 s); seconds it took."""
+        t0 = time.monotonic()
+        prev = self.sharing()
+        while time.monotonic() - t0 < timeout:
+            time.sleep(10.0)
+            now = self.sharing()
+            if now > 0 and now - prev < 0.005 * now:
+                break
+            log(f"    KSM: {now * 4 / MIB:.2f} GiB merged so far")
+            prev = now
+        return time.monotonic() - t0
+
+
+def room_for(agents: int, timeout: float) -> bool:
+    """Wait until `agents` unmerged starts fit above the memory floor (KSM frees it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        mem = meminfo()
+        if mem["MemAvailable"] - MEM_FLOOR * mem["MemTotal"] > 1.2 * agents * UNMERGED_KIB:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(2.0)
+
+
+def scale_in_steps(
+    run: Run, config: Path, starter: Starter, n: int, step: int, timeout: float
+) -> str:
+    """Grow the pool to N by `ctl scale`, a step at a time, each once KSM made room.
+
+    KSM merges an agent's pages only some time after it started, so starting all of
+    N at once needs N unmerged agents' memory; in steps it needs one step's.
+    """
+    target = min(n, step)
+    while target < n:
+        target = min(n, target + step)
+        if not room_for(target - starter.members_ready(), timeout):
+            return f"memory: KSM had not made room for {step} more in {timeout:.0f} s"
+        result = subprocess.run(
+            [
+                str(agentd_console_script()),
+                "ctl",
+                "--config",
+                str(config),
+                "scale",
+                "idle",
+                str(target),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if result.returncode != 0:
+            return f"ctl scale idle {target}: {result.stderr.strip()[:200]}"
+        _, why = starter.run(members=target)
+        if why:
+            return why
+        run.notes.append(f"{target} READY at {time.perf_counter() - starter.daemon.t_launch:.1f} s")
+    return ""
 
 
 def run_agentd(
@@ -549,15 +668,21 @@ def run_agentd(
 ) -> Run:
     run = Run(mode, n, heartbeat=heartbeat)
     tmp = cleanup.tmpdir("agentd-scale-")
-    config = write_config(tmp, n, mode, args.cgroup, args.spawns, heartbeat)
+    first = min(n, args.ksm_step) if mode == "ksm" else n
+    config = write_config(tmp, first, mode, args.cgroup, args.spawns, heartbeat)
     avail0 = meminfo()["MemAvailable"]
+    ksmd = Ksmd(args).start() if mode == "ksm" else None
     daemon = Agentd(cleanup, config)
     spy = None
     try:
         if args.py_spy:
             spy = PySpy(args.py_spy, f"{mode}-{n}-startup", daemon.pid)
-        starter = Starter(daemon, n, deadline_s=60 + (0.1 if mode == "fork" else 1.0) * n)
+        forked = mode in ("fork", "ksm")
+        starter = Starter(daemon, n, deadline_s=60 + (0.1 if forked else 1.0) * n)
         t_ready, why = starter.run()
+        if t_ready is not None and ksmd is not None and first < n:
+            why = scale_in_steps(run, config, starter, n, first, args.ksm_wait)
+            t_ready = None if why else time.perf_counter()
         if spy:
             spy.stop()
             spy = None
@@ -573,7 +698,9 @@ def run_agentd(
         run.ready_s = t_ready - daemon.t_launch
         if starter.first_starting and starter.last_ready:
             run.span_s = starter.last_ready - starter.first_starting
-        measure_idle(run, daemon, starter, args, avail0)
+        if ksmd is not None:
+            run.ksm_settle_s = ksmd.settle(args.ksm_wait)
+        measure_idle(run, daemon, starter, args, avail0, ksmd)
         if args.py_spy:
             PySpy(args.py_spy, f"{mode}-{n}-idle", daemon.pid).wait(args.idle_seconds)
             if starter.broker:
@@ -597,10 +724,17 @@ def run_agentd(
         if spy:
             spy.stop()
         stop_and_sweep(cleanup, daemon.proc, run, timeout=max(30.0, 0.02 * n))
+        if ksmd is not None:
+            ksmd.restore()
 
 
 def measure_idle(
-    run: Run, daemon: Agentd, starter: Starter, args: argparse.Namespace, avail0: int
+    run: Run,
+    daemon: Agentd,
+    starter: Starter,
+    args: argparse.Namespace,
+    avail0: int,
+    ksmd: Ksmd | None = None,
 ) -> None:
     time.sleep(args.settle)
     agents = [p for a, p in starter.pids.items() if a.startswith("idle@")]
@@ -631,6 +765,9 @@ def measure_idle(
         "broker": [starter.broker] if starter.broker else [],
         "agents": agents + ([starter.template] if starter.template else []),
     }
+    if ksmd is not None:  # merged: scan at the idle rate, and count ksmd's CPU as ours
+        ksmd.set(pages_to_scan=args.ksm_idle_scan)
+        groups["ksmd"] = [ksmd.pid]
     run.cpu = idle_cpu(groups, args.idle_seconds)
     run.load = os.getloadavg()[0]
 
@@ -908,6 +1045,11 @@ def details(runs: list[Run]) -> None:
                 f"ours {r.cpu_total:.1f}%, load {r.load:.1f}"
             )
         print("    " + "; ".join(line))
+        if "ksmd" in r.cpu:
+            print(
+                f"    KSM: merging levelled off {r.ksm_settle_s:.0f} s after all READY; ksmd "
+                f"{r.cpu['ksmd']:.2f}% of a core in the idle window (counted in ours)"
+            )
         if r.start_cpu_ms:
             parts = ", ".join(f"{k} {v:.2f}" for k, v in r.start_cpu_ms.items())
             total = sum(r.start_cpu_ms.values())
@@ -938,9 +1080,10 @@ def details(runs: list[Run]) -> None:
 def targets(runs: list[Run]) -> None:
     print()
     print("targets (agentd; each at the largest N its mode reached)")
-    print(f"  {'':<30}{'target':>12}" + "".join(f"{m:>20}" for m in ("fork", "exec")))
+    modes = ("fork", "ksm", "exec")
+    print(f"  {'':<30}{'target':>12}" + "".join(f"{m:>20}" for m in modes))
     best: dict[str, Run | None] = {}
-    for mode in ("fork", "exec"):
+    for mode in modes:
         done = [r for r in runs if r.runner == mode and r.ready_s == r.ready_s]
         best[mode] = max(done, key=lambda r: r.n) if done else None
     rows: list[tuple[str, str, float, Callable[[Run], float]]] = [
@@ -954,7 +1097,7 @@ def targets(runs: list[Run]) -> None:
     ]
     for label, op, goal, get in rows:
         cells = []
-        for mode in ("fork", "exec"):
+        for mode in modes:
             r = best[mode]
             if r is None:
                 cells.append("-")
@@ -1001,7 +1144,7 @@ def main() -> int:
     global MEM_FRACTION
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="100,1000,5000,10000")
-    parser.add_argument("--modes", default="fork,exec")
+    parser.add_argument("--modes", default="fork,ksm,exec")
     parser.add_argument(
         "--quick", action="store_true", help="sizes 20,100; 5 kills/spawns; 3 s idle"
     )
@@ -1024,6 +1167,30 @@ def main() -> int:
         "--settle", type=float, default=3.0, help="pause after READY before measuring"
     )
     parser.add_argument("--kills", type=int, default=20)
+    parser.add_argument(
+        "--ksm-step",
+        type=int,
+        default=1000,
+        help="mode ksm: start the pool in steps of this many, each once KSM made room",
+    )
+    parser.add_argument(
+        "--ksm-scan",
+        type=int,
+        default=5000,
+        help="mode ksm: ksmd's pages_to_scan while agents start and merge",
+    )
+    parser.add_argument(
+        "--ksm-idle-scan",
+        type=int,
+        default=100,
+        help="mode ksm: ksmd's pages_to_scan in the idle window (100 is the kernel's default)",
+    )
+    parser.add_argument(
+        "--ksm-wait",
+        type=float,
+        default=900.0,
+        help="mode ksm: seconds at most for KSM to make room for a step, or to level off",
+    )
     parser.add_argument("--spawns", type=int, default=20)
     parser.add_argument("--status-runs", type=int, default=5)
     parser.add_argument(
