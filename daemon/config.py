@@ -134,6 +134,7 @@ class AgentConfig(_Strict):
     restart_delay: float = _AGENT["restart_delay"]
     significant: bool = _AGENT["significant"]
     memory_ksm: bool = _AGENT["memory_ksm"]
+    redirect_stderr: bool = _AGENT["redirect_stderr"]
     limits: Limits = _AGENT["limits"]
     max_deliveries: int = _AGENT["max_deliveries"]
     retry_backoff: float = _AGENT["retry_backoff"]
@@ -811,6 +812,7 @@ def _agent_template(
         restart_delay=cfg.restart_delay,
         significant=cfg.significant,
         memory_ksm=cfg.memory_ksm,
+        redirect_stderr=cfg.redirect_stderr,
         limits=cfg.limits,
         max_deliveries=cfg.max_deliveries,
         retry_backoff=cfg.retry_backoff,

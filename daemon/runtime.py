@@ -278,10 +278,12 @@ class ProcessRuntime:
         proc = Proc(name, incarnation, spec, popen, popen.pid, group=group)
         self.procs[name] = proc
         self._spare_later(proc)
-        assert popen.stdout is not None and popen.stderr is not None
-        self._capture(proc, os.dup(popen.stdout.fileno()), os.dup(popen.stderr.fileno()))
+        assert popen.stdout is not None
+        err = None if popen.stderr is None else os.dup(popen.stderr.fileno())
+        self._capture(proc, os.dup(popen.stdout.fileno()), err)
         popen.stdout.close()
-        popen.stderr.close()
+        if popen.stderr is not None:
+            popen.stderr.close()
         self._watch(proc)
 
     def _start_forked(self, spec: AgentSpec, incarnation: int) -> None:
@@ -303,7 +305,7 @@ class ProcessRuntime:
         self.procs[spec.name] = proc
         self._spare_later(proc)
         out, out_w = os.pipe()
-        err, err_w = os.pipe()
+        err, err_w = os.pipe() if not spec.redirect_stderr else (None, out_w)
         self._capture(proc, out, err)
         task = self.loop.create_task(self._fork(proc, out_w, err_w))
         self._tasks.add(task)
@@ -329,7 +331,8 @@ class ProcessRuntime:
             return
         finally:
             os.close(stdout)  # the agent has its own copies now
-            os.close(stderr)
+            if stderr != stdout:  # redirect_stderr: one pipe passed as both
+                os.close(stderr)
         proc.forking = False
         proc.pid = pid
         self._watch(proc)
@@ -340,13 +343,16 @@ class ProcessRuntime:
         elif proc.ready_early:
             self._ready(proc)
 
-    def _capture(self, proc: Proc, stdout: int, stderr: int) -> None:
-        """Pump the agent's stdout and stderr (our ends of its pipes) into its log."""
+    def _capture(self, proc: Proc, stdout: int, stderr: int | None) -> None:
+        """Pump the agent's stdout and stderr (our ends of its pipes) into its log.
+
+        The last reader keeps the tail lines: stderr's, or with redirect_stderr (no
+        stderr pipe) the one pipe's.
+        """
         log = self._log(proc.name)
-        proc.readers = [
-            StreamReader(self.loop, stdout, log, keep_tail=False),
-            StreamReader(self.loop, stderr, log, keep_tail=True),
-        ]
+        proc.readers = [StreamReader(self.loop, stdout, log, keep_tail=stderr is None)]
+        if stderr is not None:
+            proc.readers.append(StreamReader(self.loop, stderr, log, keep_tail=True))
 
     def _watch(self, proc: Proc) -> None:
         """A running agent, exec'd or forked alike: guard, reaper, start timers, memory."""
@@ -578,7 +584,7 @@ class ProcessRuntime:
         for reader in proc.readers:
             reader.drain()
             reader.close()
-        tail = proc.readers[1].tail_lines() if proc.readers else []
+        tail = proc.readers[-1].tail_lines() if proc.readers else []
         code = sig = None
         if status is not None:
             if os.WIFSIGNALED(status):

@@ -203,7 +203,8 @@ def spawn(
     agent's: the trampoline that Popen started is gone by the time this returns.
     """
     env = agent_env(spec, incarnation, bus, keys_dir, state_dir)
-    popen = start_process(spec.argv, spec, env, death_signal, group=group)
+    stderr = subprocess.STDOUT if spec.redirect_stderr else subprocess.PIPE
+    popen = start_process(spec.argv, spec, env, death_signal, stderr=stderr, group=group)
     try:
         _apply_limits(popen.pid, spec.limits)
     except OSError:

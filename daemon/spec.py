@@ -68,6 +68,9 @@ class AgentSpec(msgspec.Struct, frozen=True):
     # KSM (PR_SET_MEMORY_MERGE, systemd's MemoryKSM=): forked agents' copy-on-write
     # copies of their template's pages are mostly alike. Fork mode only.
     memory_ksm: bool = False
+    # stderr into the stdout pipe (supervisord's redirect_stderr): one pipe, so one fd
+    # in the daemon per agent instead of two; the exit's stderr_tail is then both streams.
+    redirect_stderr: bool = False
     limits: Limits = Limits()
     # Durable delivery (SPEC §10), passed to the broker in the agent table; they only
     # change anything for an ack = true agent.

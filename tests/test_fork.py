@@ -333,3 +333,36 @@ def test_memory_ksm_for_an_exec_agent_is_a_config_error(tmp_path) -> None:
     assert "memory_ksm: only a forked agent" in str(error.value.issues[0])
     path.write_text(path.read_text().replace('start = "exec"\n', ""))
     assert load(str(path)).agents["c"].memory_ksm  # a module agent forks by default
+
+
+TALKER = """
+import sys
+
+from agentd.agents import Agent
+
+
+class Talk(Agent):
+    def setup(self):
+        print("a line on stdout", flush=True)
+        print("a line on stderr", file=sys.stderr, flush=True)
+"""
+
+
+@pytest.mark.parametrize("start", ["fork", "exec"])
+def test_redirect_stderr_is_one_pipe_for_both_streams(daemon_factory, tmp_path, start) -> None:
+    (tmp_path / "talk.py").write_text(TALKER)
+    d = daemon_factory(
+        f'[agents.t]\nmodule = "talk:Talk"\ncwd = "{tmp_path}"\nstart = "{start}"\n'
+        "redirect_stderr = true\n"
+        f'[agents.u]\nmodule = "talk:Talk"\ncwd = "{tmp_path}"\nstart = "{start}"\n'
+    ).start()
+    one, two = (os.readlink(f"/proc/{d.pid('t')}/fd/{fd}") for fd in (1, 2))
+    assert one == two and one.startswith("pipe:")
+    assert len({os.readlink(f"/proc/{d.pid('u')}/fd/{fd}") for fd in (1, 2)}) == 2
+    os.kill(d.pid("t"), signal.SIGKILL)
+    tail = d.wait_event("agent.exited", "t")["stderr_tail"]
+    assert "a line on stdout" in tail and "a line on stderr" in tail  # both streams, in one
+    text = (d.runtime_dir / "log" / "t.log").read_text()
+    assert "a line on stdout" in text and "a line on stderr" in text
+    d.wait_event("agent.ready", "t", count=2)  # restarted, and still one pipe
+    assert len({os.readlink(f"/proc/{d.pid('t')}/fd/{fd}") for fd in (1, 2)}) == 1
