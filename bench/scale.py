@@ -57,7 +57,9 @@ agents that do (a multiple of 100; --no-fit: stop there). A start whose agents
 miss the READY deadline (`heartbeat`, 10 s: N concurrent exec starts on two
 cores do) is reported, then run again with a longer heartbeat (row "hb=S").
 RLIMIT_NOFILE is not assumed: the daemon's and the
-broker's fds per agent are printed, so the cap they imply can be read off.
+broker's fds per agent are printed, so the cap they imply can be read off. The
+agents have `redirect_stderr = true`: one pipe each, so one daemon fd per agent
+(with two, a 20,000 fd limit stops short of 10,000).
 
 supervisord (from bench/.venv-bench) runs 500 programs of a minimal idle
 Python process (`python -c 'import time; time.sleep(1e9)'`, lighter than an
@@ -432,6 +434,7 @@ def write_config(
 ) -> Path:
     path = tmp / "agentd.toml"
     beat = "" if heartbeat is None else f"heartbeat = {heartbeat:g}\n"
+    beat += "redirect_stderr = true\n"  # one pipe: one daemon fd per agent, not two
     if mode == "ksm":  # forked agents whose pages KSM may merge
         mode, beat = "fork", beat + "memory_ksm = true\n"
     path.write_text(
