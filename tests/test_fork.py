@@ -242,16 +242,22 @@ def test_a_fork_request_writes_the_cgroup_files_first_or_says_why_not(tmp_path) 
         template.wait(10)
 
 
-def test_start_fork_for_a_command_agent_is_a_config_error(tmp_path) -> None:
+def refused(tmp_path: Path, agent: str) -> tuple[Path, str]:
+    """Write a config with `agent` as [agents.c]; the path and its first error."""
     path = tmp_path / "agentd.toml"
     path.write_text(
         f'[daemon]\nruntime_dir = "{tmp_path}/run"\nstate_dir = "{tmp_path}/state"\n'
-        '[agents.c]\ncommand = ["true"]\nstart = "fork"\n'
+        f"[agents.c]\n{agent}"
     )
     with pytest.raises(ConfigError) as error:
         load(str(path))
-    assert f"{path}:6:" in str(error.value.issues[0])
-    assert 'start: "fork" needs a module agent' in str(error.value.issues[0])
+    return path, str(error.value.issues[0])
+
+
+def test_start_fork_for_a_command_agent_is_a_config_error(tmp_path) -> None:
+    path, issue = refused(tmp_path, 'command = ["true"]\nstart = "fork"\n')
+    assert f"{path}:6:" in issue
+    assert 'start: "fork" needs a module agent' in issue
     path.write_text(path.read_text().replace('command = ["true"]', 'module = "m:C"'))
     assert load(str(path)).agents["c"].start == "fork"
     path.write_text(path.read_text().replace('start = "fork"', 'start = "exec"'))
@@ -322,15 +328,9 @@ def test_memory_ksm_makes_a_forked_agents_memory_mergeable_and_only_its(
 
 
 def test_memory_ksm_for_an_exec_agent_is_a_config_error(tmp_path) -> None:
-    path = tmp_path / "agentd.toml"
-    path.write_text(
-        f'[daemon]\nruntime_dir = "{tmp_path}/run"\nstate_dir = "{tmp_path}/state"\n'
-        '[agents.c]\nmodule = "m:C"\nstart = "exec"\nmemory_ksm = true\n'
-    )
-    with pytest.raises(ConfigError) as error:
-        load(str(path))
-    assert f"{path}:7:" in str(error.value.issues[0])
-    assert "memory_ksm: only a forked agent" in str(error.value.issues[0])
+    path, issue = refused(tmp_path, 'module = "m:C"\nstart = "exec"\nmemory_ksm = true\n')
+    assert f"{path}:7:" in issue
+    assert "memory_ksm: only a forked agent" in issue
     path.write_text(path.read_text().replace('start = "exec"\n', ""))
     assert load(str(path)).agents["c"].memory_ksm  # a module agent forks by default
 
